@@ -1,0 +1,476 @@
+"""Pipeline schedules as data.
+
+A schedule is a pure function ``(num_ranks, num_chunks) -> Schedule``; a
+:class:`Schedule` holds one list of :class:`Action` per rank, in execution order,
+plus the placement that says which pipeline stage each of a rank's local modules
+("chunks") is.  The runtime, the simulator, the validator and the drawer all read
+this one object; no other module knows the order of any schedule.
+
+Vocabulary
+----------
+stream
+    An independent set of micro-batches flowing through its own sequence of stages.
+    DualPipe has two streams (one entering at rank 0, one at rank P-1); DualPipeV,
+    1F1B and ZB1P have one.
+stage
+    Position along a stream, ``0 .. num_stages-1``.  Stage 0 receives the inputs, the
+    last stage computes the loss.
+chunk
+    A rank's local module index (0 or 1 for DualPipe/DualPipeV, 0 for 1F1B/ZB1P).
+micro-batch
+    Index within the stream that the chunk serves, counted from 0.
+
+Compute actions (text form in brackets, ``c`` = chunk, ``i`` = micro-batch)
+--------------------------------------------------------------------------
+``F`` [``Fc.i``]  forward of chunk ``c`` on micro-batch ``i``.
+``B`` [``Bc.i``]  full backward (input and weight gradients together).
+``I`` [``Ic.i``]  input-gradient part of the backward; the weight part is deferred.
+``W`` [``Wc.i``]  the deferred weight-gradient part of an earlier ``Ic.i``.
+``FB`` [``Fc.i+Bd.j``]  an overlapped pair: forward of ``c``/``i`` together with the
+      full backward of ``d``/``j`` (what ``overlapped_forward_backward`` runs).
+
+Communication actions, produced by :func:`lower` (``p`` = peer rank)
+-------------------------------------------------------------------
+``SEND_F`` [``SFc.i>p``] send the output of forward ``c``/``i`` to rank ``p``.
+``RECV_F`` [``RFc.i<p``] receive the input of forward ``c``/``i`` from rank ``p``.
+``SEND_B`` [``SBc.i>p``] send the input gradient of backward ``c``/``i`` to rank ``p``.
+``RECV_B`` [``RBc.i<p``] receive the output gradient for backward ``c``/``i`` from ``p``.
+
+The golden files of the published implementation write a deferred weight pass as a
+bare ``W`` (first in, first out); :meth:`Schedule.golden` renders that form.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterator, Sequence
+
+__all__ = [
+    "F", "B", "I", "W", "FB", "SEND_F", "RECV_F", "SEND_B", "RECV_B",
+    "COMPUTE_KINDS", "COMM_KINDS",
+    "Action", "Stream", "Schedule", "parse_action",
+    "dualpipe", "dualpipev", "one_f_one_b", "zb1p",
+    "SCHEDULES", "get_schedule", "lower",
+]
+
+F, B, I, W, FB = "F", "B", "I", "W", "FB"
+SEND_F, RECV_F, SEND_B, RECV_B = "SEND_F", "RECV_F", "SEND_B", "RECV_B"
+COMPUTE_KINDS = frozenset({F, B, I, W, FB})
+COMM_KINDS = frozenset({SEND_F, RECV_F, SEND_B, RECV_B})
+_COMM_PREFIX = {SEND_F: "SF", RECV_F: "RF", SEND_B: "SB", RECV_B: "RB"}
+_COMM_ARROW = {SEND_F: ">", SEND_B: ">", RECV_F: "<", RECV_B: "<"}
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One thing a rank does.
+
+    ``chunk``/``mb`` name the (forward part of the) action; ``chunk2``/``mb2`` the
+    backward part of an ``FB`` pair; ``peer`` the other rank of a communication.
+    Unused fields are ``-1``.
+    """
+
+    kind: str
+    chunk: int = -1
+    mb: int = -1
+    chunk2: int = -1
+    mb2: int = -1
+    peer: int = -1
+
+    def __str__(self) -> str:
+        k = self.kind
+        if k == FB:
+            return f"F{self.chunk}.{self.mb}+B{self.chunk2}.{self.mb2}"
+        if k in _COMM_PREFIX:
+            return f"{_COMM_PREFIX[k]}{self.chunk}.{self.mb}{_COMM_ARROW[k]}{self.peer}"
+        return f"{k}{self.chunk}.{self.mb}"
+
+    __repr__ = __str__
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in COMPUTE_KINDS
+
+    def parts(self) -> tuple[tuple[str, int, int], ...]:
+        """The compute parts as ``(kind, chunk, mb)``: two for ``FB``, else one."""
+        if self.kind == FB:
+            return ((F, self.chunk, self.mb), (B, self.chunk2, self.mb2))
+        return ((self.kind, self.chunk, self.mb),)
+
+
+_TOKEN = re.compile(
+    r"^(?:(?P<fb>F(?P<c1>\d+)\.(?P<m1>\d+)\+B(?P<c2>\d+)\.(?P<m2>\d+))"
+    r"|(?P<k>[FBIW])(?P<c>\d+)\.(?P<m>\d+)"
+    r"|(?P<cp>SF|RF|SB|RB)(?P<cc>\d+)\.(?P<cm>\d+)(?P<arrow>[<>])(?P<peer>\d+))$"
+)
+_PREFIX_KIND = {v: k for k, v in _COMM_PREFIX.items()}
+
+
+def parse_action(token: str) -> Action:
+    """Parse the text form written by ``str(action)``; raises ``ValueError``."""
+    m = _TOKEN.match(token.strip())
+    if m is None:
+        raise ValueError(
+            f"cannot parse action {token!r}: expected e.g. 'F0.3', 'I1.2', 'W0.1', "
+            "'F0.3+B1.1', 'SF0.3>2' or 'RB1.0<3'"
+        )
+    if m["fb"]:
+        return Action(FB, int(m["c1"]), int(m["m1"]), int(m["c2"]), int(m["m2"]))
+    if m["k"]:
+        return Action(m["k"], int(m["c"]), int(m["m"]))
+    kind = _PREFIX_KIND[m["cp"]]
+    if m["arrow"] != _COMM_ARROW[kind]:
+        raise ValueError(f"cannot parse action {token!r}: {m['cp']} takes '{_COMM_ARROW[kind]}'")
+    return Action(kind, int(m["cc"]), int(m["cm"]), peer=int(m["peer"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A set of ``num_microbatches`` micro-batches passing through ``num_stages`` stages.
+
+    ``first_microbatch`` is the global index (into the step's ``num_chunks``
+    micro-batches) of this stream's micro-batch 0.
+    """
+
+    num_stages: int
+    num_microbatches: int
+    first_microbatch: int = 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-rank action lists plus the placement of stages on ranks.
+
+    ``placement[r][c] = (stream, stage)`` for chunk ``c`` of rank ``r``.
+    ``actions[r]`` is rank ``r``'s compute order (use :func:`lower` for the order
+    including communication).  Indexing and iterating a ``Schedule`` goes over
+    ``actions``.
+    """
+
+    name: str
+    num_ranks: int
+    num_chunks: int
+    streams: tuple[Stream, ...]
+    placement: tuple[tuple[tuple[int, int], ...], ...]
+    actions: tuple[tuple[Action, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def __getitem__(self, rank: int) -> tuple[Action, ...]:
+        return self.actions[rank]
+
+    def __iter__(self) -> Iterator[tuple[Action, ...]]:
+        return iter(self.actions)
+
+    @property
+    def stage_owner(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """``(stream, stage) -> (rank, chunk)``."""
+        return _owner_map(self.placement)
+
+    def tokens(self) -> list[list[str]]:
+        """The text form, one token per action, per rank."""
+        return [[str(a) for a in acts] for acts in self.actions]
+
+    def golden(self) -> list[list[str]]:
+        """The form of the published golden files: a deferred W is a bare ``W``."""
+        return [["W" if a.kind == W else str(a) for a in acts] for acts in self.actions]
+
+    def render(self) -> str:
+        """A rank x step grid for logs and error messages."""
+        return render_grid(self.tokens())
+
+
+@lru_cache(maxsize=None)
+def _owner_map(placement: tuple) -> dict[tuple[int, int], tuple[int, int]]:
+    out: dict[tuple[int, int], tuple[int, int]] = {}
+    for r, chunks in enumerate(placement):
+        for c, key in enumerate(chunks):
+            out[key] = (r, c)
+    return out
+
+
+def render_grid(tokens: Sequence[Sequence[str]], mark: tuple[int, int] | None = None) -> str:
+    """Render per-rank token lists as a grid; ``mark=(rank, index)`` brackets one cell."""
+    width = max((len(t) for row in tokens for t in row), default=1) + 2
+    lines = []
+    for r, row in enumerate(tokens):
+        cells = []
+        for i, t in enumerate(row):
+            cells.append((f"[{t}]" if mark == (r, i) else f" {t} ").ljust(width))
+        lines.append(f"rank {r:>2}: " + "".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- builders
+
+
+class _RankBuilder:
+    """Appends compute actions for one rank, numbering micro-batches per chunk and
+    resolving each deferred ``W`` to the oldest pending ``I`` (first in, first out)."""
+
+    __slots__ = ("acts", "nf", "nb", "pending", "chunk_of")
+
+    def __init__(self, chunk_of: Callable[[int], int] = lambda p: p):
+        self.acts: list[Action] = []
+        self.nf = [0, 0]
+        self.nb = [0, 0]
+        self.pending: list[tuple[int, int]] = []
+        self.chunk_of = chunk_of
+
+    def f(self, phase: int) -> None:
+        c = self.chunk_of(phase)
+        self.acts.append(Action(F, c, self.nf[c]))
+        self.nf[c] += 1
+
+    def b(self, phase: int, defer_w: bool = False) -> None:
+        c = self.chunk_of(phase)
+        self.acts.append(Action(I if defer_w else B, c, self.nb[c]))
+        if defer_w:
+            self.pending.append((c, self.nb[c]))
+        self.nb[c] += 1
+
+    def w(self) -> None:
+        c, m = self.pending.pop(0)
+        self.acts.append(Action(W, c, m))
+
+    def fb(self, phase_f: int, phase_b: int) -> None:
+        cf, cb = self.chunk_of(phase_f), self.chunk_of(phase_b)
+        self.acts.append(Action(FB, cf, self.nf[cf], cb, self.nb[cb]))
+        self.nf[cf] += 1
+        self.nb[cb] += 1
+
+
+def _dual_rank(R: int, r: int, C: int, flip: bool) -> tuple[Action, ...]:
+    """The eight phases of the bidirectional schedule for one rank.
+
+    ``R`` ranks per half-pipe, ``r`` this rank's position in it, ``C`` micro-batches
+    per direction.  "Phase" 0 is the chunk whose stage lies further from the
+    pipe's turning point; ``flip`` maps phases onto chunks for DualPipe's second
+    half of ranks.  The order follows the published DualPipe/DualPipeV step().
+    """
+    rb = _RankBuilder((lambda p: 1 - p) if flip else (lambda p: p))
+    last = r == R - 1
+    for _ in range((R - r - 1) * 2):        # 1: forwards of phase 0 only
+        rb.f(0)
+    for _ in range(r + 1):                  # 2: alternate forwards, both phases
+        rb.f(0)
+        rb.f(1)
+    for _ in range(R - r - 1):              # 3: input-grad, its W at once, forward
+        rb.b(1, defer_w=True)
+        rb.w()
+        rb.f(1)
+    for i in range(C - 2 * R + r + 1):      # 4: steady state of overlapped pairs
+        if i == 0 and last:
+            # The rank at the turning point does not overlap its first pair:
+            # its phase-1 forward needs the phase-0 output it has just computed.
+            rb.f(0)
+            rb.b(1)
+        else:
+            rb.fb(0, 1)
+        rb.fb(1, 0)
+    for _ in range(R - r - 1):              # 5: backward, then an overlapped pair
+        rb.b(1)
+        rb.fb(1, 0)
+    defer = False                           # 6: backwards; the second half defers W
+    half = (r + 1) // 2
+    for i in range(r + 1):
+        if i == half and r % 2 == 1:
+            defer = True
+        rb.b(1, defer)
+        if i == half and r % 2 == 0:
+            defer = True
+        rb.b(0, defer)
+    for _ in range(R - r - 1):              # 7: a deferred W, then an input-grad
+        rb.w()
+        rb.b(0, defer_w=True)
+    while rb.pending:                       # 8: the remaining deferred Ws
+        rb.w()
+    return tuple(rb.acts)
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
+    """DualPipe: ``num_ranks`` (even) ranks, two directions of ``num_chunks // 2``
+    micro-batches each.  Chunk 0 of rank ``r`` is stage ``r`` of stream 0 (enters at
+    rank 0, micro-batches ``0 .. N/2-1``); chunk 1 is stage ``P-1-r`` of stream 1
+    (enters at rank ``P-1``, micro-batches ``N/2 .. N-1``)."""
+    P, N = _check_int("num_ranks", num_ranks), _check_int("num_chunks", num_chunks)
+    if P < 2 or P % 2:
+        raise ValueError(f"DualPipe needs an even number of ranks >= 2, got num_ranks={P}; "
+                         "use dualpipev for an odd count")
+    if N % 2 or N < 2 * P:
+        raise ValueError(f"DualPipe with {P} ranks needs an even num_chunks >= {2 * P} "
+                         f"(2 x ranks), got {N}")
+    R, C = P // 2, N // 2
+    acts = tuple(_dual_rank(R, min(r, P - 1 - r), C, flip=r >= R) for r in range(P))
+    placement = tuple(((0, r), (1, P - 1 - r)) for r in range(P))
+    streams = (Stream(P, C, 0), Stream(P, C, C))
+    return Schedule("dualpipe", P, N, streams, placement, acts)
+
+
+def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
+    """DualPipeV: ``num_ranks`` ranks, ``2 * num_ranks`` stages folded into a V; one
+    stream of ``num_chunks`` micro-batches entering and leaving at rank 0.  Chunk 0
+    of rank ``r`` is stage ``r``, chunk 1 is stage ``2R-1-r``."""
+    R, N = _check_int("num_ranks", num_ranks), _check_int("num_chunks", num_chunks)
+    if R < 1:
+        raise ValueError(f"DualPipeV needs num_ranks >= 1, got {R}")
+    if N < 2 * R:
+        raise ValueError(f"DualPipeV with {R} ranks needs num_chunks >= {2 * R} "
+                         f"(2 x ranks), got {N}")
+    acts = tuple(_dual_rank(R, r, N, flip=False) for r in range(R))
+    placement = tuple(((0, r), (0, 2 * R - 1 - r)) for r in range(R))
+    return Schedule("dualpipev", R, N, (Stream(2 * R, N, 0),), placement, acts)
+
+
+def _single_checks(name: str, num_ranks: int, num_chunks: int) -> tuple[int, int]:
+    P, N = _check_int("num_ranks", num_ranks), _check_int("num_chunks", num_chunks)
+    if P < 1:
+        raise ValueError(f"{name} needs num_ranks >= 1, got {P}")
+    if N < P:
+        raise ValueError(f"{name} with {P} ranks needs num_chunks >= {P}, got {N}")
+    return P, N
+
+
+def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
+    """1F1B: one stage per rank; ``P-1-r`` warm-up forwards, then alternate one
+    forward and one full backward, then the remaining backwards."""
+    P, N = _single_checks("1F1B", num_ranks, num_chunks)
+    acts = []
+    for r in range(P):
+        rb = _RankBuilder()
+        warm = P - 1 - r
+        for _ in range(warm):
+            rb.f(0)
+        for _ in range(N - warm):
+            rb.f(0)
+            rb.b(0)
+        for _ in range(warm):
+            rb.b(0)
+        acts.append(tuple(rb.acts))
+    return Schedule("1f1b", P, N, (Stream(P, N, 0),), tuple(((0, r),) for r in range(P)),
+                    tuple(acts))
+
+
+def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
+    """ZB-H1 (zero bubble at 1F1B's activation memory): the 1F1B order with every
+    backward split into its input-gradient ``I`` and a deferred ``W``.  Rank ``r``
+    keeps ``r`` weight passes pending (the last rank the most): the input gradients
+    travel back to rank 0 without waiting for weight passes, and each rank runs one
+    W after every further ``I`` and the rest at the end, where 1F1B would idle."""
+    P, N = _single_checks("ZB1P", num_ranks, num_chunks)
+    acts = []
+    for r in range(P):
+        rb = _RankBuilder()
+        warm = P - 1 - r
+        for _ in range(warm):
+            rb.f(0)
+        for k in range(N):
+            if k < N - warm:
+                rb.f(0)
+            rb.b(0, defer_w=True)
+            if len(rb.pending) > r:
+                rb.w()
+        while rb.pending:
+            rb.w()
+        acts.append(tuple(rb.acts))
+    return Schedule("zb1p", P, N, (Stream(P, N, 0),), tuple(((0, r),) for r in range(P)),
+                    tuple(acts))
+
+
+SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
+    "dualpipe": dualpipe,
+    "dualpipev": dualpipev,
+    "1f1b": one_f_one_b,
+    "zb1p": zb1p,
+}
+
+
+@lru_cache(maxsize=64)
+def get_schedule(name: str, num_ranks: int, num_chunks: int) -> Schedule:
+    """Look up a generator by name and run it (cached: schedules are immutable)."""
+    try:
+        gen = SCHEDULES[name]
+    except KeyError:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}") from None
+    return gen(num_ranks, num_chunks)
+
+
+# --------------------------------------------------------------------------- lowering
+
+
+def _neighbours(s: Schedule, rank: int, chunk: int):
+    """(previous, next) ``(rank, chunk)`` along the stream, ``None`` at the ends."""
+    stream, stage = s.placement[rank][chunk]
+    owner = s.stage_owner
+    prev = owner[(stream, stage - 1)] if stage > 0 else None
+    nxt = owner[(stream, stage + 1)] if stage + 1 < s.streams[stream].num_stages else None
+    return prev, nxt
+
+
+@lru_cache(maxsize=64)
+def lower(s: Schedule) -> tuple[tuple[Action, ...], ...]:
+    """Insert the sends and receives each rank needs, returning per-rank lists.
+
+    A send follows the compute that produced its tensor.  A receive is placed just
+    before the compute that consumes it, except that receives on one channel (one
+    sender, one receiver) are kept in the order the sender sends, so that
+    untagged in-order transports (NCCL) match them; a receive needed early is
+    preceded by the channel's earlier messages.  Transfers between two chunks of
+    the same rank (the bottom of DualPipeV's V) need no communication.
+    """
+    P = s.num_ranks
+    # 1. the send order per channel (src, dst), from each sender's compute order
+    chan_sends: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    out_sends: list[list[list[Action]]] = []
+    for r in range(P):
+        per_action = []
+        for a in s.actions[r]:
+            sends = []
+            for kind, c, m in a.parts():
+                prev, nxt = _neighbours(s, r, c)
+                if kind == F and nxt is not None and nxt[0] != r:
+                    sends.append(Action(SEND_F, c, m, peer=nxt[0]))
+                    chan_sends.setdefault((r, nxt[0]), []).append((F, nxt[1], m))
+                elif kind in (B, I) and prev is not None and prev[0] != r:
+                    sends.append(Action(SEND_B, c, m, peer=prev[0]))
+                    chan_sends.setdefault((r, prev[0]), []).append((B, prev[1], m))
+            per_action.append(sends)
+        out_sends.append(per_action)
+    # 2. receives, in channel order, as late as possible
+    result = []
+    for r in range(P):
+        taken: dict[int, int] = {}  # src -> number of messages received so far
+        acts: list[Action] = []
+        for a, sends in zip(s.actions[r], out_sends[r]):
+            for kind, c, m in a.parts():
+                prev, nxt = _neighbours(s, r, c)
+                if kind == F and prev is not None and prev[0] != r:
+                    src, want = prev[0], (F, c, m)
+                elif kind in (B, I) and nxt is not None and nxt[0] != r:
+                    src, want = nxt[0], (B, c, m)
+                else:
+                    continue
+                seq = chan_sends.get((src, r), [])
+                k = taken.get(src, 0)
+                if want not in seq[k:]:
+                    continue  # already received ahead of time, or never sent: validate() reports it
+                while True:
+                    mk, mc, mm = seq[k]
+                    acts.append(Action(RECV_F if mk == F else RECV_B, mc, mm, peer=src))
+                    k += 1
+                    if (mk, mc, mm) == want:
+                        break
+                taken[src] = k
+            acts.append(a)
+            acts.extend(sends)
+        result.append(tuple(acts))
+    return tuple(result)

@@ -1,0 +1,222 @@
+"""Price a schedule: makespan, per-rank busy/idle time and peak live activations.
+
+Cost model (:class:`Costs`): a forward chunk costs ``f``; a full backward ``b``; its
+weight-gradient part ``w`` (so an input-gradient-only backward ``I`` costs ``b - w``);
+an overlapped forward+backward pair ``fb`` (default ``f + b``: no overlap); every
+transfer between two ranks adds ``latency`` between the producer's end and the
+consumer's earliest start (transfers between chunks of one rank are free).
+
+Each rank runs its actions in order; an action starts when the rank is free and its
+inputs have arrived.  Activations live on a rank are the (chunk, micro-batch) pairs
+whose forward has run and whose input-gradient backward has not; in an ``FB`` pair the
+forward is counted before the backward releases its micro-batch.
+
+**Bubble.**  ``SimResult.bubble`` is the idle time (makespan minus busy time) of the
+most idle rank: for DualPipe/DualPipeV the ranks at the middle of the pipe, for
+1F1B/ZB1P every rank alike.  With the published model's assumption that a forward
+costs as much as an input-gradient backward (``f == b - w``) it equals the published
+formula exactly for any ``w`` and any ``fb`` in ``[max(f, b), f + b]``; outside that
+regime it differs (see ``docs/schedules.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .schedules import B, F, FB, I, W, Action, Schedule
+
+__all__ = ["Costs", "Interval", "SimResult", "simulate", "formula_bubble", "formula_activations"]
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-action costs in any time unit (all >= 0, ``w <= b``)."""
+
+    f: float = 1.0
+    b: float = 2.0
+    w: float = 1.0
+    fb: float | None = None
+    latency: float = 0.0
+
+    def __post_init__(self):
+        for name in ("f", "b", "w", "latency"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"cost {name} must be >= 0, got {getattr(self, name)}")
+        if self.w > self.b:
+            raise ValueError(f"the weight part w={self.w} cannot exceed the full backward b={self.b}")
+        if self.fb is not None and self.fb < 0:
+            raise ValueError(f"cost fb must be >= 0, got {self.fb}")
+
+    @property
+    def pair(self) -> float:
+        return self.f + self.b if self.fb is None else self.fb
+
+    def of(self, a: Action) -> float:
+        k = a.kind
+        if k == F:
+            return self.f
+        if k == B:
+            return self.b
+        if k == I:
+            return self.b - self.w
+        if k == W:
+            return self.w
+        if k == FB:
+            return self.pair
+        return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """One action on one rank from ``start`` to ``end`` (simulated units or seconds).
+    ``lane`` separates kinds of work on a rank in measured timelines
+    (``"compute"``, ``"comm"``, ...)."""
+
+    rank: int
+    start: float
+    end: float
+    action: Action
+    lane: str = "compute"
+
+
+@dataclass
+class SimResult:
+    schedule: Schedule
+    costs: Costs
+    makespan: float
+    busy: list[float]
+    idle: list[float]
+    peak_activations: list[int]
+    intervals: list[Interval] = field(repr=False)
+    bubble: float = 0.0
+    formula_bubble: float | None = None
+
+    def to_json(self) -> dict:
+        s = self.schedule
+        return {
+            "schedule": s.name, "ranks": s.num_ranks, "chunks": s.num_chunks,
+            "costs": {"f": self.costs.f, "b": self.costs.b, "w": self.costs.w,
+                      "fb": self.costs.pair, "latency": self.costs.latency},
+            "makespan": self.makespan, "bubble": self.bubble,
+            "formula_bubble": self.formula_bubble,
+            "idle": self.idle, "busy": self.busy,
+            "peak_activations": self.peak_activations,
+            "formula_activations": formula_activations(s.name, s.num_ranks),
+        }
+
+
+def simulate(s: Schedule, costs: Costs = Costs()) -> SimResult:
+    """Run ``s`` under ``costs``; raises ``ValueError`` if it cannot finish
+    (run :func:`dualpipe.validate.validate` for the reason)."""
+    P = s.num_ranks
+    owner = s.stage_owner
+    lat = costs.latency
+    fdone: dict[tuple[int, int, int], tuple[float, int]] = {}  # (stream, stage, mb) -> (t, rank)
+    bdone: dict[tuple[int, int, int], tuple[float, int]] = {}
+    clock = [0.0] * P
+    pos = [0] * P
+    intervals: list[Interval] = []
+
+    def ready(r: int, kind: str, c: int, m: int):
+        stream, stage = s.placement[r][c]
+        if kind == F:
+            if stage == 0:
+                return 0.0
+            dep = fdone.get((stream, stage - 1, m))
+        elif kind in (B, I):
+            if stage + 1 == s.streams[stream].num_stages:
+                dep = fdone.get((stream, stage, m))
+                return None if dep is None else dep[0]
+            dep = bdone.get((stream, stage + 1, m))
+        else:
+            return 0.0  # W: ordered after its I by program order
+        if dep is None:
+            return None
+        return dep[0] + (lat if dep[1] != r else 0.0)
+
+    progress = True
+    while progress:
+        progress = False
+        for r in range(P):
+            acts = s.actions[r]
+            while pos[r] < len(acts):
+                a = acts[pos[r]]
+                t = clock[r]
+                blocked = False
+                for kind, c, m in a.parts():
+                    rt = ready(r, kind, c, m)
+                    if rt is None:
+                        blocked = True
+                        break
+                    t = max(t, rt)
+                if blocked:
+                    break
+                end = t + costs.of(a)
+                for kind, c, m in a.parts():
+                    stream, stage = s.placement[r][c]
+                    if kind == F:
+                        fdone[(stream, stage, m)] = (end, r)
+                    elif kind in (B, I):
+                        bdone[(stream, stage, m)] = (end, r)
+                intervals.append(Interval(r, t, end, a))
+                clock[r] = end
+                pos[r] += 1
+                progress = True
+    if any(pos[r] < len(s.actions[r]) for r in range(P)):
+        raise ValueError(f"schedule {s.name!r} cannot complete (stuck at "
+                         f"{[str(s.actions[r][pos[r]]) for r in range(P) if pos[r] < len(s.actions[r])]}); "
+                         "run dualpipe.validate.validate() for details")
+    makespan = max(clock) if P else 0.0
+    busy = [0.0] * P
+    for iv in intervals:
+        busy[iv.rank] += iv.end - iv.start
+    idle = [makespan - b for b in busy]
+    peaks = [_peak_activations(acts) for acts in s.actions]
+    res = SimResult(s, costs, makespan, busy, idle, peaks, intervals)
+    res.bubble = bubble_of(res)
+    res.formula_bubble = formula_bubble(s.name, s.num_ranks, costs)
+    return res
+
+
+def _peak_activations(acts) -> int:
+    live = peak = 0
+    for a in acts:
+        for kind, _c, _m in a.parts():
+            if kind == F:
+                live += 1
+                peak = max(peak, live)
+            elif kind in (B, I):
+                live -= 1
+    return peak
+
+
+def bubble_of(res: SimResult) -> float:
+    """The figure comparable to the published table (see ``docs/schedules.md``)."""
+    return max(res.idle) if res.idle else 0.0
+
+
+def pipeline_degree(name: str, num_ranks: int) -> int:
+    """PP as the published table uses it: the number of pipeline stages."""
+    return 2 * num_ranks if name == "dualpipev" else num_ranks
+
+
+def formula_bubble(name: str, num_ranks: int, c: Costs) -> float | None:
+    """The published bubble for ``name`` (``None`` for unknown schedules)."""
+    PP = pipeline_degree(name, num_ranks)
+    if name == "1f1b":
+        return (PP - 1) * (c.f + c.b)
+    if name == "zb1p":
+        return (PP - 1) * (c.f + c.b - 2 * c.w)
+    if name in ("dualpipe", "dualpipev"):
+        return (PP / 2 - 1) * (c.pair + c.b - 3 * c.w)
+    return None
+
+
+def formula_activations(name: str, num_ranks: int) -> int | None:
+    """The published activations per device, in stage-chunk units."""
+    PP = pipeline_degree(name, num_ranks)
+    if name in ("1f1b", "zb1p"):
+        return PP
+    if name in ("dualpipe", "dualpipev"):
+        return PP + 1
+    return None
