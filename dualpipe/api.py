@@ -1,0 +1,57 @@
+"""The user-facing pipeline classes: drop-in for ``deepseek-ai/DualPipe``."""
+from __future__ import annotations
+
+from .runtime import PipelineRuntime
+
+__all__ = ["DualPipe", "DualPipeV", "Pipeline"]
+
+
+class DualPipe(PipelineRuntime):
+    """DualPipe on an even number ``P`` of ranks.
+
+    ``modules = (stage r of the forward direction, stage P-1-r of the reverse
+    direction)`` for pipeline rank ``r``; both directions use the same stage
+    definitions, so a stage's parameters live on two ranks and its gradient is the sum
+    of the two copies' (see :func:`dualpipe.reduce_dualpipe_grads`).
+
+    Args:
+        modules: the two stage modules of this rank, of one class if that class
+            defines ``overlapped_forward_backward``.
+        batch_dim: the batch dimension of inputs and labels.
+        process_group: the pipeline group (default: the world).
+        rank_mapping: ``rank_mapping[group_rank] = pipeline rank`` (default identity).
+        timeout: seconds any wait on another rank may take before
+            :class:`~dualpipe.PipelineTimeout` is raised (default 300).
+        split_linear_weight_grads: defer ``nn.Linear`` weight gradients to the
+            schedule's W passes without custom autograd code.
+        lookahead: compute actions whose receives are posted ahead (default 2).
+        record_timeline: keep per-action times of the last step (``.timeline``).
+
+    ``step(*inputs, num_chunks, criterion, labels, return_outputs)``: see
+    :meth:`PipelineRuntime.step`.  Rank 0 passes the first half of the micro-batches
+    (its loss/outputs are the last rank's), the last rank the second half.
+    """
+
+    schedule_name = "dualpipe"
+
+
+class DualPipeV(PipelineRuntime):
+    """DualPipeV ("cut-in-half" DualPipe) on ``R`` ranks with ``2R`` stages.
+
+    ``modules = (stage r, stage 2R-1-r)`` on pipeline rank ``r``; rank 0 passes the
+    inputs, the labels and the criterion and receives the loss.  Other arguments as
+    :class:`DualPipe`.
+    """
+
+    schedule_name = "dualpipev"
+
+
+class Pipeline(PipelineRuntime):
+    """Any schedule of :data:`dualpipe.schedules.SCHEDULES` by name, e.g.
+    ``Pipeline(stage, schedule="1f1b")`` or ``"zb1p"`` with one stage per rank
+    (rank 0 passes inputs; the last rank the criterion and labels and gets the loss).
+    """
+
+    def __init__(self, modules, batch_dim: int = 0, process_group=None, rank_mapping=None, *,
+                 schedule: str, **kw):
+        super().__init__(modules, batch_dim, process_group, rank_mapping, schedule=schedule, **kw)

@@ -1,0 +1,701 @@
+"""Execute one rank's action list on real modules.
+
+This is the only place that runs F / B / I / W / F&B.  It holds no schedule logic: the
+order comes from :func:`dualpipe.schedules.get_schedule` and the sends/receives from
+:func:`dualpipe.schedules.lower`, compiled once per (schedule, ranks, chunks, mode) into
+a flat list of steps.
+
+Per step: arguments are checked locally, then a handshake (one ``all_gather`` of a few
+integers) compares schedule, ``num_chunks``, mode and argument errors across ranks, so
+a mismatch or a bad argument on one rank raises on every rank instead of hanging.
+Receives are posted ahead of the compute that needs them (``lookahead`` compute
+actions) and waited for only when it starts; sends are posted right after the compute
+that produced them and waited for at the end of the step.  The shapes and dtypes of
+what crosses a boundary are sent once per boundary and input signature, and cached.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from overlap.p2p import META_LEN, P2P, Handle, PeerTimeout, TensorMeta, pack_meta, unpack_meta
+
+from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
+                        get_schedule, lower)
+from .simulate import Interval
+from .utils import gather, run_backward, scatter
+from .weight_grad import WeightGradStore, split_linear_weight_grads
+
+__all__ = ["PipelineRuntime", "PipelineError", "PipelineTimeout", "StepStats",
+           "set_p2p_tensor_shapes", "set_p2p_tensor_dtype"]
+
+log = logging.getLogger(__name__)
+
+_SCHEDULE_IDS = {"dualpipe": 1, "dualpipev": 2, "1f1b": 3, "zb1p": 4}
+_TAG_F, _TAG_B, _TAG_META = 1, 2, 3
+_HS_LEN = 12
+
+_p2p_shapes: list[tuple[int, ...]] | None = None
+_p2p_dtype: torch.dtype | None = None
+
+
+def set_p2p_tensor_shapes(shapes: Sequence[Sequence[int]]) -> None:
+    """Declare the shapes of the tensors crossing every stage boundary (optional).
+
+    Not needed: shapes are exchanged automatically.  When given, every boundary's
+    tensors are checked against them and a mismatch raises ``ValueError``."""
+    global _p2p_shapes
+    _p2p_shapes = [tuple(int(d) for d in s) for s in shapes]
+
+
+def set_p2p_tensor_dtype(dtype: torch.dtype) -> None:
+    """Declare the dtype of the tensors crossing stage boundaries (optional, checked)."""
+    global _p2p_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"set_p2p_tensor_dtype expects a torch.dtype, got {dtype!r}")
+    _p2p_dtype = dtype
+
+
+class PipelineError(RuntimeError):
+    """A step failed on this rank; ``rank`` and ``action`` say where."""
+
+    def __init__(self, msg: str, rank: int | None = None, action: str | None = None):
+        self.rank, self.action = rank, action
+        super().__init__(msg)
+
+
+class PipelineTimeout(PipelineError):
+    """A peer did not answer within the timeout."""
+
+
+@dataclass
+class StepStats:
+    """Measured figures of the last step on this rank (seconds)."""
+
+    wall: float = 0.0
+    busy: float = 0.0
+    wait: float = 0.0
+    peak_activations: int = 0
+    num_compute: int = 0
+
+    @property
+    def idle(self) -> float:
+        return self.wall - self.busy
+
+
+@dataclass
+class _Plan:
+    """One rank's compiled step: compute ops, receives in posting order."""
+
+    ops: list[tuple] = field(default_factory=list)
+    # ops[i] = (kind, c, m, c2, m2, need, sends, post_upto, text)
+    #   need: tuple of receive indices this op waits for
+    #   sends: tuple of (kind, chunk, mb, peer)
+    #   post_upto: receives with index < post_upto may be posted before op i runs
+    recvs: list[tuple] = field(default_factory=list)  # (kind, chunk, mb, peer)
+
+
+def _compile(s: Schedule, rank: int, forward_only: bool, lookahead: int) -> _Plan:
+    low = lower(s)[rank]
+    plan = _Plan()
+    recv_index: dict[tuple, int] = {}
+    raw = []
+    for a in low:
+        if forward_only and a.kind in (RECV_B, SEND_B, B, I, W):
+            continue
+        if a.kind in (RECV_F, RECV_B):
+            key = (F if a.kind == RECV_F else B, a.chunk, a.mb)
+            recv_index[key] = len(plan.recvs)
+            plan.recvs.append((key[0], a.chunk, a.mb, a.peer))
+        elif a.kind in (SEND_F, SEND_B):
+            raw[-1][1].append((F if a.kind == SEND_F else B, a.chunk, a.mb, a.peer))
+        else:
+            if forward_only and a.kind == FB:
+                a = Action(F, a.chunk, a.mb)
+            raw.append((a, [], len(plan.recvs)))
+    for i, (a, sends, nrecv_before) in enumerate(raw):
+        need = tuple(recv_index[(F if k == F else B, c, m)] for k, c, m in a.parts()
+                     if k != W and (F if k == F else B, c, m) in recv_index)
+        j = min(i + lookahead, len(raw) - 1)
+        post_upto = raw[j][2] if j > i else nrecv_before
+        post_upto = max(post_upto, max(need) + 1 if need else 0)
+        plan.ops.append((a.kind, a.chunk, a.mb, a.chunk2, a.mb2, need, tuple(sends),
+                         post_upto, str(a)))
+    return plan
+
+
+def _as_tuple(x) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)):
+        return tuple(x)
+    raise TypeError(f"a pipeline stage must return a Tensor or a tuple/list of Tensors, "
+                    f"got {type(x).__name__}")
+
+
+def _sig(tensors: Sequence[Any]) -> str:
+    return ";".join(f"{t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else "None"
+                    for t in tensors)
+
+
+class PipelineRuntime(nn.Module):
+    """Run any schedule of :mod:`dualpipe.schedules` over ``modules`` on this rank.
+
+    Users normally construct :class:`dualpipe.DualPipe`, :class:`dualpipe.DualPipeV` or
+    :class:`dualpipe.Pipeline`; see those for the arguments.
+    """
+
+    schedule_name: str = ""
+
+    def __init__(self, modules: Sequence[nn.Module] | nn.Module, batch_dim: int = 0,
+                 process_group: dist.ProcessGroup | None = None,
+                 rank_mapping: Sequence[int] | None = None, *,
+                 schedule: str | None = None, timeout: float = 300.0,
+                 split_linear_weight_grads: bool = False, lookahead: int = 2,
+                 record_timeline: bool = True) -> None:
+        super().__init__()
+        name = schedule or self.schedule_name
+        if name not in _SCHEDULE_IDS:
+            raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(_SCHEDULE_IDS)}")
+        self.schedule_name = name
+        if isinstance(modules, nn.Module):
+            modules = (modules,)
+        modules = tuple(modules)
+        want = 2 if name in ("dualpipe", "dualpipev") else 1
+        if len(modules) != want or not all(isinstance(m, nn.Module) for m in modules):
+            raise ValueError(f"schedule {name!r} needs {want} nn.Module stage(s) per rank, got "
+                             f"{[type(m).__name__ for m in modules]}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call "
+                               "torch.distributed.init_process_group() (gloo on CPU, nccl on "
+                               "GPUs) on every rank before building the pipeline")
+        self.module = nn.ModuleList(modules)
+        self.batch_dim = batch_dim
+        self.group = process_group if process_group is not None else \
+            dist.distributed_c10d._get_default_group()
+        self.num_ranks = self.group.size()
+        if rank_mapping is None:
+            rank_mapping = list(range(self.num_ranks))
+        rank_mapping = [int(r) for r in rank_mapping]
+        if sorted(rank_mapping) != list(range(self.num_ranks)):
+            raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1} "
+                             f"(group rank -> pipeline rank), got {rank_mapping}")
+        self._to_group = [0] * self.num_ranks
+        for g, p in enumerate(rank_mapping):
+            self._to_group[p] = g
+        self.rank = rank_mapping[self.group.rank()]
+        if name == "dualpipe" and self.num_ranks % 2:
+            raise ValueError(f"DualPipe needs an even number of ranks, the group has "
+                             f"{self.num_ranks}; use DualPipeV for an odd count")
+        params = [p for m in modules for p in m.parameters()]
+        devs = {p.device for p in params}
+        if len(devs) > 1:
+            raise ValueError(f"the stage modules of one rank must be on one device, found {devs}")
+        if devs:
+            self.device = devs.pop()
+        elif torch.cuda.is_available() and dist.get_backend(self.group) == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        backend = dist.get_backend(self.group)
+        if backend == "nccl" and self.device.type != "cuda":
+            raise ValueError("the process group uses NCCL but the stage modules are on "
+                             f"{self.device}; move them to the rank's GPU")
+        if backend == "gloo" and self.device.type == "cuda":
+            raise ValueError("gloo cannot send CUDA tensors between ranks: use an NCCL "
+                             "process group for modules on GPUs")
+        self.overlapped_forward_backward = (
+            len(modules) == 2 and type(modules[0]) is type(modules[1])
+            and hasattr(type(modules[0]), "overlapped_forward_backward"))
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.timeout = datetime.timedelta(seconds=float(timeout))
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1 compute action, got {lookahead}")
+        self.lookahead = int(lookahead)
+        if split_linear_weight_grads:
+            for m in modules:
+                split_linear_weight_grads_fn(m)
+        self.record_timeline = record_timeline
+        self._p2p = P2P(self.group)
+        self._plans: dict[tuple, _Plan] = {}
+        self._meta_sent: dict[tuple, list[TensorMeta]] = {}
+        self._meta_recv: dict[tuple, list[TensorMeta]] = {}
+        self._times: list[tuple] = []
+        self.last_stats = StepStats()
+        self._t0 = 0.0
+
+    # ------------------------------------------------------------------ helpers
+    def _schedule(self, num_chunks: int) -> Schedule:
+        return get_schedule(self.schedule_name, self.num_ranks, num_chunks)
+
+    def _plan(self, s: Schedule, forward_only: bool) -> _Plan:
+        key = (s.num_chunks, forward_only)
+        p = self._plans.get(key)
+        if p is None:
+            p = self._plans[key] = _compile(s, self.rank, forward_only, self.lookahead)
+        return p
+
+    @property
+    def timeline(self) -> list[Interval]:
+        """The last step's intervals on this rank, seconds from the step's start
+        (lane ``compute`` for F/B/I/W/F&B, lane ``wait`` for waits on receives)."""
+        return [Interval(self.rank, a, b, act, lane) for (a, b, act, lane) in self._times]
+
+    # ------------------------------------------------------------------ step
+    def step(self, *inputs: torch.Tensor | None, num_chunks: int = 0,
+             criterion: Callable[..., torch.Tensor] | None = None,
+             labels: Sequence[torch.Tensor | None] = (), return_outputs: bool = False):
+        """Run one training step (or, under ``torch.no_grad()``, one inference step).
+
+        Arguments (as in ``deepseek-ai/DualPipe``):
+            *inputs: the batch, on the ranks that hold a stream's first stage (rank 0;
+                DualPipe also the last rank); split into micro-batches along
+                ``batch_dim``; its size must be divisible by the micro-batch count.
+            num_chunks: micro-batches per step, the same on every rank.
+            criterion: ``criterion(*outputs, *labels) -> scalar loss``, on the ranks
+                that hold a stream's last stage (DualPipe: first and last rank;
+                DualPipeV: rank 0; 1F1B/ZB1P: the last rank).
+            labels: the labels for the micro-batches whose loss this rank computes
+                (DualPipe: on rank 0 they belong to the last rank's inputs and vice
+                versa).
+            return_outputs: also return the last stage's outputs (concatenated).
+
+        Returns ``(loss, outputs)``: on ranks holding a last stage, ``loss`` is the
+        per-micro-batch losses stacked (``float[n]``) when a criterion was given, and
+        ``outputs`` the outputs when requested; ``None`` elsewhere.  Gradients are
+        accumulated into the modules' ``.grad`` (call ``zero_grad`` between steps).
+        """
+        t_start = time.perf_counter()
+        forward_only = not torch.is_grad_enabled()
+        err = None
+        try:
+            s = self._schedule(num_chunks) if isinstance(num_chunks, int) else None
+            if s is None:
+                raise ValueError(f"num_chunks must be an int, got {num_chunks!r}")
+            batches, label_mbs = self._check_args(s, inputs, criterion, labels, forward_only)
+        except ValueError as e:
+            err, s = e, None
+        sig = self._handshake(num_chunks, forward_only, return_outputs, err,
+                              inputs if err is None else ())
+        plan = self._plan(s, forward_only)
+        try:
+            return self._run(s, plan, sig, batches, label_mbs, criterion, return_outputs,
+                             forward_only, t_start)
+        finally:
+            WeightGradStore.enabled = False
+            WeightGradStore.cache = []
+
+    def _check_args(self, s: Schedule, inputs, criterion, labels, forward_only):
+        r = self.rank
+        in_chunks = [c for c, (st, stage) in enumerate(s.placement[r]) if stage == 0]
+        out_chunks = [c for c, (st, stage) in enumerate(s.placement[r])
+                      if stage == s.streams[st].num_stages - 1]
+        batches = {}
+        if in_chunks:
+            if not inputs or all(x is None for x in inputs):
+                raise ValueError(f"pipeline rank {r} holds the first stage of a stream: pass the "
+                                 "batch as step(*inputs, ...) on this rank")
+            for x in inputs:
+                if x is not None and not isinstance(x, torch.Tensor):
+                    raise ValueError(f"step() inputs must be tensors, got {type(x).__name__}")
+            (c,) = in_chunks
+            n = s.streams[s.placement[r][c][0]].num_microbatches
+            batches[c] = self._split(inputs, n, "inputs")
+        elif inputs and any(x is not None for x in inputs):
+            warnings.warn(f"pipeline rank {r} holds no first stage: its step() inputs are "
+                          "ignored", stacklevel=3)
+        label_mbs = {}
+        if out_chunks:
+            if criterion is None and not forward_only:
+                raise ValueError(f"pipeline rank {r} holds the last stage of a stream: pass "
+                                 "criterion=... to step() on this rank to train")
+            if criterion is not None:
+                (c,) = out_chunks
+                n = s.streams[s.placement[r][c][0]].num_microbatches
+                labels = (labels,) if isinstance(labels, torch.Tensor) else tuple(labels)
+                label_mbs[c] = self._split(labels, n, "labels") if labels else [()] * n
+        elif criterion is not None or (labels and len(labels)):
+            warnings.warn(f"pipeline rank {r} holds no last stage: its criterion/labels are "
+                          "ignored", stacklevel=3)
+        return batches, label_mbs
+
+    def _split(self, xs, n: int, what: str) -> list[tuple]:
+        d = self.batch_dim
+        for x in xs:
+            if x is None:
+                continue
+            if x.dim() <= d:
+                raise ValueError(f"step() {what}: a tensor of shape {list(x.shape)} has no "
+                                 f"batch dimension {d}")
+            if x.shape[d] % n:
+                raise ValueError(f"step() {what}: batch size {x.shape[d]} (dim {d}) is not "
+                                 f"divisible into {n} micro-batches; make it a multiple of {n}")
+            if x.device != self.device:
+                raise ValueError(f"step() {what} are on {x.device} but the stages are on "
+                                 f"{self.device}: move them first")
+        return scatter(xs, n, d)
+
+    def _handshake(self, num_chunks, forward_only, return_outputs, err, inputs) -> tuple:
+        hs = torch.zeros(_HS_LEN, dtype=torch.int64)
+        hs[0] = 0x4450
+        hs[1] = _SCHEDULE_IDS[self.schedule_name]
+        hs[2] = num_chunks if isinstance(num_chunks, int) else -1
+        hs[3] = int(forward_only)
+        hs[4] = int(return_outputs)
+        hs[5] = 0 if err is None else 1
+        hs[6] = zlib.crc32(_sig(inputs).encode()) if inputs else 0
+        hs[7] = self.rank
+        hs = hs.to(self.device)
+        out = [torch.empty_like(hs) for _ in range(self.num_ranks)]
+        work = dist.all_gather(out, hs, group=self.group, async_op=True)
+        try:
+            Handle([work], out, "step handshake", -1).wait(self.timeout)
+        except PeerTimeout as e:
+            raise PipelineTimeout(f"pipeline rank {self.rank}: the step-start handshake timed out "
+                                  f"after {self.timeout.total_seconds():g} s: some rank did not "
+                                  "call step()", self.rank, "handshake") from e
+        rows = [t.tolist() for t in out]
+        if err is not None:
+            raise err
+        bad = [row[7] for row in rows if row[5]]
+        if bad:
+            raise ValueError(f"pipeline rank(s) {bad} rejected their step() arguments (see the "
+                             "error on those ranks); every rank stops this step")
+        for idx, what in ((1, "schedule"), (2, "num_chunks"), (3, "grad mode (training vs "
+                          "torch.no_grad inference)"), (4, "return_outputs")):
+            vals = [row[idx] for row in rows]
+            if len(set(vals)) > 1:
+                per = ", ".join(f"rank {row[7]}: {v}" for row, v in zip(rows, vals))
+                raise ValueError(f"step() called with different {what} across pipeline ranks "
+                                 f"({per}); call it identically on every rank")
+        return tuple(row[6] for row in rows)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self, s: Schedule, plan: _Plan, sig, batches, label_mbs, criterion,
+             return_outputs, forward_only, t_start):
+        rank = self.rank
+        placement = s.placement[rank]
+        nstages = [s.streams[st].num_stages for st, _ in placement]
+        owner = s.stage_owner
+        modules = self.module
+        # local hand-offs (two chunks of this rank adjacent in a stream)
+        next_local = []
+        prev_local = []
+        for c, (st, stage) in enumerate(placement):
+            nxt = owner.get((st, stage + 1))
+            prv = owner.get((st, stage - 1))
+            next_local.append(nxt[1] if nxt and nxt[0] == rank else None)
+            prev_local.append(prv[1] if prv and prv[0] == rank else None)
+        is_first = [stage == 0 for _, stage in placement]
+        is_last = [stage == nstages[c] - 1 for c, (_, stage) in enumerate(placement)]
+        nmb = [s.streams[st].num_microbatches for st, _ in placement]
+        nchunk = len(placement)
+        inputs = [[None] * nmb[c] for c in range(nchunk)]
+        outputs = [[None] * nmb[c] for c in range(nchunk)]
+        out_grads = [[None] * nmb[c] for c in range(nchunk)]
+        losses = [[None] * nmb[c] for c in range(nchunk)]
+        kept_outputs = [[None] * nmb[c] for c in range(nchunk)]
+        wgrads: dict[tuple[int, int], list] = {}
+        for c, mbs in batches.items():
+            inputs[c] = list(mbs)
+        recv_handles: list[Handle | None] = [None] * len(plan.recvs)
+        meta_handles: dict[int, Handle] = {}
+        send_handles: list[Handle] = []
+        timeout = self.timeout
+        p2p = self._p2p
+        to_group = self._to_group
+        times = self._times
+        times.clear()
+        record = self.record_timeline
+        clock = time.perf_counter
+        live = peak = 0
+        posted = 0
+        recvs = plan.recvs
+        busy = wait_total = 0.0
+        training = not forward_only
+        meta_sent = self._meta_sent
+        meta_recv = self._meta_recv
+
+        def meta_key(c):
+            return (s.num_chunks, forward_only, c, sig)
+
+        def post_until(limit: int) -> None:
+            nonlocal posted
+            while posted < limit:
+                kind, c, m, peer = recvs[posted]
+                if kind == F:
+                    metas = meta_recv.get(meta_key(c))
+                    if metas is None:
+                        if c not in meta_handles:
+                            buf = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
+                            meta_handles[c] = p2p.irecv([buf], to_group[peer],
+                                                        f"shapes for F{c}.{m}", _TAG_META)
+                        return
+                    bufs = [torch.empty(mt.shape, dtype=mt.dtype, device=self.device)
+                            for mt in metas]
+                    what = f"activation for F{c}.{m}"
+                    tag = _TAG_F
+                else:
+                    metas = meta_sent.get(meta_key(c))
+                    if metas is None:  # first step: shapes known once F{c} has run
+                        return
+                    bufs = [torch.empty(mt.shape, dtype=mt.dtype, device=self.device)
+                            for mt in metas if mt.requires_grad]
+                    what = f"gradient for B{c}.{m}"
+                    tag = _TAG_B
+                recv_handles[posted] = p2p.irecv(bufs, to_group[peer], what, tag)
+                posted += 1
+
+        def wait_recv(idx: int, text: str) -> list[torch.Tensor]:
+            nonlocal wait_total
+            while recv_handles[idx] is None:  # posting stopped at a shape message
+                kind, c, m, peer = recvs[posted]
+                h = meta_handles.pop(c, None) if kind == F else None
+                if h is not None:
+                    try:
+                        metas = unpack_meta(h.wait(timeout)[0])
+                    except PeerTimeout as e:
+                        raise PipelineTimeout(f"pipeline rank {rank}, action {text}: {e}", rank,
+                                              text) from e
+                    meta_recv[meta_key(c)] = metas
+                before = posted
+                post_until(idx + 1)
+                if posted == before and h is None:
+                    raise PipelineError(f"pipeline rank {rank}, action {text}: internal error: "
+                                        f"cannot post receive {recvs[posted]}", rank, text)
+            h = recv_handles[idx]
+            recv_handles[idx] = None
+            if not h.done and not h.is_completed():
+                t0 = clock()
+                try:
+                    tensors = h.wait(timeout)
+                except PeerTimeout as e:
+                    raise PipelineTimeout(f"pipeline rank {rank}, action {text}: {e}", rank,
+                                          text) from e
+                t1 = clock()
+                wait_total += t1 - t0
+                if record:
+                    times.append((t0 - t_start, t1 - t_start, text, "wait"))
+                return tensors
+            return h.tensors
+
+        def send(kind, c, m, peer, tensors, text):
+            if kind == F:
+                metas = [TensorMeta.of(t) for t in tensors]
+                key = meta_key(c)
+                known = meta_sent.get(key)
+                if known is None:
+                    self._check_declared(metas, c, text)
+                    meta_sent[key] = metas
+                    send_handles.append(p2p.isend([pack_meta(metas, self.device)],
+                                                  to_group[peer], f"shapes of {text}", _TAG_META))
+                elif known != metas:
+                    raise PipelineError(
+                        f"pipeline rank {rank}, action {text}: stage output changed from "
+                        f"{[str(x) for x in known]} to {[str(x) for x in metas]} for the same "
+                        "inputs; every micro-batch must produce the same shapes/dtypes",
+                        rank, text)
+                h = p2p.isend(tensors, to_group[peer], f"send {text}", _TAG_F)
+            else:
+                h = p2p.isend(tensors, to_group[peer], f"send {text}", _TAG_B)
+            send_handles.append(h)
+            if len(send_handles) > 32:
+                send_handles[:] = [x for x in send_handles if not x.is_completed()]
+
+        def forward(c, m, text):
+            ins = inputs[c][m]
+            if ins is None:
+                raise PipelineError(f"pipeline rank {rank}, action {text}: no input", rank, text)
+            out = _as_tuple(modules[c](*ins))
+            loss = None
+            if is_last[c] and criterion is not None:
+                loss = criterion(*out, *label_mbs[c][m])
+                losses[c][m] = loss
+            return out, loss
+
+        def after_forward(c, m, out, text, sends):
+            nonlocal live, peak
+            if training:
+                live += 1
+                if live > peak:
+                    peak = live
+            if is_last[c]:
+                if return_outputs:
+                    kept_outputs[c][m] = tuple(t.detach() for t in out)
+                if training:
+                    outputs[c][m] = out
+                else:
+                    inputs[c][m] = None
+                return
+            nl = next_local[c]
+            if nl is not None:
+                inputs[nl][m] = tuple(t.detach().requires_grad_(t.requires_grad and training)
+                                      for t in out)
+            if training:
+                outputs[c][m] = out
+            else:
+                inputs[c][m] = None
+            for (k, sc, sm, peer) in sends:
+                if k == F and sc == c:
+                    if training:
+                        for t in out:
+                            if t._base is not None:
+                                raise ValueError(
+                                    f"pipeline rank {rank}, action {text}: the stage returned a "
+                                    "view of another tensor; return a new tensor (e.g. "
+                                    "x.clone()) so its memory can be released after sending")
+                    send(F, c, m, peer, out, text)
+                    if training:
+                        # the send holds its own reference to the storage until it completes;
+                        # autograd needs only the output's grad_fn, not its data
+                        for t in out:
+                            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+        def backward(c, m, defer_w, text):
+            if is_last[c]:
+                loss = losses[c][m]
+                if loss is None:
+                    raise PipelineError(f"pipeline rank {rank}, action {text}: no loss to "
+                                        "backpropagate (criterion returned None?)", rank, text)
+                return loss, (), ()
+            outs = outputs[c][m]
+            grads = out_grads[c][m]
+            out_grads[c][m] = None
+            pairs = [(o, g) for o, g in zip((o for o in outs if o.requires_grad), grads)]
+            return None, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+        def after_backward(c, m, text, sends):
+            nonlocal live
+            live -= 1
+            outputs[c][m] = None
+            ins = inputs[c][m]
+            inputs[c][m] = None
+            if is_first[c]:
+                return
+            grads = [t.grad if t.grad is not None else torch.zeros_like(t)
+                     for t in ins if t.requires_grad]
+            pl = prev_local[c]
+            if pl is not None:
+                out_grads[pl][m] = grads
+            for (k, sc, sm, peer) in sends:
+                if k == B and sc == c:
+                    send(B, c, m, peer, grads, text)
+
+        def run_b(c, m, defer, text):
+            loss, outs, grads = backward(c, m, defer, text)
+            WeightGradStore.enabled = defer
+            try:
+                if loss is not None:
+                    loss.backward()
+                    losses[c][m] = loss.detach()
+                elif outs:
+                    run_backward(outs, grads)
+            finally:
+                WeightGradStore.enabled = False
+            if defer:
+                wgrads[(c, m)] = WeightGradStore.take()
+
+        try:
+            for (kind, c, m, c2, m2, need, sends, post_upto, text) in plan.ops:
+                if post_upto > posted:
+                    post_until(post_upto)
+                for idx in need:
+                    rk, rc, rm, _ = recvs[idx]
+                    tensors = wait_recv(idx, text)
+                    if rk == F:
+                        metas = meta_recv[meta_key(rc)]
+                        for t, mt in zip(tensors, metas):
+                            if mt.requires_grad and training:
+                                t.requires_grad_(True)
+                        inputs[rc][rm] = tuple(tensors)
+                    else:
+                        out_grads[rc][rm] = tensors
+                t0 = clock()
+                if kind == F:
+                    out, _ = forward(c, m, text)
+                    after_forward(c, m, out, text, sends)
+                elif kind == FB and self.overlapped_forward_backward:
+                    ins0 = inputs[c][m]
+                    crit0 = criterion if is_last[c] else None
+                    lab0 = label_mbs[c][m] if crit0 is not None else []
+                    loss1, outs1, grads1 = backward(c2, m2, False, text)
+                    out0, loss0 = type(modules[0]).overlapped_forward_backward(
+                        modules[c], ins0, crit0, lab0, modules[c2], loss1, list(outs1),
+                        list(grads1))
+                    if loss1 is not None:
+                        losses[c2][m2] = loss1.detach()
+                    out0 = _as_tuple(out0)
+                    if crit0 is not None:
+                        losses[c][m] = loss0
+                    after_forward(c, m, out0, text, sends)
+                    after_backward(c2, m2, text, sends)
+                elif kind == FB:
+                    out, _ = forward(c, m, text)
+                    after_forward(c, m, out, text, sends)
+                    run_b(c2, m2, False, text)
+                    after_backward(c2, m2, text, sends)
+                elif kind == B or kind == I:
+                    run_b(c, m, kind == I, text)
+                    after_backward(c, m, text, sends)
+                else:  # W
+                    for fn in wgrads.pop((c, m)):
+                        fn()
+                t1 = clock()
+                busy += t1 - t0
+                if record:
+                    times.append((t0 - t_start, t1 - t_start, text, "compute"))
+            for h in send_handles:
+                h.wait(timeout)
+        except PeerTimeout as e:
+            raise PipelineTimeout(f"pipeline rank {rank}, end of step: {e}", rank, "send") from e
+        # results
+        loss_out, outs_out = None, None
+        for c in range(nchunk):
+            if is_last[c]:
+                if criterion is not None:
+                    loss_out = torch.stack([x.detach() for x in losses[c]])
+                if return_outputs:
+                    o = gather(kept_outputs[c], self.batch_dim)
+                    outs_out = o[0] if len(o) == 1 else o
+        wall = clock() - t_start
+        self.last_stats = StepStats(wall=wall, busy=busy, wait=wait_total,
+                                    peak_activations=peak, num_compute=len(plan.ops))
+        if record:
+            self._times = [(a, b, _parse_cached(t), lane) for (a, b, t, lane) in times]
+        return loss_out, outs_out
+
+    def _check_declared(self, metas: list[TensorMeta], c: int, text: str) -> None:
+        if _p2p_shapes is not None and [m.shape for m in metas] != _p2p_shapes:
+            raise ValueError(f"pipeline rank {self.rank}, action {text}: the stage sends shapes "
+                             f"{[list(m.shape) for m in metas]} but set_p2p_tensor_shapes "
+                             f"declared {[list(s) for s in _p2p_shapes]}")
+        if _p2p_dtype is not None and any(m.dtype != _p2p_dtype for m in metas
+                                          if m.dtype.is_floating_point):
+            raise ValueError(f"pipeline rank {self.rank}, action {text}: the stage sends dtypes "
+                             f"{[str(m.dtype) for m in metas]} but set_p2p_tensor_dtype "
+                             f"declared {_p2p_dtype}")
+
+
+_parse_memo: dict[str, Action] = {}
+
+
+def _parse_cached(text: str) -> Action:
+    a = _parse_memo.get(text)
+    if a is None:
+        from .schedules import parse_action
+        a = _parse_memo[text] = parse_action(text)
+    return a
+
+
+split_linear_weight_grads_fn = split_linear_weight_grads

@@ -1,0 +1,130 @@
+"""Deferred weight gradients (the zero-bubble "W" pass).
+
+:class:`WeightGradStore` keeps the published API that custom autograd functions are
+written against (``enabled``, ``put``, ``flush``, ``pop``, ``clear``): while
+``WeightGradStore.enabled`` is true, a backward that supports deferral calls
+``WeightGradStore.put(fn)`` with a closure computing its weight gradient instead of
+computing it.  The runtime enables the store for ``I`` actions, takes the closures
+collected during that backward (:meth:`WeightGradStore.take`) and runs them in the
+matching ``W`` action; user code that calls ``flush``/``pop`` itself gets the published
+first-in first-out behaviour.
+
+:func:`split_linear_weight_grads` is the opt-in that needs no custom autograd code: it
+makes every ``nn.Linear`` of a module defer its weight (and bias) gradient.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+__all__ = ["WeightGradStore", "split_linear_weight_grads", "unsplit_linear_weight_grads"]
+
+
+class WeightGradStore:
+    """Collects weight-gradient closures while ``enabled`` (class-level, as published:
+    custom autograd functions refer to the class itself)."""
+
+    enabled: bool = False
+    cache: list[Callable[[], None]] = []
+    funcs_queue: deque = deque()
+
+    @classmethod
+    def put(cls, func: Callable[[], None]) -> None:
+        """Record ``func`` (no arguments) to run in a later weight pass."""
+        cls.cache.append(func)
+
+    @classmethod
+    def flush(cls) -> None:
+        """Close the current group of closures and queue it (first in, first out)."""
+        cls.funcs_queue.append(cls.cache)
+        cls.cache = []
+
+    @classmethod
+    def pop(cls) -> None:
+        """Run the oldest queued group."""
+        if not cls.funcs_queue:
+            raise RuntimeError("WeightGradStore.pop(): no flushed group of weight-gradient "
+                               "closures is queued; call flush() after a deferred backward")
+        for f in cls.funcs_queue.popleft():
+            f()
+
+    @classmethod
+    def take(cls) -> list[Callable[[], None]]:
+        """Return and forget the closures put since the last flush/take (runtime use)."""
+        out, cls.cache = cls.cache, []
+        return out
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.enabled = False
+        cls.cache = []
+        cls.funcs_queue = deque()
+
+
+class _LinearDeferW(torch.autograd.Function):
+    """``y = x W^T + b`` whose weight/bias gradients go to the store when it is enabled."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias = bias  # a leaf parameter: holding it creates no reference cycle
+        return Fn.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx = gy @ weight if ctx.needs_input_grad[0] else None
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+
+        @torch.no_grad()
+        def weight_grad():
+            g2 = gy.reshape(-1, gy.shape[-1])
+            if need_w:
+                gw = g2.t() @ x.reshape(-1, x.shape[-1])
+                weight.grad = gw if weight.grad is None else weight.grad + gw
+            if need_b:
+                gb = g2.sum(0)
+                b = ctx.bias
+                b.grad = gb if b.grad is None else b.grad + gb
+
+        if WeightGradStore.enabled and (need_w or need_b):
+            WeightGradStore.put(weight_grad)
+            return gx, None, None
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gw = g2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+        gb = g2.sum(0) if need_b else None
+        return gx, gw, gb
+
+
+def _deferred_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _LinearDeferW.apply(x, self.weight, self.bias)
+
+
+def split_linear_weight_grads(module: nn.Module) -> int:
+    """Make every ``nn.Linear`` in ``module`` defer its weight gradient to the W pass
+    when the runtime runs an input-gradient-only backward.  The gradients are the same
+    products accumulated into ``.grad`` (equal to autograd's within float rounding);
+    they are assigned directly, so hooks registered on a parameter's gradient
+    accumulation do not see deferred gradients.  Returns how many layers changed."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Linear and "forward" not in m.__dict__:
+            m.forward = _deferred_forward.__get__(m, nn.Linear)
+            n += 1
+    return n
+
+
+def unsplit_linear_weight_grads(module: nn.Module) -> int:
+    """Undo :func:`split_linear_weight_grads`."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Linear and "forward" in m.__dict__:
+            del m.forward
+            n += 1
+    return n

@@ -1,0 +1,133 @@
+"""Asynchronous pipeline point-to-point communication with a shape/dtype handshake.
+
+:class:`P2P` wraps ``torch.distributed.isend/irecv`` for one process group:
+
+* ranks are *group* ranks (converted to global ranks once, at construction);
+* every send and receive returns a :class:`Handle` whose :meth:`Handle.wait` takes a
+  timeout and, when the peer does not answer, raises :class:`PeerTimeout` naming the
+  peer and what was being waited for, instead of hanging;
+* what crosses a stage boundary is described by :class:`TensorMeta` records, packed
+  into one small int64 tensor (:func:`pack_meta` / :func:`unpack_meta`) so a receiver
+  can allocate buffers for tensors whose shapes and dtypes it was never told.
+
+The runtime posts receives ahead of the computation that needs them and waits only
+when that computation starts; with gloo each operation runs on the backend's own
+threads, so transfers overlap the compute of the calling thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["TensorMeta", "pack_meta", "unpack_meta", "Handle", "P2P", "PeerTimeout", "META_LEN"]
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
+           torch.complex128]
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        _DTYPES.append(getattr(torch, _name))
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
+
+META_LEN = 64  # int64 words in a packed metadata message (up to ~10 tensors of rank 4)
+
+
+class PeerTimeout(RuntimeError):
+    """A peer did not send (or receive) within the timeout."""
+
+
+class TensorMeta(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "TensorMeta":
+        return TensorMeta(tuple(t.shape), t.dtype, bool(t.requires_grad))
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{list(self.shape)}{'(grad)' if self.requires_grad else ''}"
+
+
+def pack_meta(metas: Sequence[TensorMeta], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Encode ``metas`` as ``int64[META_LEN]``: ``[n, (dtype, requires_grad, ndim, *shape) * n]``."""
+    words = [len(metas)]
+    for m in metas:
+        if m.dtype not in _DTYPE_CODE:
+            raise ValueError(f"cannot send tensors of dtype {m.dtype} between stages; "
+                             f"supported: {[str(d) for d in _DTYPES]}")
+        words += [_DTYPE_CODE[m.dtype], int(m.requires_grad), len(m.shape), *m.shape]
+    if len(words) > META_LEN:
+        raise ValueError(f"a stage boundary carries {len(metas)} tensors with "
+                         f"{len(words)} metadata words; at most {META_LEN} fit: pass fewer "
+                         "or lower-rank tensors between stages")
+    out = torch.zeros(META_LEN, dtype=torch.int64)
+    out[: len(words)] = torch.tensor(words, dtype=torch.int64)
+    return out.to(device)
+
+
+def unpack_meta(t: torch.Tensor) -> list[TensorMeta]:
+    words = t.tolist()
+    n, i, out = words[0], 1, []
+    for _ in range(n):
+        code, rg, nd = words[i], words[i + 1], words[i + 2]
+        out.append(TensorMeta(tuple(words[i + 3: i + 3 + nd]), _DTYPES[code], bool(rg)))
+        i += 3 + nd
+    return out
+
+
+class Handle:
+    """Pending transfers; ``wait()`` returns the tensors, or raises :class:`PeerTimeout`."""
+
+    __slots__ = ("works", "tensors", "what", "peer", "done")
+
+    def __init__(self, works, tensors, what: str, peer: int):
+        self.works, self.tensors, self.what, self.peer = works, tensors, what, peer
+        self.done = not works
+
+    def is_completed(self) -> bool:
+        if not self.done:
+            self.done = all(w.is_completed() for w in self.works)
+        return self.done
+
+    def wait(self, timeout: datetime.timedelta) -> list[torch.Tensor]:
+        if not self.done:
+            for w in self.works:
+                try:
+                    ok = w.wait(timeout)
+                except RuntimeError as e:  # gloo raises on timeout or a closed peer
+                    raise PeerTimeout(f"{self.what}: rank {self.peer} did not answer within "
+                                      f"{timeout.total_seconds():g} s ({_short(e)})") from e
+                if ok is False:
+                    raise PeerTimeout(f"{self.what}: rank {self.peer} did not answer within "
+                                      f"{timeout.total_seconds():g} s")
+            self.done = True
+        return self.tensors
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
+
+
+class P2P:
+    """Point-to-point transfers inside ``group`` (``None`` = the default group)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group if group is not None else dist.distributed_c10d._get_default_group()
+        n = self.group.size()
+        self._global = [dist.get_global_rank(self.group, i) for i in range(n)]
+
+    def isend(self, tensors: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
+        g, dst = self.group, self._global[peer]
+        works = [dist.isend(t.detach(), dst, group=g, tag=tag) for t in tensors]
+        return Handle(works, list(tensors), what, peer)
+
+    def irecv(self, buffers: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
+        g, src = self.group, self._global[peer]
+        works = [dist.irecv(t, src, group=g, tag=tag) for t in buffers]
+        return Handle(works, list(buffers), what, peer)

@@ -1,0 +1,75 @@
+"""Functions run on each rank by tests (module level, so spawned processes import them)."""
+from __future__ import annotations
+
+import torch
+
+from tests.models import MB, HookStage, Stage, criterion, make_batch
+
+
+def build(name: str, rank: int, world: int, num_chunks: int, tuple_io=False, hook=False, **kw):
+    from dualpipe import DualPipe, DualPipeV, Pipeline
+    from dualpipe.schedules import get_schedule
+    s = get_schedule(name, world, num_chunks)
+    cls = HookStage if hook else Stage
+    mods = [cls(stage, tuple_io) for (_st, stage) in s.placement[rank]]
+    if name == "dualpipe":
+        return DualPipe(mods, **kw), s
+    if name == "dualpipev":
+        return DualPipeV(mods, **kw), s
+    return Pipeline(mods[0], schedule=name, **kw), s
+
+
+def rank_io(s, rank: int, xs, ys):
+    """This rank's share of the batch: inputs for a first stage, labels for a last."""
+    inputs, labels, loss_slice = (), (), None
+    for st_idx, stage in s.placement[rank]:
+        st = s.streams[st_idx]
+        sl = slice(st.first_microbatch * MB, (st.first_microbatch + st.num_microbatches) * MB)
+        if stage == 0:
+            inputs = tuple(x[sl] for x in xs)
+        if stage == st.num_stages - 1:
+            labels = tuple(y[sl] for y in ys)
+            loss_slice = (st.first_microbatch, st.first_microbatch + st.num_microbatches)
+    return inputs, labels, loss_slice
+
+
+def pipeline_cases(rank: int, world: int, cases: list[dict]):
+    """Run each case (a dict) and return what the parent compares with the reference."""
+    from dualpipe import set_p2p_tensor_dtype, set_p2p_tensor_shapes
+    from dualpipe import runtime as rt
+    out = []
+    for case in cases:
+        name, N = case["schedule"], case["chunks"]
+        tuple_io, hook = case.get("tuple_io", False), case.get("hook", False)
+        train = case.get("train", True)
+        ret = case.get("return_outputs", False)
+        rt._p2p_shapes, rt._p2p_dtype = None, None
+        if case.get("preset_shapes"):
+            set_p2p_tensor_shapes([(MB, 8)])
+            set_p2p_tensor_dtype(torch.float32)
+        HookStage.calls = 0
+        p, s = build(name, rank, world, N, tuple_io, hook,
+                     split_linear_weight_grads=case.get("split_linear", False),
+                     timeout=case.get("timeout", 60))
+        res = {"losses": [], "outputs": [], "loss_slice": None, "peaks": []}
+        for step in range(case.get("steps", 1)):
+            xs, ys = make_batch(step, N, tuple_io)
+            inputs, labels, loss_slice = rank_io(s, rank, xs, ys)
+            res["loss_slice"] = loss_slice
+            with torch.set_grad_enabled(train):
+                loss, outs = p.step(*inputs, num_chunks=N,
+                                    criterion=criterion if labels else None,
+                                    labels=labels, return_outputs=ret)
+            res["losses"].append(loss)
+            res["outputs"].append(outs)
+            res["peaks"].append(p.last_stats.peak_activations)
+        res["grads"] = {}
+        for c, (_st, stage) in enumerate(s.placement[rank]):
+            res["grads"].setdefault(stage, []).append(
+                {n: q.grad.clone() for n, q in p.module[c].named_parameters()
+                 if q.grad is not None})
+        res["hook_calls"] = HookStage.calls
+        res["timeline_len"] = len(p.timeline)
+        out.append(res)
+        rt._p2p_shapes, rt._p2p_dtype = None, None
+    return out
