@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/make_docs.py            # print the markdown tables
     .venv/bin/python scripts/make_docs.py --images   # also redraw docs/img/*.png via the CLI
+    .venv/bin/python scripts/make_docs.py --sweep    # also test closed forms on random costs
 
 Every number printed here is computed by ``dualpipe.simulate``; nothing is typed in.
 """
@@ -72,6 +73,42 @@ def outside_table() -> str:
     return "\n".join(lines)
 
 
+def sweep(samples: int = 1500, seed: int = 3) -> str:
+    """Random cost sets outside the F = B - W regime: how often each closed form holds.
+
+    DualPipe/DualPipeV are compared with (PP/2-1)(F&B + F - 2W) (the middle ranks'
+    idle when forwards are the slower hop), ZB1P with its published formula.
+    """
+    import random
+
+    rng = random.Random(seed)
+    tally: dict[tuple[str, str], list[int]] = {}
+    for _ in range(samples):
+        name = rng.choice(("dualpipe", "dualpipev", "zb1p"))
+        PP = rng.choice((4, 8, 16))
+        P = PP // 2 if name == "dualpipev" else PP
+        N = rng.choice((2 * PP, 3 * PP, 4 * PP + 2))
+        w, i, f = (round(rng.uniform(lo, hi), 2) for lo, hi in ((0, 1), (0.5, 2), (0.3, 2.5)))
+        b = i + w
+        fb = round(rng.uniform(max(f, b), f + b), 2)
+        r = simulate(get_schedule(name, P, N), Costs(f=f, b=b, w=w, fb=fb))
+        if name == "zb1p":
+            expect = r.formula_bubble
+            region = "W <= min(F, B-W)" if w <= min(f, i) else "W > min(F, B-W)"
+        else:
+            expect = (PP / 2 - 1) * (fb + f - 2 * w)
+            region = ("F >= B-W >= W" if f >= i >= w else
+                      "F < B-W" if f < i else "F >= B-W, W > B-W")
+        hit = tally.setdefault((name if name == "zb1p" else "dualpipe/v", region), [0, 0])
+        hit[0] += abs(r.bubble - expect) < 1e-9
+        hit[1] += 1
+    lines = ["| schedule | cost region | closed form | holds in |", "|---|---|---|---:|"]
+    for (name, region), (ok, n) in sorted(tally.items()):
+        form = "(PP−1)(F+B−2W)" if name == "zb1p" else "(PP/2−1)(F&B+F−2W)"
+        lines.append(f"| {name} | {region} | {form} | {ok}/{n} |")
+    return "\n".join(lines)
+
+
 def images() -> None:
     """Redraw the documentation images with the command line, as a user would."""
     for name, P, N, out in IMAGES:
@@ -85,10 +122,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", action="store_true", help="also redraw docs/img/*.png")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also check the closed forms on random costs outside the regime")
     a = ap.parse_args()
     print(table())
     print()
     print(outside_table())
+    if a.sweep:
+        print()
+        print(sweep())
     if a.images:
         images()
     return 0
