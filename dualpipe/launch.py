@@ -1,0 +1,114 @@
+"""Spawn ``world`` local ranks, run a function on each, collect the results.
+
+``run_ranks(fn, world, *args)`` starts one process per rank (``spawn``), initialises
+``torch.distributed`` (gloo on CPU; NCCL with one GPU per rank when ``backend="nccl"``),
+runs ``fn(rank, world, *args)`` and returns the per-rank results in rank order.  A rank
+that raises makes ``run_ranks`` raise :class:`RankError` with every failing rank's
+traceback; ``timeout`` bounds the whole run (processes are killed after it), so a hang
+becomes an error.  ``fn`` must be importable (defined at module level).
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import multiprocessing as mp
+import os
+import queue as _queue
+import socket
+import time
+import traceback
+
+__all__ = ["run_ranks", "RankError", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world, port, q, args, pg_timeout, backend, threads):
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(threads)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=pg_timeout))
+        out = fn(rank, world, *args)
+        buf = io.BytesIO()  # plain bytes: shared-memory tensors would die with this process
+        torch.save(out, buf)
+        q.put((rank, "ok", buf.getvalue()))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class RankError(RuntimeError):
+    """One or more ranks failed; ``errors[rank]`` is each one's exception text."""
+
+    def __init__(self, errors: dict[int, str]):
+        self.errors = errors
+        first = min(errors)
+        super().__init__(f"rank {first} failed: {errors[first]}")
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 300.0, pg_timeout: float = 60.0,
+              backend: str = "gloo", threads: int = 1, allow_errors: bool = False):
+    """Returns ``[result of rank 0, ...]``; with ``allow_errors`` returns ``(results,
+    errors)`` (a failed rank's result is ``None``) instead of raising."""
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, q, args, pg_timeout, backend,
+                                              threads), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world)) - set(results) - set(errors))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout} s "
+                                   f"(errors so far: {errors})")
+            try:
+                rank, status, payload = q.get(timeout=min(left, 1.0))
+            except _queue.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive()
+                        and r not in results and r not in errors]
+                if dead:
+                    time.sleep(0.5)
+                    if q.empty():
+                        for r in dead:
+                            errors[r] = f"process exited with code {procs[r].exitcode}"
+                continue
+            if status == "ok":
+                import torch
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            else:
+                errors[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    if allow_errors:
+        return [results.get(r) for r in range(world)], errors
+    if errors:
+        raise RankError(errors)
+    return [results[r] for r in range(world)]
