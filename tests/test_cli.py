@@ -1,4 +1,10 @@
-"""The command line, run as users run it: ``python -m dualpipe ...`` in a subprocess."""
+"""The command line: ``python -m dualpipe ...``.
+
+``simulate --json`` for each schedule and one bad argument run as users run them, in
+subprocesses; interpreter start-up (``dualpipe`` imports torch) dominates, so those are
+started together, once, by the ``runs`` fixture.  The remaining cases call
+``dualpipe.__main__.main`` in this process, which is the same code path.
+"""
 import json
 import pathlib
 import subprocess
@@ -8,21 +14,43 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+SIMULATE = {  # schedule -> (ranks, chunks)
+    "dualpipe": (4, 10), "dualpipev": (2, 8), "1f1b": (4, 8), "zb1p": (4, 8)}
+SUBPROCESS_BAD = ("simulate", "--schedule", "dualpipe", "--ranks", "3")  # odd ranks
+BAD = {  # why -> arguments that must exit with code 2 and a message on stderr
+    "too few chunks": ("simulate", "--schedule", "dualpipe", "--ranks", "4", "--chunks", "6"),
+    "unknown schedule": ("simulate", "--schedule", "nope"),
+    "w > b": ("simulate", "--w", "5"),
+    "bad suffix": ("draw", "--schedule", "1f1b", "--ranks", "2", "--chunks", "2",
+                   "-o", "never_written.svg"),
+}
 
-def _run(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "dualpipe", *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+
+@pytest.fixture(scope="module")
+def runs():
+    """Start the subprocess commands at once; map a key to its CompletedProcess."""
+    cmds = {("sim", n): ("simulate", "--schedule", n, "--ranks", str(P), "--chunks", str(N),
+                         "--fb", "2.5", "--json") for n, (P, N) in SIMULATE.items()}
+    cmds[("bad",)] = SUBPROCESS_BAD
+    procs = {k: subprocess.Popen([sys.executable, "-m", "dualpipe", *a], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, a in cmds.items()}
+    done = {}
+    for k, p in procs.items():
+        so, se = p.communicate(timeout=120)
+        done[k] = subprocess.CompletedProcess(p.args, p.returncode, so, se)
+    return done
+
+
+def _ok(p):
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     return p
 
 
-@pytest.mark.parametrize("name,P,N", [("dualpipe", 4, 10), ("dualpipev", 2, 8),
-                                      ("1f1b", 4, 8), ("zb1p", 4, 8)])
-def test_simulate_json(name, P, N):
-    p = _run("simulate", "--schedule", name, "--ranks", str(P), "--chunks", str(N),
-             "--fb", "2.5", "--json")
-    d = json.loads(p.stdout)
+@pytest.mark.parametrize("name", sorted(SIMULATE))
+def test_simulate_json(runs, name):
+    P, N = SIMULATE[name]
+    d = json.loads(_ok(runs[("sim", name)]).stdout)
     assert d["schedule"] == name and isinstance(d["schedule"], str)
     assert d["ranks"] == P and type(d["ranks"]) is int
     assert d["chunks"] == N and type(d["chunks"]) is int
@@ -36,31 +64,49 @@ def test_simulate_json(name, P, N):
     assert d["bubble"] == pytest.approx(max(d["idle"]))
 
 
-def test_simulate_text():
-    p = _run("simulate", "--schedule", "dualpipe", "--ranks", "4", "--chunks", "8")
-    assert "bubble" in p.stdout and "peak activations" in p.stdout
+def _main(argv, capsys):
+    """Run the CLI in this process; return (exit code, stdout, stderr)."""
+    from dualpipe.__main__ import main
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
-@pytest.mark.parametrize("args", [
-    ("simulate", "--schedule", "dualpipe", "--ranks", "3"),        # odd ranks
-    ("simulate", "--schedule", "dualpipe", "--ranks", "4", "--chunks", "6"),
-    ("simulate", "--schedule", "nope"),                             # argparse choice
-    ("simulate", "--w", "5"),                                       # w > b
-    ("draw", "--schedule", "1f1b", "--ranks", "2", "--chunks", "2", "-o", "x.svg"),
-])
-def test_bad_arguments_exit_2(args):
-    p = _run(*args, check=False)
+def test_bad_argument_subprocess(runs):
+    p = runs[("bad",)]
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    assert p.stderr.strip(), "expected an error message on stderr"
-    assert "Traceback" not in p.stderr
+    assert "even" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_draw_png_and_json(tmp_path):
-    png, js = tmp_path / "x.png", tmp_path / "x.json"
-    pytest.importorskip("matplotlib")
-    _run("draw", "--schedule", "dualpipe", "--ranks", "4", "--chunks", "8", "--fb", "2.5",
-         "-o", str(png))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    _run("draw", "--schedule", "dualpipev", "--ranks", "2", "--chunks", "6", "-o", str(js))
-    trace = json.loads(js.read_text())
-    assert any(e["ph"] == "X" for e in trace["traceEvents"])
+def test_simulate_text(capsys):
+    rc, out, err = _main(("simulate", "--schedule", "dualpipe", "--ranks", "4", "--chunks", "8"),
+                         capsys)
+    assert rc == 0, err
+    assert "bubble" in out and "peak activations" in out
+
+
+@pytest.mark.parametrize("why", sorted(BAD))
+def test_bad_arguments_exit_2(why, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _main(BAD[why], capsys)
+    assert rc == 2, (rc, out, err)
+    assert err.strip(), "expected an error message on stderr"
+    assert not (tmp_path / "never_written.svg").exists()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".json"])
+def test_draw_writes(suffix, capsys, tmp_path):
+    if suffix == ".png":
+        pytest.importorskip("matplotlib")
+    out = tmp_path / f"x{suffix}"
+    rc, _, err = _main(("draw", "--schedule", "dualpipe", "--ranks", "4", "--chunks", "8",
+                        "--fb", "2.5", "-o", str(out)), capsys)
+    assert rc == 0, err
+    if suffix == ".png":
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    else:
+        trace = json.loads(out.read_text())
+        assert any(e["ph"] == "X" for e in trace["traceEvents"])
