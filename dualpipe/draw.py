@@ -48,10 +48,10 @@ _FILL = {
     B: ("#4e9a3f", "#b5dea5"),     # full backward: green
     I: ("#2a9d9a", "#a7e0dc"),     # input-gradient backward: teal, hatched
     W: ("#6f7fd8", "#cdd3f7"),     # deferred weight gradient: indigo, dotted
-    SEND_F: ("#8c8c8c", "#c9c9c9"),
-    SEND_B: ("#8c8c8c", "#c9c9c9"),
-    RECV_F: ("#b0b0b0", "#e0e0e0"),
-    RECV_B: ("#b0b0b0", "#e0e0e0"),
+    SEND_F: ("#8c8c8c", "#cfcfcf"),  # activations: grey
+    RECV_F: ("#8c8c8c", "#cfcfcf"),
+    SEND_B: ("#a5866b", "#dccbbb"),  # gradients: brown-grey
+    RECV_B: ("#a5866b", "#dccbbb"),
 }
 _HATCH = {F: None, B: None, I: "///", W: "...",
           SEND_F: None, SEND_B: None, RECV_F: "xx", RECV_B: "xx"}
@@ -281,6 +281,7 @@ def to_png(intervals: Sequence[Interval], schedule: Schedule, path: str | os.Pat
     # An explicit Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
     from matplotlib.transforms import blended_transform_factory
 
@@ -336,15 +337,24 @@ def to_png(intervals: Sequence[Interval], schedule: Schedule, path: str | os.Pat
         return (w * px_per_t >= len(text) * font * 0.62 * fig.dpi / 72 + 3
                 and h * px_per_y >= font * fig.dpi / 72 + 2)
 
-    def box(x: float, w: float, y: float, h: float, part: _Part, lw: float = 0.4) -> None:
+    # Rectangles are grouped by style into one PatchCollection each (fast for long runs).
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+
+    def rect(x: float, y: float, w: float, h: float, face: str | None, edge: str,
+             lw: float, hatch: str | None = None) -> None:
+        groups.setdefault((face, edge, lw, hatch), []).append(Rectangle((x, y), w, h))
+
+    def edge_width(w: float, full: float) -> float:
+        """Thinner outlines for boxes only a few pixels wide, so they do not go black."""
+        return round(min(full, max(0.15, w * px_per_t / 16)), 2)
+
+    def box(x: float, w: float, y: float, h: float, part: _Part) -> None:
         shades = _FILL.get(part.kind, _OTHER_FILL)
         fill, hatch = shades[part.direction], _HATCH.get(part.kind)
-        ax.add_patch(Rectangle((x, y), w, h, facecolor=fill, edgecolor="#333333",
-                               linewidth=lw))
+        rect(x, y, w, h, fill, "#333333", edge_width(w, 0.4))
         if hatch:
             # the hatch in the other shade of the same hue: visible on both shades
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, linewidth=0.0,
-                                   edgecolor=shades[1 - part.direction], hatch=hatch))
+            rect(x, y, w, h, None, shades[1 - part.direction], 0.0, hatch)
         label = str(part.global_mb) if part.global_mb >= 0 else ""
         if label and fits(label, w, h):
             ax.text(x + w / 2, y + h / 2, label, ha="center", va="center",
@@ -364,12 +374,17 @@ def to_png(intervals: Sequence[Interval], schedule: Schedule, path: str | os.Pat
             y, h = y + 0.03, h - 0.06
         parts = _parts(schedule, iv)
         if iv.action.kind == FB:
-            half = w / 2
-            box(x, half, y, h, parts[0], lw=0.3)
-            box(x + half, half, y, h, parts[1], lw=0.3)
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="black", linewidth=1.8))
+            box(x, w / 2, y, h, parts[0])
+            box(x + w / 2, w / 2, y, h, parts[1])
+            rect(x, y, w, h, None, "black", edge_width(w, 1.8))
         else:
             box(x, w, y, h, parts[0])
+    # fills first, then hatches, then outlines of pairs
+    for (face, edge, lw, hatch), rects in sorted(
+            groups.items(), key=lambda kv: (kv[0][0] is None, kv[0][3] is None)):
+        ax.add_collection(PatchCollection(
+            rects, match_original=False, facecolor=face if face else "none",
+            edgecolor=edge, linewidth=lw, hatch=hatch, zorder=2 if face else 2.5))
 
     ticks = [lane_y(r, COMPUTE_LANE)[0] + _ROW_H / 2 for r in range(P)]
     ax.set_yticks(ticks, [f"rank {r}" for r in range(P)])
