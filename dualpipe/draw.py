@@ -32,7 +32,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule)
+from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
+                        parse_action)
 from .simulate import Interval
 
 __all__ = ["draw", "to_png", "to_chrome_trace", "SUFFIXES"]
@@ -67,7 +68,11 @@ _KIND_LABEL = {
     RECV_B: "receive gradient",
 }
 _PRETTY = {"dualpipe": "DualPipe", "dualpipev": "DualPipeV", "1f1b": "1F1B", "zb1p": "ZB1P"}
-_OTHER_FILL = ("#999999", "#dddddd")  # a kind this module does not know (measured extras)
+_OTHER_FILL = ("#999999", "#dddddd")  # free labels beyond the palette
+# Free labels of measured spans (sub-stages such as "attn" or "dispatch"), in order of
+# first appearance; one colour per label, the same for both directions.
+_LABEL_PALETTE = ("#e8c15a", "#e07b91", "#8fc1e3", "#b39ddb", "#9ccc65", "#ffab91",
+                  "#80cbc4", "#f48fb1", "#bcaaa4", "#c5e1a5")
 
 # Chrome traces count time in microseconds.
 _US_PER_UNIT = {"s": 1e6, "ms": 1e3, "us": 1.0, "µs": 1.0, "ns": 1e-3}
@@ -114,6 +119,45 @@ def _where(schedule: Schedule, rank: int, chunk: int) -> tuple[int, int]:
     if 0 <= rank < len(schedule.placement) and 0 <= chunk < len(schedule.placement[rank]):
         return schedule.placement[rank][chunk]
     return -1, -1
+
+
+def _normalise(intervals: Sequence[Interval]) -> list[Interval]:
+    """Intervals whose ``action`` is an :class:`Action`.  Measured timelines may label a
+    span with a string: the text form (``"F0.3"``) is parsed, any other label (a
+    sub-stage such as ``"dispatch"``) becomes ``Action(kind=label)``."""
+    out = []
+    for iv in intervals:
+        a = iv.action
+        if not isinstance(a, Action):
+            try:
+                a = parse_action(str(a))
+            except ValueError:
+                a = Action(str(a))
+            iv = Interval(iv.rank, iv.start, iv.end, a, iv.lane)
+        out.append(iv)
+    return out
+
+
+def _is_label(kind: str) -> bool:
+    return kind not in _FILL and kind != FB
+
+
+def _label_fills(intervals: Sequence[Interval]) -> dict[str, tuple[str, str]]:
+    """A colour for each free label (``Action(kind=label)``), in order of appearance."""
+    out: dict[str, tuple[str, str]] = {}
+    for iv in intervals:
+        k = iv.action.kind
+        if _is_label(k) and k not in out:
+            c = _LABEL_PALETTE[len(out)] if len(out) < len(_LABEL_PALETTE) else _OTHER_FILL[0]
+            out[k] = (c, c)
+    return out
+
+
+def _name(p: "_Part", peer: int) -> str:
+    """Text of one part: ``"F0.3"``, ``"SF0.3>1"``, or a free label as it is."""
+    if _is_label(p.kind) and p.chunk < 0:
+        return p.kind
+    return str(Action(p.kind, p.chunk, p.mb, peer=peer))
 
 
 def _direction(schedule: Schedule, rank: int, chunk: int) -> int:
@@ -210,6 +254,7 @@ def to_chrome_trace(intervals: Sequence[Interval], schedule: Schedule,
     if time_unit is not None and time_unit not in _US_PER_UNIT:
         raise ValueError(f"unknown time_unit {time_unit!r}: use one of {sorted(_US_PER_UNIT)} "
                          "or None for unitless simulated costs")
+    intervals = _normalise(intervals)
     _check(intervals, schedule)
     scale = _US_PER_UNIT[time_unit] if time_unit else 1.0
     t0 = min((iv.start for iv in intervals), default=0.0)
@@ -231,11 +276,11 @@ def to_chrome_trace(intervals: Sequence[Interval], schedule: Schedule,
             continue
         ts, dur = (iv.start - t0) * scale, (iv.end - iv.start) * scale
         for p in _parts(schedule, iv):
-            name = str(Action(p.kind, p.chunk, p.mb, peer=iv.action.peer))
+            name = _name(p, iv.action.peer)
+            whole = name if len(_parts(schedule, iv)) == 1 else str(iv.action)
             args: dict[str, Any] = {"kind": p.kind, "chunk": p.chunk, "mb": p.mb,
                                     "microbatch": p.global_mb, "stream": p.stream,
-                                    "stage": p.stage, "action": str(iv.action),
-                                    "lane": iv.lane}
+                                    "stage": p.stage, "action": whole, "lane": iv.lane}
             if iv.action.kind == FB:
                 args["overlapped"] = True
             if iv.action.peer >= 0:
@@ -276,6 +321,7 @@ def to_png(intervals: Sequence[Interval], schedule: Schedule, path: str | os.Pat
     """
     if not intervals:
         raise ValueError("no intervals to draw: simulate the schedule or record a timeline first")
+    intervals = _normalise(intervals)
     _check(intervals, schedule)
 
     # An explicit Agg canvas: no pyplot, no global backend switch.
@@ -348,14 +394,19 @@ def to_png(intervals: Sequence[Interval], schedule: Schedule, path: str | os.Pat
         """Thinner outlines for boxes only a few pixels wide, so they do not go black."""
         return round(min(full, max(0.15, w * px_per_t / 16)), 2)
 
+    label_fills = _label_fills(intervals)
+
     def box(x: float, w: float, y: float, h: float, part: _Part) -> None:
-        shades = _FILL.get(part.kind, _OTHER_FILL)
+        shades = _FILL.get(part.kind) or label_fills.get(part.kind, _OTHER_FILL)
         fill, hatch = shades[part.direction], _HATCH.get(part.kind)
         rect(x, y, w, h, fill, "#333333", edge_width(w, 0.4))
         if hatch:
             # the hatch in the other shade of the same hue: visible on both shades
             rect(x, y, w, h, None, shades[1 - part.direction], 0.0, hatch)
-        label = str(part.global_mb) if part.global_mb >= 0 else ""
+        if part.global_mb >= 0:
+            label = str(part.global_mb)
+        else:
+            label = part.kind if _is_label(part.kind) else ""
         if label and fits(label, w, h):
             ax.text(x + w / 2, y + h / 2, label, ha="center", va="center",
                     fontsize=font, color="#111111",
@@ -435,8 +486,8 @@ def _legends(fig: Any, intervals: Sequence[Interval], schedule: Schedule,
     for kind in (SEND_F, RECV_F, SEND_B, RECV_B):
         if kind in present:
             kinds.append((swatch(kind, 0), _KIND_LABEL[kind]))
-    for kind in sorted(present - set(_FILL) - {FB}):
-        kinds.append((Patch(facecolor=_OTHER_FILL[0], edgecolor="#333333"), kind))
+    for kind, (fill, _) in _label_fills(intervals).items():
+        kinds.append((Patch(facecolor=fill, edgecolor="#333333", linewidth=0.4), kind))
     rows = [kinds]
     if dirs:
         rows.append([(Patch(facecolor="#555555", edgecolor="#333333"), dirs[0]),

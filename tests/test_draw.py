@@ -117,3 +117,19 @@ def test_import_without_matplotlib_at_module_level():
             "assert 'matplotlib' not in sys.modules, 'draw imported matplotlib eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_measured_string_labels(tmp_path):
+    """overlap.timeline may label spans with strings: text forms parse, others stay labels."""
+    s = get_schedule("dualpipe", 2, 4)
+    ivs = [Interval(0, 0.0, 1e-3, "F0.0"), Interval(0, 1e-3, 3e-3, "F0.1+B1.0"),
+           Interval(0, 1e-3, 1.5e-3, "attn", lane="fb"),
+           Interval(1, 0.5e-3, 1e-3, "dispatch", lane="fb")]
+    tr = to_chrome_trace(ivs, s, time_unit="s")
+    xs = [e for e in tr["traceEvents"] if e["ph"] == "X"]
+    assert [e["name"] for e in xs] == ["F0.0", "F0.1", "B1.0", "attn", "dispatch"]
+    assert xs[3]["args"]["kind"] == "attn" and xs[3]["args"]["action"] == "attn"
+    assert xs[1]["args"]["stream"] == 0 and xs[2]["args"]["microbatch"] == 2
+    pytest.importorskip("matplotlib")
+    to_png(ivs, s, tmp_path / "labels.png", time_unit="s")
+    _check_png(tmp_path / "labels.png")
