@@ -1,0 +1,116 @@
+"""What every kernel file in ``overlap.kernels`` shares.
+
+* Triton is optional: without it (or with a 2.x) this module still imports, ``tl`` is a
+  stub good enough for kernel signatures to parse, and :func:`require_triton` raises
+  :class:`TritonUnavailableError` with what to install.
+* The interpreter (``TRITON_INTERPRET=1``, how the kernels are tested on CPU) is read at
+  *first launch*, not at import: :func:`lazy_kernel` applies ``triton.jit`` (and
+  ``triton.autotune``) on first use, once per interpreter mode. With the usual
+  import-time ``@triton.jit`` a test that sets the variable after something else
+  imported the package would get compiled kernels that cannot run on CPU.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _MAJOR = int(triton.__version__.split(".")[0])
+    HAS_TRITON = _MAJOR >= 3
+    TRITON_ERROR: Optional[str] = (None if HAS_TRITON else
+                                   f"triton {triton.__version__} is too old (need >= 3.0)")
+except ImportError as _exc:  # pragma: no cover - exercised on machines without triton
+    HAS_TRITON = False
+    TRITON_ERROR = f"triton is not installed ({_exc})"
+    triton = None
+
+    class _LanguageStub:
+        """Enough of triton.language for `X: tl.constexpr` annotations to evaluate."""
+
+        constexpr = object
+        float32 = float16 = bfloat16 = int32 = int64 = None
+
+    tl = _LanguageStub()
+
+__all__ = ["HAS_TRITON", "TRITON_ERROR", "TritonUnavailableError", "triton", "tl",
+           "interpreting", "require_triton", "check_launchable", "lazy_kernel", "LazyKernel"]
+
+
+class TritonUnavailableError(RuntimeError):
+    """A Triton kernel was called but triton (>= 3.0) cannot be imported."""
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def require_triton(what: str) -> None:
+    if not HAS_TRITON:
+        raise TritonUnavailableError(f"{what} needs triton >= 3.0: {TRITON_ERROR}; "
+                                     "`pip install triton` (on CPU, run with TRITON_INTERPRET=1)")
+
+
+def check_launchable(what: str, *tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device that Triton can run on; returns that device."""
+    require_triton(what)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"{what}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type == "cpu" and not interpreting():
+        raise ValueError(f"{what}: CPU tensors run only under the Triton interpreter; set "
+                         "TRITON_INTERPRET=1 in the environment, or pass CUDA tensors")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what}: unsupported device {device}")
+    return device
+
+
+class LazyKernel:
+    """A kernel function compiled with triton.jit (+ triton.autotune) on first launch.
+
+    ``kernel[grid](...)`` works as with a ``@triton.jit`` function. ``configs(interpret)``
+    returns the autotune configs (a single fixed one under the interpreter, where timing
+    means nothing); ``key`` lists the arguments whose values select a tuned config.
+    """
+
+    def __init__(self, fn: Callable, configs: Optional[Callable[[bool], List]] = None,
+                 key: Sequence[str] = ()) -> None:
+        self.fn = fn
+        self.configs = configs
+        self.key = list(key)
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self._compiled: Dict[bool, object] = {}
+        self._lock = threading.Lock()
+
+    def compiled(self):
+        mode = interpreting()
+        kernel = self._compiled.get(mode)
+        if kernel is None:
+            with self._lock:
+                kernel = self._compiled.get(mode)
+                if kernel is None:
+                    kernel = triton.jit(self.fn)
+                    if self.configs is not None:
+                        kernel = triton.autotune(configs=self.configs(mode), key=self.key)(kernel)
+                    self._compiled[mode] = kernel
+        return kernel
+
+    def __getitem__(self, grid):
+        return self.compiled()[grid]
+
+
+def lazy_kernel(configs: Optional[Callable[[bool], List]] = None, key: Sequence[str] = ()):
+    """Decorator form of :class:`LazyKernel` (the function stays plain Python until used)."""
+
+    def wrap(fn: Callable) -> LazyKernel:
+        return LazyKernel(fn, configs, key)
+
+    return wrap
