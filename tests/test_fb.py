@@ -1,0 +1,605 @@
+"""overlap.fb: sub-stage modules, the generated overlapped_forward_backward.
+
+(a) numerics: bitwise equal to a plain forward then a plain backward;
+(b) ordering: the steps follow the interleaving (DeepSeek's order for a MoE-shaped chunk);
+(c) concurrency: a communication of T and a compute of T overlap (ratio reported);
+plus fallbacks, errors, and a 2-rank gloo all-to-all run.
+"""
+import datetime
+import logging
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from overlap.fb import (FB_WINDOW_LANE, SUBSTAGE_COMM_LANE, SUBSTAGE_COMPUTE_LANE, CommHandle,
+                        Step, SubStage, SubStageModule, build_order, comm, compute,
+                        defer_weight_grad, overlapped_forward_backward, plain_forward_backward,
+                        run_async, run_substages)
+from overlap.streams import StreamPair
+from overlap.timeline import Timeline, overlap_stats
+
+log = logging.getLogger(__name__)
+H = 16
+
+
+# -- a MoE-shaped toy: attention -> dispatch (a2a) -> experts -> combine (a2a) -------------
+class LinearW(torch.autograd.Function):
+    """x @ w.T whose weight gradient is deferrable (like DualPipe's example)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+
+        def wgrad():
+            gw = g.flatten(0, -2).t() @ x.flatten(0, -2)
+            if w.grad is None:
+                w.grad = gw
+            else:
+                w.grad += gw
+
+        defer_weight_grad(wgrad)
+        return g @ w, None
+
+
+def attn_fn(m, x):
+    return x + torch.tanh(LinearW.apply(x, m.wa))
+
+
+def mlp_fn(m, h):
+    return h + LinearW.apply(F.gelu(h), m.wm) * 0.5
+
+
+def flip(x):
+    return x.flip(0)
+
+
+class Toy(SubStageModule):
+    """attn -> dispatch -> mlp -> combine; the 'all-to-alls' are row permutations run on a
+    background thread (exact data movement, like an all-to-all)."""
+
+    def __init__(self, split=True, delay=0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.wa = nn.Parameter(torch.randn(H, H, generator=g) / 4)
+        self.wm = nn.Parameter(torch.randn(H, H, generator=g) / 4)
+        self.split = split
+        self.delay = delay
+        self.calls = []
+
+    def _a2a(self, name):
+        def run(x):
+            self.calls.append(name)
+
+            def work():
+                if self.delay:
+                    time.sleep(self.delay)
+                return flip(x)
+            return run_async(work)
+        return run
+
+    def _c(self, name, fn):
+        def run(x):
+            self.calls.append(name)
+            return fn(self, x)
+        return run
+
+    def substages(self):
+        return [compute("attn", self._c("F:attn", attn_fn), split_weight_grad=self.split),
+                comm("dispatch", self._a2a("F:dispatch"), self._a2a("B:dispatch")),
+                compute("mlp", self._c("F:mlp", mlp_fn), split_weight_grad=self.split),
+                comm("combine", self._a2a("F:combine"), self._a2a("B:combine"))]
+
+
+class ToyRef(nn.Module):
+    """The same computation as one uncut autograd graph."""
+
+    def __init__(self, toy):
+        super().__init__()
+        self.wa = nn.Parameter(toy.wa.detach().clone())
+        self.wm = nn.Parameter(toy.wm.detach().clone())
+
+    def forward(self, x):
+        return flip(mlp_fn(self, flip(attn_fn(self, x))))
+
+
+def mse(y, label):
+    return F.mse_loss(y, label)
+
+
+def data(seed, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, H, generator=g), torch.randn(n, H, generator=g)
+
+
+def leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def grads(m):
+    return [p.grad for p in m.parameters()]
+
+
+def assert_bitwise(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x is not None and y is not None
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+# -- (a) numerics -------------------------------------------------------------------------
+def test_plain_use_equals_uncut_module_bitwise():
+    toy = Toy()
+    ref = ToyRef(toy)
+    x, lab = data(0)
+    xa, xb = leaf(x), leaf(x)
+    loss_ref = mse(ref(xa), lab)
+    loss_ref.backward()
+    loss = mse(toy(xb), lab)
+    loss.backward()
+    assert torch.equal(loss, loss_ref)
+    assert_bitwise(grads(toy), grads(ref))
+    assert torch.equal(xb.grad, xa.grad)
+
+
+@pytest.mark.parametrize("last_stage", [False, True], ids=["outputs1", "loss1"])
+@pytest.mark.parametrize("order", ["alternate", "sequential"])
+def test_overlapped_equals_plain_forward_then_backward_bitwise(last_stage, order):
+    toy0, toy1 = Toy(), Toy()
+    ref0, ref1 = ToyRef(toy0), ToyRef(toy1)
+    (x0, lab0), (x1, lab1) = data(1), data(2)
+    g1 = torch.randn(8, H, generator=torch.Generator().manual_seed(3))
+
+    # reference: plain forward of micro-batch 0, plain backward of micro-batch 1
+    r_in1 = leaf(x1)
+    r_out1 = ref1(r_in1)
+    r_loss1 = mse(r_out1, lab1) if last_stage else None
+    r_out0 = ref0(leaf(x0))
+    r_loss0 = mse(r_out0, lab0) if last_stage else None
+    if last_stage:
+        r_loss1.backward()
+    else:
+        r_out1.backward(g1)
+
+    # overlapped: module1's forward happened earlier, through its sub-stages
+    in1 = leaf(x1)
+    out1 = toy1(in1)
+    loss1 = mse(out1, lab1) if last_stage else None
+    in0 = leaf(x0)
+    outs0, loss0 = overlapped_forward_backward(
+        toy0, (in0,), mse if last_stage else None, [lab0] if last_stage else [],
+        toy1, loss1, [] if last_stage else [out1], [] if last_stage else [g1], order=order)
+
+    assert isinstance(outs0, list) and len(outs0) == 1
+    assert torch.equal(outs0[0], r_out0)
+    if last_stage:
+        assert torch.equal(loss0, r_loss0)
+        assert torch.equal(loss1, r_loss1)
+    else:
+        assert loss0 is None
+    assert_bitwise(grads(toy1), grads(ref1))
+    assert torch.equal(in1.grad, r_in1.grad)
+    assert all(p.grad is None for p in toy0.parameters())  # forward only
+    # the new forward is itself trainable, with the same numbers as the reference
+    outs0[0].backward(g1)
+    r_out0.backward(g1)
+    assert_bitwise(grads(toy0), grads(ref0))
+
+
+def test_same_module_both_roles_and_accumulation_over_micro_batches():
+    toy, ref = Toy(), ToyRef(Toy())
+    (x0, _), (x1, _), (x2, _) = data(4), data(5), data(6)
+    g = torch.ones(8, H)
+    o1 = toy(leaf(x1))
+    outs0, _ = Toy.overlapped_forward_backward(toy, (leaf(x0),), None, [], toy, None, [o1], [g])
+    Toy.overlapped_forward_backward(toy, (leaf(x2),), None, [], toy, None, outs0, [g])
+    ref(leaf(x1)).backward(g)
+    ref(leaf(x0)).backward(g)
+    assert_bitwise(grads(toy), grads(ref))
+
+
+def test_no_grad_forward_is_plain_and_zero_input_grad_stage():
+    toy, ref = Toy(), ToyRef(Toy())
+    x, _ = data(7)
+    with torch.no_grad():
+        y = toy(x)
+    assert y.grad_fn is None and torch.equal(y, ref(x))
+    # inputs without grad (first stage): parameters still get their gradients
+    toy(x).sum().backward()
+    ref(x).sum().backward()
+    assert_bitwise(grads(toy), grads(ref))
+
+
+# -- (b) ordering -------------------------------------------------------------------------
+DEEPSEEK = ["B:combine", "F:attn", "B:mlp", "F:dispatch", "B:dispatch", "W:mlp",
+            "F:mlp", "B:attn", "W:attn", "F:combine"]
+
+
+def test_build_order_reproduces_deepseek():
+    st = Toy().substages()
+    assert [str(s) for s in build_order(st, st)] == DEEPSEEK
+    nosplit = Toy(split=False).substages()
+    assert [str(s) for s in build_order(nosplit, nosplit)] == [
+        s for s in DEEPSEEK if not s.startswith("W")]
+    assert [str(s) for s in build_order(st, st, "sequential")] == [
+        "F:attn", "F:dispatch", "F:mlp", "F:combine",
+        "B:combine", "B:mlp", "W:mlp", "B:dispatch", "B:attn", "W:attn"]
+    assert [str(s) for s in build_order(st, ())] == ["F:attn", "F:dispatch", "F:mlp", "F:combine"]
+    assert build_order(st, st, DEEPSEEK) == build_order(st, st)
+    assert build_order(st, st)[0] == Step("B", 3, "combine", "comm")
+
+
+def test_recorded_order_follows_interleaving():
+    toy0, toy1 = Toy(), Toy()
+    out1 = toy1(leaf(data(1)[0]))
+    toy0.calls.clear()
+    toy1.calls.clear()
+    tl = Timeline()
+    toy0.configure_overlap(timeline=tl)
+    overlapped_forward_backward(toy0, (leaf(data(2)[0]),), None, [], toy1, None, [out1],
+                                [torch.ones(8, H)])
+    sub = [iv for iv in tl.intervals() if iv.lane in (SUBSTAGE_COMPUTE_LANE, SUBSTAGE_COMM_LANE)]
+    assert [iv.action for iv in sub] == DEEPSEEK  # spans sorted by start
+    # the functions were called in that order too (W steps call no sub-stage function)
+    calls = sorted(toy0.calls + toy1.calls, key=lambda c: DEEPSEEK.index(c))
+    assert [c for c in DEEPSEEK if c in calls] == calls
+    assert [iv.action for iv in tl.intervals(lanes=[FB_WINDOW_LANE])] == ["F&B"]
+
+
+def test_explicit_order_is_used_and_checked():
+    st = Toy().substages()
+    custom = ["B:combine", "F:attn", "F:dispatch", "B:mlp", "W:mlp", "B:dispatch", "F:mlp",
+              "F:combine", "B:attn", "W:attn"]
+    toy0, toy1 = Toy(), Toy()
+    toy0.configure_overlap(order=custom)
+    out1 = toy1(leaf(data(1)[0]))
+    tl = Timeline()
+    with tl.activate():
+        overlapped_forward_backward(toy0, (leaf(data(2)[0]),), None, [], toy1, None, [out1],
+                                    [torch.ones(8, H)])
+    assert [iv.action for iv in tl.intervals(lanes=[SUBSTAGE_COMPUTE_LANE, SUBSTAGE_COMM_LANE])] == custom
+    with pytest.raises(ValueError, match="missing"):
+        build_order(st, st, custom[:-1])
+    with pytest.raises(ValueError, match="repeated"):
+        build_order(st, st, custom + ["F:attn"])
+    with pytest.raises(ValueError, match="forward order"):
+        build_order(st, st, custom[:1] + ["F:dispatch", "F:attn"] + custom[3:])
+    with pytest.raises(ValueError, match="reverse order"):
+        build_order(st, st, [s for s in DEEPSEEK if s != "B:mlp"][:4] + ["B:mlp"]
+                    + [s for s in DEEPSEEK if s != "B:mlp"][4:])
+    with pytest.raises(ValueError, match="comes before"):
+        build_order(st, st, ["W:mlp"] + [s for s in DEEPSEEK if s != "W:mlp"])
+    with pytest.raises(ValueError, match="not a step"):
+        build_order(st, st, ["X:attn"])
+    with pytest.raises(ValueError, match="split_weight_grad"):
+        nosplit = Toy(split=False).substages()
+        build_order(nosplit, nosplit, ["W:attn"])
+    with pytest.raises(ValueError, match="unknown order policy"):
+        build_order(st, st, "zigzag")
+
+
+def test_weight_grads_run_at_their_w_step():
+    seen = []
+
+    # a compute sub-stage whose backward defers a marker closure
+    class Mark(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            defer_weight_grad(lambda: seen.append("W ran"))
+            seen.append("B ran")
+            return g
+
+    class T2(Toy):
+        def substages(self):
+            st = super().substages()
+            return [st[0], st[1], compute("mlp", lambda h: Mark.apply(mlp_fn(self, h)),
+                                          split_weight_grad=True), st[3]]
+
+    m0, m1 = T2(), T2()
+    o1 = m1(leaf(data(1)[0]))
+    tl = Timeline()
+    with tl.activate():
+        overlapped_forward_backward(m0, (leaf(data(2)[0]),), None, [], m1, None, [o1],
+                                    [torch.ones(8, H)])
+    assert seen == ["B ran", "W ran"]
+    labels = [iv.action for iv in tl.intervals(lanes=[SUBSTAGE_COMPUTE_LANE])]
+    assert labels.index("W:mlp") > labels.index("B:mlp")
+    # plain use: the closure runs at once, inside the backward
+    seen.clear()
+    T2()(leaf(data(3)[0])).sum().backward()
+    assert seen == ["W ran", "B ran"]
+
+
+def test_weight_grad_store_interop():
+    wg = pytest.importorskip("dualpipe.weight_grad")
+    store = wg.WeightGradStore
+    toy0, toy1 = Toy(), Toy()
+    ref1 = ToyRef(toy1)
+    x1 = data(1)[0]
+    out1 = toy1(leaf(x1))
+    # closures put into the published store inside a split sub-stage go to its W step
+    store.enabled = False
+    overlapped_forward_backward(toy0, (leaf(data(2)[0]),), None, [], toy1, None, [out1],
+                                [torch.ones(8, H)])
+    assert store.enabled is False and store.take() == []
+    # a zero-bubble I action (store enabled) defers our closures into the store
+    out = Toy()(leaf(x1))
+    store.enabled = True
+    try:
+        out.backward(torch.ones(8, H))
+    finally:
+        store.enabled = False
+    fns = store.take()
+    assert len(fns) == 2
+    ref1(leaf(x1)).backward(torch.ones(8, H))
+    assert_bitwise(grads(toy1), grads(ref1))
+
+
+# -- (c) concurrency ----------------------------------------------------------------------
+def busy(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class Slow(SubStageModule):
+    """One compute sub-stage of T (forward) and one comm sub-stage whose backward takes T."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+        self.w = nn.Parameter(torch.ones(4))
+
+    def substages(self):
+        def work(x):
+            busy(self.t)
+            return x * self.w
+
+        def xfer_bwd(g):
+            def run():
+                time.sleep(self.t)
+                return g.clone()
+            return run_async(run)
+
+        return [compute("work", work),
+                comm("xfer", lambda y: CommHandle.ready(y.clone()), xfer_bwd)]
+
+
+def test_comm_and_compute_overlap():
+    T = 0.15
+    m0, m1 = Slow(T), Slow(T)
+
+    def pair(order):
+        out1 = m1(torch.ones(4, requires_grad=True))  # its forward also takes T (not timed)
+        tl = Timeline()
+        t0 = time.perf_counter()
+        overlapped_forward_backward(m0, (torch.ones(4, requires_grad=True),), None, [], m1,
+                                    None, [out1], [torch.ones(4)], order=order, timeline=tl)
+        return time.perf_counter() - t0, tl
+
+    pair("alternate")  # warm the thread pool
+    serial, _ = pair("sequential")
+    both, tl = pair("alternate")
+    ratio = both / T
+    stats = overlap_stats(tl.intervals(), compute_lanes=(SUBSTAGE_COMPUTE_LANE,),
+                          comm_lanes=(SUBSTAGE_COMM_LANE,))
+    msg = (f"overlap: T={T:.3f}s, overlapped {both:.3f}s = {ratio:.2f} T, sequential "
+           f"{serial:.3f}s = {serial / T:.2f} T, hidden fraction {stats.hidden_fraction:.2f}")
+    log.warning(msg)
+    print(msg)
+    assert ratio < 1.6, msg
+    assert serial > 1.8 * T, msg
+    assert stats.hidden_fraction > 0.6, msg
+
+
+# -- fallbacks and errors -----------------------------------------------------------------
+class PlainStage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(H, H)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+def test_fallbacks_keep_the_contract(caplog):
+    # module0 without sub-stages: plain forward then backward
+    p0, p1 = PlainStage(), PlainStage()
+    x1 = leaf(data(1)[0])
+    o1 = p1(x1)
+    outs, loss = overlapped_forward_backward(p0, [leaf(data(2)[0])], None, [], p1, None, [o1],
+                                             [torch.ones(8, H)])
+    assert loss is None and outs[0].shape == (8, H) and x1.grad is not None
+    # module1 without sub-stages: forward interleaved with nothing, then plain backward
+    toy = Toy()
+    x1 = leaf(data(1)[0])
+    o1 = p1(x1)
+    with caplog.at_level(logging.DEBUG, logger="overlap.fb"):
+        outs, _ = overlapped_forward_backward(toy, [leaf(data(2)[0])], None, [], p1, None, [o1],
+                                              [torch.ones(8, H)])
+    assert x1.grad is not None and "without overlap" in caplog.text
+    # loss path where the stage inputs are not leaves: plain backward, same numbers
+    toy1, ref1 = Toy(), None
+    ref1 = ToyRef(toy1)
+    a, ar = leaf(data(3)[0]), leaf(data(3)[0])
+    lab = data(3)[1]
+    loss1 = mse(toy1(a * 2), lab)
+    overlapped_forward_backward(Toy(), [leaf(data(2)[0])], None, [], toy1, loss1, [], [])
+    mse(ref1(ar * 2), lab).backward()
+    assert torch.equal(a.grad, ar.grad)
+    assert_bitwise(grads(toy1), grads(ref1))
+    # nothing to backpropagate
+    outs, _ = overlapped_forward_backward(Toy(), [leaf(data(2)[0])], None, [], Toy(), None, [], [])
+    assert len(outs) == 1
+    # plain_forward_backward is the published example's semantics
+    p0 = PlainStage()
+    outs, loss = plain_forward_backward(p0, [data(2)[0]], mse, [data(2)[1]], p1, None, [], [])
+    assert loss.ndim == 0
+
+
+def test_second_backward_raises():
+    y = Toy()(leaf(data(1)[0]))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.sum().backward()
+
+
+def test_user_errors_say_what_to_change():
+    class Bad(SubStageModule):
+        def __init__(self, st):
+            super().__init__()
+            self.st = st
+
+        def substages(self):
+            return self.st
+
+    x = data(1)[0]
+    with pytest.raises(NotImplementedError, match="substages"):
+        SubStageModule()(x)
+    with pytest.raises(TypeError, match="list of SubStage"):
+        Bad(compute("a", torch.tanh))(x)
+    with pytest.raises(ValueError, match="no sub-stage"):
+        Bad([])(x)
+    with pytest.raises(ValueError, match="used twice"):
+        Bad([compute("a", torch.tanh), compute("a", torch.tanh)])(x)
+    with pytest.raises(TypeError, match="must return a CommHandle"):
+        Bad([comm("c", lambda t: t, None)])(x)
+    with pytest.raises(TypeError, match="tensor or a tuple"):
+        Bad([compute("a", lambda t: 3)])(x)
+    with pytest.raises(TypeError, match=r"inputs\[1\]"):
+        run_substages(Bad([compute("a", torch.tanh)]), [x, "y"])
+    with pytest.raises(ValueError, match="kind must be"):
+        SubStage("a", "copy", torch.tanh)
+    with pytest.raises(ValueError, match="without ':'"):
+        compute("a:b", torch.tanh)
+    with pytest.raises(ValueError, match="only for 'comm'"):
+        SubStage("a", "compute", torch.tanh, backward=torch.tanh)
+    with pytest.raises(ValueError, match="no weight gradient"):
+        SubStage("a", "comm", torch.tanh, split_weight_grad=True)
+    with pytest.raises(TypeError, match="StreamPair"):
+        Toy().configure_overlap(streams="cuda")
+    # a non-differentiable comm whose outputs get gradients
+    m = Bad([compute("a", torch.tanh), comm("c", CommHandle.ready, None)])
+    y = m(leaf(x))
+    assert not y.requires_grad  # no backward declared: nothing flows through
+    # a comm backward returning the wrong number of gradients
+    m = Bad([comm("c", lambda t: CommHandle.ready(t * 1), lambda g: CommHandle.ready((g, g)))])
+    with pytest.raises(ValueError, match="one per input"):
+        m(leaf(x)).sum().backward()
+    with pytest.raises(ValueError, match="one gradient"):
+        o = Toy()(leaf(x))
+        overlapped_forward_backward(Toy(), [x], None, [], Toy(), None, [o], [])
+
+
+def test_comm_handles():
+    t = torch.ones(2)
+    h = CommHandle.ready(t)
+    assert h.wait() == (t,) and h.wait() == (t,)
+    fired = []
+    assert h.add_done_callback(lambda: fired.append(1)) and fired == [1]
+    fut = torch.futures.Future()
+    h2 = CommHandle.from_future(fut)
+    h2.add_done_callback(lambda: fired.append(2))
+    fut.set_result((t, t))
+    assert h2.wait() == (t, t) and fired == [1, 2]
+    assert not CommHandle(lambda: t).add_done_callback(lambda: None)
+    with pytest.raises(TypeError, match="Future"):
+        CommHandle.from_future(3)
+    with pytest.raises(TypeError, match="async_op=True"):
+        CommHandle.from_work(3, t)
+    with pytest.raises(TypeError, match="callable"):
+        run_async(3)
+    assert run_async(lambda: t + 1).wait()[0].tolist() == [2.0, 2.0]
+    ev = StreamPair.for_device("cpu").record()
+    assert CommHandle.from_event(ev, t).wait() == (t,)
+
+
+# -- two ranks, real gloo all-to-all --------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _a2a(x):
+    out = torch.empty_like(x)
+    return CommHandle.from_work(dist.all_to_all_single(out, x.contiguous(), async_op=True), out)
+
+
+class DistToy(Toy):
+    def substages(self):
+        return [compute("attn", lambda x: attn_fn(self, x), split_weight_grad=True),
+                comm("dispatch", _a2a, _a2a),
+                compute("mlp", lambda h: mlp_fn(self, h), split_weight_grad=True),
+                comm("combine", _a2a, _a2a)]
+
+
+def _dist_worker(rank, world, port, q):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=30))
+        torch.manual_seed(0)
+        a, b = DistToy(), DistToy()
+        c, d = DistToy(), DistToy()
+        x0, x1 = (torch.randn(8, H) + rank for _ in range(2))
+        g1 = torch.randn(8, H)
+        # overlapped
+        in1 = leaf(x1)
+        o1 = b(in1)
+        outs, _ = overlapped_forward_backward(a, (leaf(x0),), None, [], b, None, [o1], [g1])
+        # plain: forward then backward, same collectives in the same order on every rank
+        r_in1 = leaf(x1)
+        r_o1 = d(r_in1)
+        r_out0 = c(leaf(x0))
+        r_o1.backward(g1)
+        ok = (torch.equal(outs[0], r_out0) and torch.equal(in1.grad, r_in1.grad)
+              and all(torch.equal(p.grad, r.grad) for p, r in zip(b.parameters(), d.parameters())))
+        q.put((rank, "ok" if ok else "mismatch"))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        q.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_ranks_gloo_all_to_all():
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_dist_worker, args=(r, 2, port, q), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        deadline = time.monotonic() + 90
+        while len(results) < 2:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"ranks {sorted({0, 1} - set(results))} did not finish in 90 s")
+            try:
+                rank, status = q.get(timeout=min(left, 1.0))
+                results[rank] = status
+            except Exception:  # queue.Empty
+                if any(not p.is_alive() and p.exitcode not in (0, None) for p in procs) and q.empty():
+                    pytest.fail(f"a rank died: exit codes {[p.exitcode for p in procs]}")
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    assert results == {0: "ok", 1: "ok"}
