@@ -374,7 +374,8 @@ def build_order(forward: Sequence[SubStage], backward: Sequence[SubStage],
     return _check_explicit(order, fsig, bsig)
 
 
-def _check_explicit(order: Sequence[str | Step], fsig: Signature, bsig: Signature) -> tuple[Step, ...]:
+def _check_explicit(order: Sequence[str | Step], fsig: Signature,
+                    bsig: Signature) -> tuple[Step, ...]:
     fidx = {n: i for i, (n, _, _) in enumerate(fsig)}
     bidx = {n: i for i, (n, _, _) in enumerate(bsig)}
     expected = set(_order_cached(fsig, bsig, "sequential"))
@@ -398,7 +399,8 @@ def _check_explicit(order: Sequence[str | Step], fsig: Signature, bsig: Signatur
     dup = [str(s) for s in steps if s in seen or seen.add(s)]  # type: ignore[func-returns-value]
     missing = [str(s) for s in _order_cached(fsig, bsig, "sequential") if s not in seen]
     if dup or missing:
-        raise ValueError(f"order must name every step exactly once: repeated {dup}, missing {missing}")
+        raise ValueError(f"order must name every step exactly once: repeated {dup}, "
+                         f"missing {missing}")
     f_order = [s.index for s in steps if s.side == "F"]
     b_order = [s.index for s in steps if s.side == "B"]
     if f_order != sorted(f_order):
@@ -428,7 +430,10 @@ _wg_bucket: list[Callable[[], None]] | None = None  # process-wide: autograd run
 def _weight_grad_store() -> Any:
     """dualpipe's WeightGradStore when that module is loaded (no import dependency)."""
     mod = sys.modules.get("dualpipe.weight_grad")
-    return getattr(mod, "WeightGradStore", None) if mod is not None else None
+    store = getattr(mod, "WeightGradStore", None) if mod is not None else None
+    if store is None or not all(hasattr(store, a) for a in ("enabled", "put", "take")):
+        return None
+    return store
 
 
 def defer_weight_grad(fn: Callable[[], None]) -> None:
@@ -649,13 +654,19 @@ class _Pending:
 
 
 def _launch(start: Callable[..., Any], args: Tensors, label: str, pair: StreamPair | None,
-            tl: Timeline | None) -> _Pending:
-    """Start a communication (on the comm stream when ``pair`` is given)."""
+            tl: Timeline | None, after: StreamEvent | None) -> _Pending:
+    """Start a communication: on the comm stream when ``pair`` is given, after ``after``
+    (the event recorded when its inputs were produced; ``None``: after all work issued
+    so far on the current stream)."""
     if pair is None:
         rec = tl.begin(SUBSTAGE_COMM_LANE, label) if tl is not None else None
         handle = _check_handle(start(*args), label)
+        if rec is not None and tl.clock == "host":
+            handle.add_done_callback(lambda: tl.end_at(rec, time.perf_counter()))
         return _Pending(handle, None, rec, tl, None)
-    with pair.on("comm"):  # the comm stream waits for the compute that produced args
+    # waiting for the producer's event only (not the whole compute stream) lets e.g.
+    # dispatch(F) start while mlp(B), issued after attn(F), still runs
+    with pair.on("comm", wait_for="current" if after is None else after):
         pair.handoff(args, to="comm")
         stream = pair.comm if pair.is_cuda else None
         rec = tl.begin(SUBSTAGE_COMM_LANE, label, stream) if tl is not None else None
@@ -669,6 +680,11 @@ def _launch(start: Callable[..., Any], args: Tensors, label: str, pair: StreamPa
     if tl is not None and rec is not None and tl.clock == "host":
         handle.add_done_callback(lambda: tl.end_at(rec, time.perf_counter()))
     return _Pending(handle, None, rec, tl, None)
+
+
+def _mark(pair: StreamPair | None) -> StreamEvent | None:
+    """An event after the work issued so far on the compute stream (CUDA pairs only)."""
+    return pair.record("compute") if pair is not None and pair.is_cuda else None
 
 
 def _check_handle(h: Any, label: str) -> CommHandle:
@@ -712,6 +728,7 @@ class _ForwardRun:
         self.needs = tuple(self.grad and t.requires_grad for t in inputs)
         self.segments: list[_Segment] = []
         self.pending: _Pending | None = None
+        self.ready: StreamEvent | None = None  # when the current xs were produced (CUDA)
         self.next = 0
 
     def _resolve(self) -> None:
@@ -719,6 +736,7 @@ class _ForwardRun:
         if p is None:
             return
         self.pending = None
+        self.ready = None
         outs = p.resolve(self.pair)
         if self.grad:  # a communication's result starts a new graph piece
             outs = tuple(t.detach() for t in outs)
@@ -746,10 +764,11 @@ class _ForwardRun:
                 self.segments.append(seg)
             self.xs = outs
             self.needs = tuple(self.grad and o.requires_grad for o in outs)
+            self.ready = _mark(self.pair)
         else:
             seg.in_needs = self.needs
             self.segments.append(seg)
-            self.pending = _launch(st.fn, self.xs, label, self.pair, self.tl)
+            self.pending = _launch(st.fn, self.xs, label, self.pair, self.tl, self.ready)
 
     def finish(self) -> Tensors:
         """Collect the last communication and return the module's outputs (tied to the
@@ -787,6 +806,7 @@ class _BackwardRun:
         self.grads: tuple[torch.Tensor | None, ...] = tuple(grads)
         self.pending: _Pending | None = None
         self.pending_seg: _Segment | None = None
+        self.ready: StreamEvent | None = None
         self.next = len(graph.segments) - 1
 
     def _resolve(self) -> None:
@@ -794,6 +814,7 @@ class _BackwardRun:
         if p is None:
             return
         self.pending = None
+        self.ready = None
         seg = self.pending_seg
         got = p.resolve(self.pair)
         if len(got) != len(seg.in_needs):
@@ -804,14 +825,16 @@ class _BackwardRun:
 
     def step_b(self, index: int) -> None:
         if index != self.next:
-            raise RuntimeError(f"internal: backward step {index} out of order (expected {self.next})")
+            raise RuntimeError(f"internal: backward step {index} out of order "
+                               f"(expected {self.next})")
         self.next -= 1
         self._resolve()
         seg = self.g.segments[index]
         st = seg.stage
         label = f"B:{st.name}"
         if st.kind == COMPUTE:
-            pairs = [(r, g) for r, g in zip(seg.roots, self.grads) if r is not None and g is not None]
+            pairs = [(r, g) for r, g in zip(seg.roots, self.grads)
+                     if r is not None and g is not None]
             with _span(self.tl, label):
                 if pairs and self.collect and st.split_weight_grad:
                     with _CollectWeightGrads() as bucket:
@@ -821,6 +844,7 @@ class _BackwardRun:
                     _run_engine([p[0] for p in pairs], [p[1] for p in pairs])
             self.grads = tuple(None if leaf is None else leaf.grad for leaf in seg.ins)
             seg.release()
+            self.ready = _mark(self.pair)
             return
         if st.backward is None:
             if any(g is not None for g in self.grads):
@@ -838,7 +862,7 @@ class _BackwardRun:
                    for g, (shape, dt, dev) in zip(self.grads, seg.out_meta))
         self.grads = ()
         self.pending_seg = seg
-        self.pending = _launch(st.backward, gs, label, self.pair, self.tl)
+        self.pending = _launch(st.backward, gs, label, self.pair, self.tl, self.ready)
 
     def step_w(self, index: int) -> None:
         seg = self.g.segments[index]
@@ -854,7 +878,8 @@ class _BackwardRun:
         """Finish: collect the last communication, run weight gradients no ``W`` step ran,
         and return the gradients of the graph's inputs that require grad (in order)."""
         if self.next != -1:
-            raise RuntimeError(f"internal: backward finished with {self.next + 1} sub-stage(s) left")
+            raise RuntimeError(f"internal: backward finished with {self.next + 1} "
+                               "sub-stage(s) left")
         self._resolve()
         for seg in self.g.segments:
             if seg.wgrads:
@@ -1002,7 +1027,8 @@ def _plain_backward(loss1: torch.Tensor | None, outputs1: Sequence[torch.Tensor]
         return
     if not outputs1:
         return
-    pairs = [(o, g) for o, g in zip(outputs1, output_grads1 or ()) if o.requires_grad and g is not None]
+    pairs = [(o, g) for o, g in zip(outputs1, output_grads1 or ())
+             if o.requires_grad and g is not None]
     if pairs:
         _run_engine([p[0] for p in pairs], [p[1] for p in pairs])
 
@@ -1048,7 +1074,8 @@ def _graph_of_loss(module1: nn.Module, loss1: torch.Tensor, limit: int = 10_000)
         for nxt, _ in node.next_functions:
             if nxt is not None and id(nxt) not in seen:
                 if len(seen) >= limit:
-                    log.debug("loss graph larger than %d nodes: not overlapping this backward", limit)
+                    log.debug("loss graph larger than %d nodes: not overlapping this "
+                              "backward", limit)
                     return None
                 seen.add(id(nxt))
                 todo.append(nxt)

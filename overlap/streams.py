@@ -294,7 +294,8 @@ class StreamPair:
             return self._comm
         if which == "compute":
             return self.compute
-        if isinstance(which, (HostStream,)) or (self.is_cuda and isinstance(which, torch.cuda.Stream)):
+        if isinstance(which, HostStream) or (self.is_cuda
+                                             and isinstance(which, torch.cuda.Stream)):
             return which
         raise ValueError(f"unknown stream {which!r}: use 'compute', 'comm' or a stream object")
 
@@ -328,7 +329,8 @@ class StreamPair:
         event.wait(self.current() if which is None else self.stream(which))
 
     @contextmanager
-    def _on_cuda(self, target: "torch.cuda.Stream", wait_for: Any, join: bool) -> Iterator[StreamLike]:
+    def _on_cuda(self, target: "torch.cuda.Stream", wait_for: Any,
+                 join: bool) -> Iterator[StreamLike]:
         prev = torch.cuda.current_stream(self.device)
         if wait_for == "current":
             if target != prev:

@@ -123,7 +123,8 @@ class Timeline:
         self.enabled = bool(enabled)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"Timeline records on 'cpu' (host clock) or 'cuda' (events), got {dev}")
+            raise ValueError(f"Timeline records on 'cpu' (host clock) or 'cuda' (events), "
+                             f"got {dev}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"Timeline(device={dev}) needs CUDA, which is not available: "
                                "use device=None for the host clock")
@@ -343,7 +344,8 @@ class OverlapStats:
                 "hidden_fraction": self.hidden_fraction}
 
 
-def _lane_spans(intervals: Sequence[Interval], lanes: Sequence[str], rank: int | None) -> list[Span]:
+def _lane_spans(intervals: Sequence[Interval], lanes: Sequence[str],
+                rank: int | None) -> list[Span]:
     keep = set(lanes)
     return [(iv.start, iv.end) for iv in intervals
             if iv.lane in keep and (rank is None or iv.rank == rank)]
@@ -413,7 +415,8 @@ def windows(intervals: Sequence[Interval], lane: str, *, rank: int | None = None
 
 
 def overlap_per_window(intervals: Sequence[Interval],
-                       wins: Iterable[tuple[Any, float, float]], **kwargs: Any) -> list[OverlapStats]:
+                       wins: Iterable[tuple[Any, float, float]],
+                       **kwargs: Any) -> list[OverlapStats]:
     """:func:`overlap_stats` inside each ``(label, start, end)`` window (zero-length
     windows are skipped); keyword arguments as for :func:`overlap_stats`."""
     out = []

@@ -267,7 +267,8 @@ def test_explicit_order_is_used_and_checked():
     with tl.activate():
         overlapped_forward_backward(toy0, (leaf(data(2)[0]),), None, [], toy1, None, [out1],
                                     [torch.ones(8, H)])
-    assert [iv.action for iv in tl.intervals(lanes=[SUBSTAGE_COMPUTE_LANE, SUBSTAGE_COMM_LANE])] == custom
+    lanes = [SUBSTAGE_COMPUTE_LANE, SUBSTAGE_COMM_LANE]
+    assert [iv.action for iv in tl.intervals(lanes=lanes)] == custom
     with pytest.raises(ValueError, match="missing"):
         build_order(st, st, custom[:-1])
     with pytest.raises(ValueError, match="repeated"):
@@ -595,7 +596,8 @@ def test_two_ranks_gloo_all_to_all():
                 rank, status = q.get(timeout=min(left, 1.0))
                 results[rank] = status
             except Exception:  # queue.Empty
-                if any(not p.is_alive() and p.exitcode not in (0, None) for p in procs) and q.empty():
+                dead = any(not p.is_alive() and p.exitcode not in (0, None) for p in procs)
+                if dead and q.empty():
                     pytest.fail(f"a rank died: exit codes {[p.exitcode for p in procs]}")
     finally:
         for p in procs:
@@ -603,3 +605,47 @@ def test_two_ranks_gloo_all_to_all():
             if p.is_alive():
                 p.kill()
     assert results == {0: "ok", 1: "ok"}
+
+
+# -- CUDA: comm kernels on the comm stream, same numbers ----------------------------------
+class CudaToy(Toy):
+    """The 'all-to-alls' are kernels queued on the current (comm) stream, followed by an
+    event: stream-ordered handles, no host blocking."""
+
+    def substages(self):
+        def a2a(x):
+            out = flip(x)
+            return CommHandle.from_event(StreamPair.for_device(x.device).record(), out)
+
+        return [compute("attn", lambda x: attn_fn(self, x), split_weight_grad=True),
+                comm("dispatch", a2a, a2a),
+                compute("mlp", lambda h: mlp_fn(self, h), split_weight_grad=True),
+                comm("combine", a2a, a2a)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dedicated_compute", [False, True])
+def test_cuda_overlapped_equals_plain(dedicated_compute):
+    dev = torch.device("cuda")
+    toy0, toy1 = CudaToy().to(dev), CudaToy().to(dev)
+    ref0, ref1 = ToyRef(toy0).to(dev), ToyRef(toy1).to(dev)
+    pair = StreamPair.create(dev, compute_priority="low" if dedicated_compute else None)
+    toy0.configure_overlap(streams=pair, timeline=Timeline(device=dev))
+    (x0, _), (x1, _) = data(1), data(2)
+    x0, x1, g1 = x0.to(dev), x1.to(dev), torch.randn(8, H, device=dev)
+    r_in1 = leaf(x1)
+    r_out1 = ref1(r_in1)
+    r_out0 = ref0(leaf(x0))
+    r_out1.backward(g1)
+    in1 = leaf(x1)
+    out1 = toy1(in1)
+    outs0, _ = CudaToy.overlapped_forward_backward(toy0, (leaf(x0),), None, [], toy1, None,
+                                                   [out1], [g1])
+    torch.cuda.synchronize()
+    assert torch.equal(outs0[0], r_out0)
+    assert torch.equal(in1.grad, r_in1.grad)
+    assert_bitwise(grads(toy1), grads(ref1))
+    tl = toy0._overlap_config["timeline"]
+    labels = [iv.action for iv in tl.intervals(lanes=[SUBSTAGE_COMPUTE_LANE, SUBSTAGE_COMM_LANE])]
+    assert sorted(labels) == sorted(DEEPSEEK)

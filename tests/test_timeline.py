@@ -64,7 +64,8 @@ def test_overlap_per_window_with_fb_windows():
     wins = windows(ivs, "compute", kinds={FB})
     assert [w[0] for w in wins] == [fb1, fb2]
     stats = overlap_per_window(ivs, wins, compute_lanes=("sub.compute",), comm_lanes=("sub.comm",))
-    assert [(s.label, s.comm, s.hidden, s.exposed) for s in stats] == [(fb1, 6, 3, 3), (fb2, 1, 1, 0)]
+    assert [(s.label, s.comm, s.hidden, s.exposed) for s in stats] == [
+        (fb1, 6, 3, 3), (fb2, 1, 1, 0)]
     assert stats[1].hidden_fraction == 1.0
 
 
