@@ -8,6 +8,11 @@
   ``triton.autotune``) on first use, once per interpreter mode. With the usual
   import-time ``@triton.jit`` a test that sets the variable after something else
   imported the package would get compiled kernels that cannot run on CPU.
+* Kernel bodies call only ``triton.language`` *builtins* (``tl.full``, ``tl.minimum``,
+  ``tl.dot``...), never its ``@triton.jit`` helpers (``tl.zeros``, ``tl.cdiv``,
+  ``tl.sum``...): those were jitted when triton was imported, and if that happened before
+  ``TRITON_INTERPRET=1`` was set the interpreter cannot call them
+  ("Cannot call @triton.jit'd outside of the scope of a kernel").
 """
 from __future__ import annotations
 

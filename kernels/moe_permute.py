@@ -60,11 +60,11 @@ def _unpermute_kernel(y_ptr, index_ptr, weight_ptr, out_ptr, tokens, H, stride_y
         for h0 in range(0, H, BLOCK_H):
             offs = h0 + cols
             mask = offs < H
-            acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            acc = tl.full((BLOCK_H,), 0.0, tl.float32)
             for j in tl.static_range(TOPK):
                 src = tl.load(index_ptr + token * TOPK + j).to(tl.int64)
                 # Compare a vector, not a scalar: the interpreter mis-types scalar & vector masks.
-                row_mask = mask & ((tl.zeros((BLOCK_H,), dtype=tl.int64) + src) >= 0)
+                row_mask = mask & ((tl.full((BLOCK_H,), 0, tl.int64) + src) >= 0)
                 values = tl.load(y_ptr + tl.maximum(src, 0) * stride_y + offs, mask=row_mask, other=0.0)
                 values = values.to(tl.float32)
                 if HAS_WEIGHTS:

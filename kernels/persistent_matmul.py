@@ -52,8 +52,8 @@ def _persistent_matmul_kernel(
     # the persistent loop strides by the launched grid, sized min(sm_budget, tiles).
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     num_tiles = num_pid_m * num_pid_n
     tiles_per_group = GROUP_M * num_pid_n
     for tile in range(pid, num_tiles, programs):
@@ -66,7 +66,7 @@ def _persistent_matmul_kernel(
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             mask_k = offs_k < K
