@@ -17,6 +17,7 @@ what crosses a boundary are sent once per boundary and input signature, and cach
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import time
 import warnings
@@ -28,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from overlap.p2p import META_LEN, P2P, Handle, PeerTimeout, TensorMeta, pack_meta, unpack_meta
+from overlap.p2p import (META_LEN, P2P, Handle, PeerError, PeerLost, PeerTimeout, TensorMeta,
+                         pack_meta, unpack_meta)
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
                         get_schedule, lower)
@@ -208,6 +210,23 @@ class PipelineRuntime(nn.Module):
         else:
             self.device = torch.device("cpu")
         backend = dist.get_backend(self.group)
+        self.user_group = self.group
+        self._store = _group_store(self.group)
+        self._pg = None
+        if backend == "gloo":
+            # A private gloo backend over the same ranks carries the pipeline's traffic.
+            # On a failure the runtime drops it, which closes its connections so every
+            # rank stops at once, while the user's group (and the store that rank 0
+            # hosts) stays usable.  Its store prefix is unique per pipeline built on
+            # this group (ranks build pipelines in the same order).
+            gname = str(getattr(self.group, "group_name", "") or "default")
+            n = _clone_count[gname] = _clone_count.get(gname, 0) + 1
+            self._prefix = f"dualpipe/{gname}/{n}"
+            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(self._prefix, self._store),
+                                             self.group.rank(), self.num_ranks,
+                                             datetime.timedelta(seconds=float(timeout)))
+        else:
+            self._prefix = f"dualpipe/{getattr(self.group, 'group_name', 'g')}/nccl"
         if backend == "nccl" and self.device.type != "cuda":
             raise ValueError("the process group uses NCCL but the stage modules are on "
                              f"{self.device}; move them to the rank's GPU")
@@ -227,7 +246,7 @@ class PipelineRuntime(nn.Module):
             for m in modules:
                 split_linear_weight_grads_fn(m)
         self.record_timeline = record_timeline
-        self._p2p = P2P(self.group)
+        self._p2p = P2P(self.group) if self._pg is None else P2P(backend=self._pg)
         self._plans: dict[tuple, _Plan] = {}
         self._meta_sent: dict[tuple, list[TensorMeta]] = {}
         self._meta_recv: dict[tuple, list[TensorMeta]] = {}
@@ -237,6 +256,9 @@ class PipelineRuntime(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _schedule(self, num_chunks: int) -> Schedule:
+        if self.group is None:
+            raise RuntimeError("this pipeline stopped after a failure (see the earlier "
+                               "PipelineError); build a new DualPipe/DualPipeV to go on")
         return get_schedule(self.schedule_name, self.num_ranks, num_chunks)
 
     def _plan(self, s: Schedule, forward_only: bool) -> _Plan:
@@ -344,7 +366,10 @@ class PipelineRuntime(nn.Module):
             if x.device != self.device:
                 raise ValueError(f"step() {what} are on {x.device} but the stages are on "
                                  f"{self.device}: move them first")
-        return scatter(xs, n, d)
+        # each micro-batch is made contiguous (a no-op for slices along dim 0 of a
+        # contiguous batch), so strided inputs compute exactly what contiguous ones do
+        return [tuple(None if t is None else t.contiguous() for t in mb)
+                for mb in scatter(xs, n, d)]
 
     def _handshake(self, num_chunks, forward_only, return_outputs, err, inputs) -> tuple:
         hs = torch.zeros(_HS_LEN, dtype=torch.int64)
@@ -357,14 +382,14 @@ class PipelineRuntime(nn.Module):
         hs[6] = zlib.crc32(_sig(inputs).encode()) if inputs else 0
         hs[7] = self.rank
         hs = hs.to(self.device)
-        out = [torch.empty_like(hs) for _ in range(self.num_ranks)]
-        work = dist.all_gather(out, hs, group=self.group, async_op=True)
         try:
-            Handle([work], out, "step handshake", -1).wait(self.timeout)
-        except PeerTimeout as e:
-            raise PipelineTimeout(f"pipeline rank {self.rank}: the step-start handshake timed out "
-                                  f"after {self.timeout.total_seconds():g} s: some rank did not "
-                                  "call step()", self.rank, "handshake") from e
+            out = self._p2p.all_gather(hs, self.num_ranks, "step handshake").wait(self.timeout)
+        except PeerError as e:
+            if isinstance(e, PeerTimeout):
+                e = PeerTimeout(f"the step-start handshake timed out after "
+                                f"{self.timeout.total_seconds():g} s: some rank did not call "
+                                "step()", -1, "handshake")
+            raise self._failed(e, "handshake") from e
         rows = [t.tolist() for t in out]
         if err is not None:
             raise err
@@ -463,12 +488,7 @@ class PipelineRuntime(nn.Module):
                 kind, c, m, peer = recvs[posted]
                 h = meta_handles.pop(c, None) if kind == F else None
                 if h is not None:
-                    try:
-                        metas = unpack_meta(h.wait(timeout)[0])
-                    except PeerTimeout as e:
-                        raise PipelineTimeout(f"pipeline rank {rank}, action {text}: {e}", rank,
-                                              text) from e
-                    meta_recv[meta_key(c)] = metas
+                    meta_recv[meta_key(c)] = unpack_meta(h.wait(timeout)[0])
                 before = posted
                 post_until(idx + 1)
                 if posted == before and h is None:
@@ -478,11 +498,7 @@ class PipelineRuntime(nn.Module):
             recv_handles[idx] = None
             if not h.done and not h.is_completed():
                 t0 = clock()
-                try:
-                    tensors = h.wait(timeout)
-                except PeerTimeout as e:
-                    raise PipelineTimeout(f"pipeline rank {rank}, action {text}: {e}", rank,
-                                          text) from e
+                tensors = h.wait(timeout)
                 t1 = clock()
                 wait_total += t1 - t0
                 if record:
@@ -606,6 +622,7 @@ class PipelineRuntime(nn.Module):
             if defer:
                 wgrads[(c, m)] = WeightGradStore.take()
 
+        text = "start of step"
         try:
             for (kind, c, m, c2, m2, need, sends, post_upto, text) in plan.ops:
                 if post_upto > posted:
@@ -655,10 +672,11 @@ class PipelineRuntime(nn.Module):
                 busy += t1 - t0
                 if record:
                     times.append((t0 - t_start, t1 - t_start, text, "compute"))
+            text = "end of step (sends)"
             for h in send_handles:
                 h.wait(timeout)
-        except PeerTimeout as e:
-            raise PipelineTimeout(f"pipeline rank {rank}, end of step: {e}", rank, "send") from e
+        except Exception as e:  # noqa: BLE001 - every failure stops all ranks, see _failed
+            raise self._failed(e, text) from e
         # results
         loss_out, outs_out = None, None
         for c in range(nchunk):
@@ -675,6 +693,59 @@ class PipelineRuntime(nn.Module):
             self._times = [(a, b, _parse_cached(t), lane) for (a, b, t, lane) in times]
         return loss_out, outs_out
 
+    # ------------------------------------------------------------------ failures
+    def _failure_key(self) -> str:
+        return f"{self._prefix}/failure"
+
+    def _failed(self, e: BaseException, action: str) -> PipelineError:
+        """Turn ``e`` (raised at ``action`` on this rank) into the error every rank raises.
+
+        The first rank to fail records "pipeline rank R, action A: error" in the
+        process group's store and destroys the pipeline's process group, which closes
+        its connections: every transfer pending on every other rank then fails at
+        once, those ranks read the record, acknowledge it and raise naming the rank
+        that failed first.  The user's process group is left usable; this pipeline
+        object is not: build a new one to go on."""
+        if isinstance(e, PipelineError):
+            return e
+        rank, key = self.rank, self._failure_key()
+        store = self._store
+        first = False
+        if isinstance(e, PeerLost):
+            record = _read(store, key, wait=5.0)
+            if record is not None:
+                msg = f"{record} (pipeline rank {rank} stopped at action {action})"
+                _ack(store, key)
+            else:
+                msg = (f"pipeline rank {rank}, action {action}: {e}; another rank crashed, was "
+                       "killed or lost its connection")
+                first = _write(store, key, msg)
+            err: PipelineError = PipelineError(msg, rank, action)
+        elif isinstance(e, PeerTimeout):
+            msg = f"pipeline rank {rank}, action {action}: {e}"
+            first = _write(store, key, msg)
+            err = PipelineTimeout(msg, rank, action)
+        else:
+            msg = f"pipeline rank {rank}, action {action}: {type(e).__name__}: {e}"
+            first = _write(store, key, msg)
+            err = PipelineError(msg, rank, action)
+        log.error("%s", err)
+        self._teardown()
+        if first:  # keep the store (hosted by rank 0) up until the others have read
+            _wait_acks(store, key, self.num_ranks - 1, deadline=5.0)
+        return err
+
+    def _teardown(self) -> None:
+        group, self._p2p, self._pg = self._pg, None, None
+        self.group = None
+        if group is None and hasattr(self.user_group, "abort"):
+            try:
+                self.user_group.abort()  # NCCL: abort the communicators
+            except Exception as exc:  # noqa: BLE001
+                log.debug("aborting the process group failed: %s", exc)
+        del group
+        gc.collect()  # gloo closes the connections when the last reference goes
+
     def _check_declared(self, metas: list[TensorMeta], c: int, text: str) -> None:
         if _p2p_shapes is not None and [m.shape for m in metas] != _p2p_shapes:
             raise ValueError(f"pipeline rank {self.rank}, action {text}: the stage sends shapes "
@@ -685,6 +756,60 @@ class PipelineRuntime(nn.Module):
             raise ValueError(f"pipeline rank {self.rank}, action {text}: the stage sends dtypes "
                              f"{[str(m.dtype) for m in metas]} but set_p2p_tensor_dtype "
                              f"declared {_p2p_dtype}")
+
+
+_clone_count: dict[str, int] = {}
+
+
+def _group_store(group):
+    try:
+        return dist.distributed_c10d._get_process_group_store(group)
+    except Exception:  # noqa: BLE001 - older torch: the default store
+        try:
+            return dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - no store: failures are reported locally only
+            return None
+
+
+def _write(store, key: str, msg: str) -> bool:
+    """Record ``msg`` unless a failure is recorded already; True if this one was first."""
+    if store is None:
+        return False
+    try:
+        if store.add(key + "/count", 1) == 1:
+            store.set(key, msg)
+            return True
+    except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0
+        pass
+    return False
+
+
+def _read(store, key: str, wait: float) -> str | None:
+    if store is None:
+        return None
+    try:
+        store.wait([key], datetime.timedelta(seconds=wait))
+        return store.get(key).decode()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _ack(store, key: str) -> None:
+    try:
+        store.add(key + "/acks", 1)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _wait_acks(store, key: str, n: int, deadline: float) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            if store.add(key + "/acks", 0) >= n:
+                return
+        except Exception:  # noqa: BLE001
+            return
+        time.sleep(0.01)
 
 
 _parse_memo: dict[str, Action] = {}

