@@ -114,3 +114,30 @@ def test_single_stage_schedules(name):
     check(name, 4, [dict(chunks=4), dict(chunks=6, steps=2, tuple_io=True),
                     dict(chunks=8, split_linear=True), dict(chunks=4, train=False,
                                                             return_outputs=True)])
+
+
+def test_data_by_pipeline_mesh_with_rank_mapping():
+    from tests.workers import mesh_dp_pp
+    N = 4
+    res = run_ranks(mesh_dp_pp, 4, N, timeout=120)
+    assert sorted((r["dp"], r["pp_rank"]) for r in res) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for dp in (0, 1):
+        # the single-process reference of this replica's data (make_batch(step=dp))
+        ref_losses, _, ref_grads = reference(2, N, dp + 1, False)
+        replica = [r for r in res if r["dp"] == dp]
+        for r in replica:
+            a, b = r["loss_slice"]
+            # reference() accumulates over steps 0..dp; step dp's losses are the last row
+            assert torch.equal(r["loss"], ref_losses[dp][a:b])
+            assert r["dp_sum"] == 1.0
+        if dp == 0:
+            total = {}
+            for r in replica:
+                for stage, copies in r["grads"].items():
+                    for g in copies:
+                        for n, t in g.items():
+                            total.setdefault(stage, {})
+                            total[stage][n] = total[stage][n] + t if n in total[stage] else t
+            for stage, ref in ref_grads.items():
+                for n, t in ref.items():
+                    assert cosine_distance(total[stage][n], t) < 1e-13

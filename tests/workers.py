@@ -73,3 +73,30 @@ def pipeline_cases(rank: int, world: int, cases: list[dict]):
         out.append(res)
         rt._p2p_shapes, rt._p2p_dtype = None, None
     return out
+
+
+def mesh_dp_pp(rank: int, world: int, num_chunks: int):
+    """2 x 2 (data x pipeline) DeviceMesh; each data replica runs DualPipe on its
+    pipeline group.  Replica 1 numbers its pipeline ranks in reverse (rank_mapping)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dualpipe import DualPipe
+    from dualpipe.schedules import get_schedule
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    dp = mesh.get_local_rank("dp")
+    pp_group = mesh.get_group("pp")
+    mapping = [0, 1] if dp == 0 else [1, 0]
+    pp_rank = mapping[pp_group.rank()]
+    s = get_schedule("dualpipe", 2, num_chunks)
+    mods = [Stage(stage) for (_st, stage) in s.placement[pp_rank]]
+    p = DualPipe(mods, process_group=pp_group, rank_mapping=mapping, timeout=60)
+    xs, ys = make_batch(dp, num_chunks, False)  # each replica its own data
+    inputs, labels, loss_slice = rank_io(s, pp_rank, xs, ys)
+    loss, _ = p.step(*inputs, num_chunks=num_chunks, criterion=criterion, labels=labels)
+    grads = {stage: [{n: q.grad.clone() for n, q in p.module[c].named_parameters()}]
+             for c, (_st, stage) in enumerate(s.placement[pp_rank])}
+    # the data-parallel group is untouched by the pipeline: an all-reduce across it works
+    t = torch.tensor([float(dp)])
+    torch.distributed.all_reduce(t, group=mesh.get_group("dp"))
+    return {"dp": dp, "pp_rank": pp_rank, "loss": loss, "loss_slice": loss_slice,
+            "grads": grads, "dp_sum": float(t)}
