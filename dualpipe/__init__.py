@@ -5,15 +5,36 @@ Drop-in for ``deepseek-ai/DualPipe``::
     from dualpipe import DualPipe, DualPipeV, WeightGradStore
     from dualpipe import set_p2p_tensor_shapes, set_p2p_tensor_dtype   # optional here
     from dualpipe.utils import run_backward
+
+The torch-dependent names are imported on first use, so the schedule tools
+(``dualpipe.schedules``, ``simulate``, ``validate``, ``draw`` and the ``simulate``/``draw``
+commands) start without importing torch.
 """
-from .api import DualPipe, DualPipeV, Pipeline, reduce_dualpipe_grads
-from .runtime import (PipelineError, PipelineTimeout, StepStats, set_p2p_tensor_dtype,
-                      set_p2p_tensor_shapes)
-from .schedules import SCHEDULES, get_schedule
-from .weight_grad import WeightGradStore, split_linear_weight_grads
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["DualPipe", "DualPipeV", "Pipeline", "WeightGradStore", "set_p2p_tensor_shapes",
-           "set_p2p_tensor_dtype", "PipelineError", "PipelineTimeout", "StepStats",
-           "split_linear_weight_grads", "reduce_dualpipe_grads", "SCHEDULES", "get_schedule", "__version__"]
+_LAZY = {
+    "DualPipe": "api", "DualPipeV": "api", "Pipeline": "api", "reduce_dualpipe_grads": "api",
+    "PipelineError": "runtime", "PipelineTimeout": "runtime", "StepStats": "runtime",
+    "set_p2p_tensor_shapes": "runtime", "set_p2p_tensor_dtype": "runtime",
+    "WeightGradStore": "weight_grad", "split_linear_weight_grads": "weight_grad",
+    "SCHEDULES": "schedules", "get_schedule": "schedules",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'dualpipe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

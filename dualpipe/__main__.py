@@ -33,7 +33,9 @@ def _costs(a) -> Costs:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dualpipe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.add_argument("--version", action="store_true",
+                    help="print the version and what was built (extension, CUDA arch, Triton)")
+    sub = ap.add_subparsers(dest="cmd")
     ps = sub.add_parser("simulate", help="price a schedule: makespan, bubble, idle, activations")
     _add_schedule_args(ps)
     ps.add_argument("--json", action="store_true", help="print one JSON object")
@@ -45,6 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     from . import demo as _demo
     _demo.add_arguments(pm)
     a = ap.parse_args(argv)
+    if a.version:
+        from . import __version__
+        print(f"dualpipe {__version__}")
+        try:
+            from overlap.build_info import build_info
+            for k, v in build_info().items():
+                print(f"  {k}: {v}")
+        except ImportError as e:  # the overlap package is optional for the schedule tools
+            print(f"  build info unavailable: {e}")
+        return 0
+    if a.cmd is None:
+        ap.error("choose a command: simulate, draw or demo (or --version)")
     try:
         if a.cmd == "simulate":
             res = simulate(get_schedule(a.schedule, a.ranks, a.chunks), _costs(a))
