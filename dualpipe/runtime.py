@@ -443,6 +443,11 @@ class PipelineRuntime(nn.Module):
         times = self._times
         times.clear()
         record = self.record_timeline
+        # on a GPU the compute lane is timed with CUDA events (what the device ran),
+        # resolved once at the end of the step; waits stay on the host clock
+        evs = self._cuda_events(len(plan.ops)) if record and self.device.type == "cuda" else None
+        if evs is not None:
+            evs[-1][0].record()
         clock = time.perf_counter
         live = peak = 0
         posted = 0
@@ -623,6 +628,7 @@ class PipelineRuntime(nn.Module):
                 wgrads[(c, m)] = WeightGradStore.take()
 
         text = "start of step"
+        op_i = 0
         try:
             for (kind, c, m, c2, m2, need, sends, post_upto, text) in plan.ops:
                 if post_upto > posted:
@@ -639,6 +645,8 @@ class PipelineRuntime(nn.Module):
                     else:
                         out_grads[rc][rm] = tensors
                 t0 = clock()
+                if evs is not None:
+                    evs[op_i][0].record()
                 if kind == F:
                     out, _ = forward(c, m, text)
                     after_forward(c, m, out, text, sends)
@@ -668,10 +676,13 @@ class PipelineRuntime(nn.Module):
                 else:  # W
                     for fn in wgrads.pop((c, m)):
                         fn()
+                if evs is not None:
+                    evs[op_i][1].record()
                 t1 = clock()
                 busy += t1 - t0
                 if record:
                     times.append((t0 - t_start, t1 - t_start, text, "compute"))
+                op_i += 1
             text = "end of step (sends)"
             for h in send_handles:
                 h.wait(timeout)
@@ -690,8 +701,34 @@ class PipelineRuntime(nn.Module):
         self.last_stats = StepStats(wall=wall, busy=busy, wait=wait_total,
                                     peak_activations=peak, num_compute=len(plan.ops))
         if record:
+            if evs is not None:
+                times = self._cuda_times(evs, times)
             self._times = [(a, b, _parse_cached(t), lane) for (a, b, t, lane) in times]
         return loss_out, outs_out
+
+    def _cuda_events(self, n: int) -> list:
+        """``n`` (start, end) CUDA event pairs plus one for the step's start, reused."""
+        have = getattr(self, "_evs", None)
+        if have is None or len(have) < n + 1:
+            self._evs = [(torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True)) for _ in range(n + 1)]
+        evs = self._evs[: n + 1]
+        return evs[:n] + [self._evs[-1]]
+
+    @staticmethod
+    def _cuda_times(evs, host_times) -> list[tuple]:
+        """Replace the compute intervals' host times by the device's (seconds from the
+        step's start event); ``wait`` intervals keep the host clock."""
+        base = evs[-1][0]
+        evs[-2][1].synchronize()
+        out, i = [], 0
+        for (a, b, text, lane) in host_times:
+            if lane == "compute":
+                e0, e1 = evs[i]
+                a, b = base.elapsed_time(e0) / 1e3, base.elapsed_time(e1) / 1e3
+                i += 1
+            out.append((a, b, text, lane))
+        return out
 
     # ------------------------------------------------------------------ failures
     def _failure_key(self) -> str:
