@@ -340,33 +340,12 @@ def _single_checks(name: str, num_ranks: int, num_chunks: int) -> tuple[int, int
     return P, N
 
 
-def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
-    """1F1B: one stage per rank; ``P-1-r`` warm-up forwards, then alternate one
-    forward and one full backward, then the remaining backwards."""
-    P, N = _single_checks("1F1B", num_ranks, num_chunks)
-    acts = []
-    for r in range(P):
-        rb = _RankBuilder()
-        warm = P - 1 - r
-        for _ in range(warm):
-            rb.f(0)
-        for _ in range(N - warm):
-            rb.f(0)
-            rb.b(0)
-        for _ in range(warm):
-            rb.b(0)
-        acts.append(tuple(rb.acts))
-    return Schedule("1f1b", P, N, (Stream(P, N, 0),), tuple(((0, r),) for r in range(P)),
-                    tuple(acts))
-
-
-def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
-    """ZB-H1 (zero bubble at 1F1B's activation memory): the 1F1B order with every
-    backward split into its input-gradient ``I`` and a deferred ``W``.  Rank ``r``
-    keeps ``r`` weight passes pending (the last rank the most): the input gradients
-    travel back to rank 0 without waiting for weight passes, and each rank runs one
-    W after every further ``I`` and the rest at the end, where 1F1B would idle."""
-    P, N = _single_checks("ZB1P", num_ranks, num_chunks)
+def _single_stage(name: str, P: int, N: int, zero_bubble: bool) -> Schedule:
+    """1F1B's order on one stage per rank: ``P-1-r`` warm-up forwards, then one
+    forward and one backward alternately, then the remaining backwards.  With
+    ``zero_bubble`` each backward is an input-gradient ``I`` and rank ``r`` keeps ``r``
+    weight passes pending, running one W after every further ``I`` and the rest at
+    the end."""
     acts = []
     for r in range(P):
         rb = _RankBuilder()
@@ -376,14 +355,31 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
         for k in range(N):
             if k < N - warm:
                 rb.f(0)
-            rb.b(0, defer_w=True)
-            if len(rb.pending) > r:
+            rb.b(0, defer_w=zero_bubble)
+            if zero_bubble and len(rb.pending) > r:
                 rb.w()
         while rb.pending:
             rb.w()
         acts.append(tuple(rb.acts))
-    return Schedule("zb1p", P, N, (Stream(P, N, 0),), tuple(((0, r),) for r in range(P)),
+    return Schedule(name, P, N, (Stream(P, N, 0),), tuple(((0, r),) for r in range(P)),
                     tuple(acts))
+
+
+def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
+    """1F1B: one stage per rank; ``P-1-r`` warm-up forwards, then alternate one
+    forward and one full backward, then the remaining backwards."""
+    P, N = _single_checks("1F1B", num_ranks, num_chunks)
+    return _single_stage("1f1b", P, N, zero_bubble=False)
+
+
+def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
+    """ZB-H1 (zero bubble at 1F1B's activation memory): the 1F1B order with every
+    backward split into its input-gradient ``I`` and a deferred ``W``.  Rank ``r``
+    keeps ``r`` weight passes pending (the last rank the most): the input gradients
+    travel back to rank 0 without waiting for weight passes, and each rank runs one
+    W after every further ``I`` and the rest at the end, where 1F1B would idle."""
+    P, N = _single_checks("ZB1P", num_ranks, num_chunks)
+    return _single_stage("zb1p", P, N, zero_bubble=True)
 
 
 SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
