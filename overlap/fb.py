@@ -92,12 +92,14 @@ Tensors = tuple[torch.Tensor, ...]
 # ---------------------------------------------------------------------------------------
 # Asynchronous communication handles
 # ---------------------------------------------------------------------------------------
-def _as_tensors(value: Any, what: str) -> Tensors:
+def _as_tensors(value: Any, what: str, allow_none: bool = False) -> Tensors:
     if isinstance(value, torch.Tensor):
         return (value,)
-    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+    if isinstance(value, (tuple, list)) and all(
+            isinstance(v, torch.Tensor) or (allow_none and v is None) for v in value):
         return tuple(value)
-    raise TypeError(f"{what} must be a tensor or a tuple/list of tensors, got "
+    raise TypeError(f"{what} must be a tensor or a tuple/list of tensors"
+                    f"{' (None allowed)' if allow_none else ''}, got "
                     f"{type(value).__name__}" + (
                         f" containing {sorted({type(v).__name__ for v in value})}"
                         if isinstance(value, (tuple, list)) else ""))
@@ -132,7 +134,9 @@ class CommHandle:
     def wait(self) -> Tensors:
         """The result tensors (waits once; later calls return the same tuple)."""
         if self._result is None:
-            self._result = _as_tensors(self._wait(), "the result of a communication")
+            # None entries: a backward communication's "no gradient for this input"
+            self._result = _as_tensors(self._wait(), "the result of a communication",
+                                       allow_none=True)
             self._wait = None  # drop references held by the closure
         return self._result
 
@@ -738,6 +742,10 @@ class _ForwardRun:
         self.pending = None
         self.ready = None
         outs = p.resolve(self.pair)
+        if any(t is None for t in outs):
+            raise TypeError(f"the forward of comm sub-stage {self.segments[-1].stage.name!r} "
+                            "returned None in its result: a forward communication must return "
+                            "tensors only (None is allowed in a backward's gradients)")
         if self.grad:  # a communication's result starts a new graph piece
             outs = tuple(t.detach() for t in outs)
         seg = self.segments[-1]
