@@ -24,7 +24,7 @@ Backends, tried in this order by ``backend="auto"`` (the first that works wins):
     Two plain streams, communication at the highest priority. SMs are NOT partitioned;
     ``compute_sms`` is only a software budget. A warning says so.
 ``"cpu"``
-    The CPU twin: no-op streams, the same rounding and budgets computed for a modelled
+    The CPU twin: no-op streams (``overlap.streams.HostStream``), the same rounding and budgets computed for a modelled
     GPU (default: 132 SMs, Hopper granularity), so callers are device-agnostic.
 
 Rounding (green contexts hand out SMs in groups): the request is rounded to the device's
@@ -48,6 +48,8 @@ import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from overlap.streams import HostStream
 
 log = logging.getLogger(__name__)
 
@@ -149,33 +151,6 @@ def round_comm_sms(requested: int, total_sms: int, granularity: SMGranularity,
             f"{total_sms} SMs for compute, fewer than the minimum partition of {low}; "
             f"lower comm_sms to at most {(total_sms - low) // step * step}")
     return sms
-
-
-class CPUStream:
-    """No-op stand-in for a CUDA stream on CPU: every method returns at once."""
-
-    def __init__(self, name: str, priority: int = 0) -> None:
-        self.name = name
-        self.priority = priority
-        self.device = torch.device("cpu")
-
-    def wait_stream(self, stream) -> None:
-        return None
-
-    def wait_event(self, event) -> None:
-        return None
-
-    def record_event(self, event=None):
-        return event
-
-    def synchronize(self) -> None:
-        return None
-
-    def query(self) -> bool:
-        return True
-
-    def __repr__(self) -> str:
-        return f"CPUStream({self.name!r}, priority={self.priority})"
 
 
 def _resolve_device(device) -> torch.device:
@@ -293,7 +268,7 @@ class SMPartition:
         comm = round_comm_sms(self.requested_comm_sms, total, gran, self.rounding)
         self._set(backend="cpu", comm_sms=comm, compute_sms=total - comm, total_sms=total,
                   granularity=gran, enforced="none", readback=False,
-                  comm_stream=CPUStream("comm", priority=-1), compute_stream=CPUStream("compute"))
+                  comm_stream=HostStream("comm"), compute_stream=HostStream("compute"))
 
     def _init_cuda(self, backend: str) -> None:
         order = ("green_ctx", "torch_green_ctx", "priority") if backend == "auto" else (backend,)
@@ -432,6 +407,15 @@ class SMPartition:
     def compute(self):
         """Context manager making the compute stream current (no-op on CPU)."""
         return self._stream_context(self.compute_stream)
+
+    def stream_pair(self):
+        """These two streams as an :class:`overlap.streams.StreamPair`, so ``overlap.fb``
+        and the DualPipe runtime issue their compute/comm work on the partition."""
+        from overlap.streams import StreamPair
+
+        comm, compute = self.comm_stream, self.compute_stream
+        return StreamPair(self.device, comm, compute, getattr(comm, "priority", 0),
+                          getattr(compute, "priority", 0))
 
     def nccl_options(self, *, min_ctas: Optional[int] = None, high_priority_stream: bool = True):
         """``ProcessGroupNCCL.Options`` capping NCCL at ``comm_sms`` CTAs (max 64).

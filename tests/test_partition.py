@@ -85,6 +85,19 @@ def test_cpu_twin_models_hopper_by_default():
         assert info["comm_sms"] == 24 and info["min_partition"] == 8 and info["closed"] is False
 
 
+def test_stream_pair_carries_the_partition_streams():
+    part = SMPartition(8, "cpu")
+    pair = part.stream_pair()
+    assert not pair.is_cuda
+    assert pair.comm is part.comm_stream and pair.compute is part.compute_stream
+    with pair.on("comm"):
+        pass
+    pair.synchronize()
+    part.close()
+    with pytest.raises(PartitionClosedError):
+        part.stream_pair()
+
+
 def test_cpu_twin_custom_model_and_rounding():
     part = SMPartition(5, "cpu", total_sms=108, granularity=AMPERE, rounding="down")
     assert (part.comm_sms, part.compute_sms) == (4, 104)
@@ -219,8 +232,11 @@ def test_gpu_auto_partition_streams_run_work():
             a = _work()
         with part.comm():
             b = _work()
+        pair = part.stream_pair()
+        with pair.on("comm", join=True):
+            c = _work()
         torch.cuda.synchronize()
-        assert torch.equal(a, b)
+        assert torch.equal(a, b) and torch.equal(a, c)
         assert part.comm_stream.priority <= part.compute_stream.priority
 
 
