@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._triton_support import check_launchable, interpreting, lazy_kernel, tl, triton
+from ._triton_support import check_launchable, lazy_kernel, tl, triton
 
 __all__ = ["moe_permute", "moe_unpermute", "moe_dispatch_index", "permute_configs"]
 

@@ -8,7 +8,6 @@ torch.cuda.is_available(); nothing GPU-side runs on CPU machines.
 import importlib.util
 import os
 import pathlib
-import sys
 
 import pytest
 import torch

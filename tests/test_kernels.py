@@ -7,7 +7,7 @@ tiny because the interpreter is slow; ragged tails are included on purpose.
 Tolerances: relative error ||out - ref|| / ||ref|| against a float64 reference, 1e-5 for
 float32 and 1e-2 for bfloat16; pure data movement must be exact.
 """
-import os
+import pathlib
 import subprocess
 import sys
 
@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from overlap import kernels as K
-from overlap.kernels import TritonUnavailableError, persistent_matmul
+from overlap.kernels import persistent_matmul
 from overlap.kernels.moe_permute import moe_dispatch_index, moe_permute, moe_unpermute
 
 pytestmark = pytest.mark.skipif(not K.HAS_TRITON, reason=f"triton unavailable: {K.TRITON_ERROR}")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -200,3 +201,15 @@ def test_import_without_triton_fails_only_when_called():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "raised:" in out.stdout and "pip install triton" in out.stdout
+
+
+def test_kernels_are_installed_only_under_the_overlap_namespace(tmp_path):
+    """`kernels` is another project's top-level name (Hugging Face); we must not claim it."""
+    code = ("import importlib.util, pathlib\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(spec is not None and pathlib.Path(spec.origin or '').resolve().is_relative_to(pathlib.Path(r'%s')))\n"
+            "import overlap.kernels\n" % ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
