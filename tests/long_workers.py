@@ -348,10 +348,22 @@ def run_session(name: str) -> list[dict]:
     return _session_cache[name]
 
 
+def session_part(name: str, part: str) -> list:
+    """One scenario's per-rank values from :func:`run_session`; fails the calling test
+    with the rank's traceback if the scenario raised on any rank."""
+    res = run_session(name)
+    out = []
+    for rank, r in enumerate(res):
+        if not r[part]["ok"]:
+            raise AssertionError(f"{name} rank {rank}, {part}: {r[part]['error']}")
+        out.append(r[part]["value"])
+    return out
+
+
 def num_stages(name: str, world: int) -> int:
     return 2 * world if name == "dualpipev" else world
 
 
 __all__ = ["MB", "rss_bytes", "live_tensors", "train", "reference_training", "accumulate",
-           "reference_copy_grads", "state_round_trip", "copies_identical", "random_case", "session", "run_session",
+           "reference_copy_grads", "state_round_trip", "copies_identical", "random_case", "session", "run_session", "session_part",
            "SESSIONS", "SESSION_CFG", "LR", "MOMENTUM", "num_stages"]

@@ -85,24 +85,15 @@ def _check_losses(name: str, res: list[dict], N: int, steps: int):
     assert float(same_order[-1].mean()) < float(same_order[0].mean())
 
 
-def _session_part(name: str, part: str) -> list:
-    res = lw.run_session(name)
-    out = []
-    for rank, r in enumerate(res):
-        assert r[part]["ok"], f"{name} rank {rank}, {part}: {r[part]['error']}"
-        out.append(r[part]["value"])
-    return out
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_no_growth_of_live_tensors_or_rss(name):
-    res = _session_part(name, "train")
+    res = lw.session_part(name, "train")
     _check_flat_memory(res, 10, lw.SESSION_CFG["steps"], lw.SESSION_CFG["measure_at"])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_losses_equal_single_process_training_step_by_step(name):
-    res = _session_part(name, "train")
+    res = lw.session_part(name, "train")
     world, N = lw.SESSIONS[name]
     _check_losses(name, res, N, lw.SESSION_CFG["steps"])
 
@@ -115,7 +106,7 @@ def test_gradients_accumulate_over_steps_exactly_once(name, part):
     in the same order, and (within rounding) the sum of the two steps' gradients taken
     separately: no micro-batch's gradient lost or counted twice, with and without
     deferred weight gradients (``split_linear_weight_grads``)."""
-    res = _session_part(name, part)
+    res = lw.session_part(name, part)
     world, N = lw.SESSIONS[name]
     nst = lw.num_stages(name, world)
     ref1 = lw.reference_copy_grads(name, nst, N, 1)
