@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import __version__
         print(f"dualpipe {__version__}")
         try:
-            from overlap.build_info import build_info
-            for k, v in build_info().items():
-                print(f"  {k}: {v}")
+            from overlap import format_build_info
+            print(format_build_info())
         except ImportError as e:  # the overlap package is optional for the schedule tools
             print(f"  build info unavailable: {e}")
         return 0

@@ -5,7 +5,11 @@
 * :mod:`overlap.timeline` -- record spans per lane (host clock or CUDA events) and measure
   hidden/exposed communication;
 * :mod:`overlap.fb` -- declare a stage as sub-stages (compute / async comm) and get an
-  interleaved ``overlapped_forward_backward`` for DualPipe.
+  interleaved ``overlapped_forward_backward`` for DualPipe;
+* :mod:`overlap.p2p` -- asynchronous pipeline send/recv with a shape/dtype handshake;
+* :mod:`overlap.partition` -- SM partitions between compute and communication;
+* :mod:`overlap.kernels` -- Triton kernels taking an SM budget (imports triton);
+* :func:`overlap.build_info` -- what the extension was built with.
 
 Submodules are imported on first use (``import overlap`` imports no torch code and probes
 no device); the names below are re-exported lazily.
@@ -24,14 +28,23 @@ _EXPORTS = {
     "fb": ("SubStage", "SubStageModule", "CommHandle", "Step", "compute", "comm",
            "run_async", "build_order", "overlapped_forward_backward",
            "plain_forward_backward", "defer_weight_grad"),
+    "partition": ("SMPartition", "SMGranularity", "PartitionError", "PartitionConfigError",
+                  "PartitionUnavailableError", "PartitionClosedError", "round_comm_sms",
+                  "nccl_process_group_options", "nccl_cta_env", "apply_nccl_cta_env"),
+    "_ext": ("sm_copy_", "gather_rows", "scatter_add_rows_", "smid_probe",
+             "extension_available", "extension_kind", "ExtensionUnavailableError"),
+    "_build": ("build_info", "format_build_info"),
+    "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost"),
 }
+# submodules importable as attributes; ``kernels`` imports triton, so only on use
+_SUBMODULES = ("streams", "timeline", "fb", "partition", "p2p", "kernels")
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_WHERE) + ["streams", "timeline", "fb"]
+__all__ = sorted(_WHERE) + list(_SUBMODULES)
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("streams", "timeline", "fb"):
+    if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     mod = _WHERE.get(name)
     if mod is None:

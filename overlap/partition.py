@@ -154,22 +154,14 @@ def round_comm_sms(requested: int, total_sms: int, granularity: SMGranularity,
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    if isinstance(device, int):
-        device = torch.device("cuda", device)
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PartitionUnavailableError(f"device {device} requested but CUDA is not available; "
-                                            "pass device='cpu' for the CPU twin")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        raise PartitionConfigError(f"SMPartition supports cuda and cpu devices, got {device}")
-    return device
+    """:func:`overlap.streams.resolve_device`, with the partition's error types."""
+    from .streams import resolve_device
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        raise PartitionConfigError(f"SMPartition supports cuda and cpu devices: {e}") from e
+    except RuntimeError as e:
+        raise PartitionUnavailableError(f"SMPartition: {e}") from e
 
 
 def _release_green_ctx(handle: int) -> None:

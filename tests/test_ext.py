@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from overlap import _ext
-from overlap.build_info import build_info, format_build_info
+from overlap import build_info, format_build_info
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NEEDS_EXT = pytest.mark.skipif(not _ext.extension_available(),

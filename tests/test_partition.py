@@ -150,7 +150,7 @@ def test_cuda_device_without_cuda_is_unavailable():
 def test_nothing_is_probed_at_import():
     """Importing the modules must not initialize CUDA nor load the extension."""
     code = ("import sys, torch\n"
-            "import overlap.partition, overlap._ext, overlap.build_info, overlap.kernels\n"
+            "import overlap.partition, overlap._ext, overlap._build, overlap.kernels\n"
             "print(torch.cuda.is_initialized(), 'overlap._C' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "TRITON_INTERPRET": "0"})
