@@ -1,0 +1,399 @@
+"""Shared pieces of the benchmarks: machine description, statistics, result files,
+calibrated sleep stages and the per-rank wiring of a schedule's inputs and labels.
+
+Nothing here asserts a speed: benchmarks report what they measured (ratios against a
+baseline measured in the same run) and fail loudly when something did not run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- machine
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(backend: str, **extra: Any) -> dict:
+    """What the numbers were measured on (goes into every JSON result)."""
+    import torch
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count()
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "mem_gib": _mem_gib(),
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "backend": backend,
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": _git_commit(),
+        "runtime_modified_since_commit": _runtime_dirty(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    info.update(extra)
+    return info
+
+
+def _mem_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return None
+
+
+def _runtime_dirty() -> list[str] | None:
+    """Files of dualpipe/ and overlap/ that differ from the commit (what was measured is
+    the working tree)."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                              "dualpipe", "overlap"], capture_output=True, text=True, timeout=10)
+        return [line[3:] for line in out.stdout.splitlines() if line.strip()]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def describe_machine(m: dict) -> str:
+    """One line for tables and logs."""
+    dev = m["gpu"] or f"{m['cpu_model']}, {m['cpu_cores_usable']} cores"
+    return (f"{dev}; torch {m['torch']}; backend {m['backend']}; load avg "
+            f"{m['load_avg_1_5_15'][0]} at start")
+
+
+# --------------------------------------------------------------------------- statistics
+
+def summarize(xs: Sequence[float]) -> dict:
+    """median, quartiles, IQR, min, max, mean, n of ``xs`` (no NaN: raises when empty)."""
+    xs = sorted(float(x) for x in xs)
+    if not xs:
+        raise ValueError("no samples to summarize: the benchmark did not run")
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1,
+            "min": xs[0], "max": xs[-1], "mean": statistics.fmean(xs), "n": len(xs)}
+
+
+def ratio_samples(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Per-repeat ratios a[i] / b[i] (the two sides measured back to back)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    return [x / y for x, y in zip(a, b)]
+
+
+# --------------------------------------------------------------------------- output
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+    out = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(v) for v in r] for r in rows]
+    w = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def out_dir(path: str | os.PathLike | None) -> Path:
+    d = Path(path) if path else RESULTS_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_json(path: Path, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "__dict__"):
+        return o.__dict__
+    return str(o)
+
+
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, axes[0]
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- stages
+
+_cuda_cycles_per_s: float | None = None
+
+
+def cuda_sleep_cycles_per_s() -> float:
+    """Clock cycles per second of ``torch.cuda._sleep`` on the current GPU (measured once)."""
+    global _cuda_cycles_per_s
+    if _cuda_cycles_per_s is None:
+        import torch
+        cycles = 50_000_000
+        torch.cuda._sleep(1000)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(cycles)
+        b.record()
+        b.synchronize()
+        _cuda_cycles_per_s = cycles / (a.elapsed_time(b) / 1e3)
+    return _cuda_cycles_per_s
+
+
+def sleep_for(seconds: float, device) -> None:
+    """Occupy ``device`` for ``seconds``: the host sleeps on CPU (so many ranks share few
+    cores), ``torch.cuda._sleep`` spins the GPU on CUDA."""
+    if seconds <= 0:
+        return
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+        torch.cuda._sleep(int(seconds * cuda_sleep_cycles_per_s()))
+    else:
+        time.sleep(seconds)
+
+
+def _sleep_functions():
+    import torch
+
+    from dualpipe import WeightGradStore
+
+    class SleepInput(torch.autograd.Function):
+        """Input path of a calibrated layer: forward costs ``f``, backward ``b - w``."""
+
+        @staticmethod
+        def forward(ctx, x, f, b_in):
+            ctx.b_in = b_in
+            sleep_for(f, x.device)
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, gy):
+            sleep_for(ctx.b_in, gy.device)
+            return gy, None, None
+
+    class SleepWeight(torch.autograd.Function):
+        """Weight path of a calibrated layer: its gradient costs ``w``.  When
+        ``WeightGradStore.enabled`` (our runtime's ``I`` actions) the cost and the
+        accumulation are deferred to a closure that the ``W`` action runs."""
+
+        @staticmethod
+        def forward(ctx, weight, w):
+            ctx.w = w
+            ctx.weight = weight
+            return weight.clone()
+
+        @staticmethod
+        def backward(ctx, gw):
+            w, weight = ctx.w, ctx.weight
+            if WeightGradStore.enabled:
+                def deferred():
+                    sleep_for(w, gw.device)
+                    with torch.no_grad():
+                        weight.grad = gw.clone() if weight.grad is None else weight.grad + gw
+                WeightGradStore.put(deferred)
+                return None, None
+            sleep_for(w, gw.device)
+            return gw, None
+
+    return SleepInput, SleepWeight
+
+
+_FNS = None
+
+
+def sleep_layer_class():
+    """``SleepLayer(dim, f, b, w)``: ``y = x + weight`` whose forward costs ``f``
+    seconds and backward ``b`` (``b - w`` on the input path, ``w`` on the weight path).
+
+    The two paths are separate autograd nodes, so every runtime splits the backward the
+    way it would split a real layer's: ``torch.distributed.pipelining`` computes the
+    input gradient first (``b - w``) and the weight gradient later from the saved
+    intermediate (``w``); our runtime defers the weight path through
+    ``dualpipe.WeightGradStore``.  A first stage's input gets ``requires_grad`` inside
+    the layer so its input path costs the same as everywhere else.
+    """
+    global _FNS
+    import torch
+    import torch.nn as nn
+    if _FNS is None:
+        _FNS = _sleep_functions()
+    SleepInput, SleepWeight = _FNS
+
+    class SleepLayer(nn.Module):
+        def __init__(self, dim: int, f: float, b: float, w: float):
+            super().__init__()
+            if not 0 <= w <= b:
+                raise ValueError(f"need 0 <= w <= b, got b={b}, w={w}")
+            self.f, self.b_in, self.w = float(f), float(b - w), float(w)
+            self.weight = nn.Parameter(torch.zeros(dim))
+
+        def forward(self, x):
+            if torch.is_grad_enabled() and not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            return SleepInput.apply(x, self.f, self.b_in) + SleepWeight.apply(self.weight, self.w)
+
+    return SleepLayer
+
+
+def sleep_stage(layers: int, dim: int, f: float, b: float, w: float):
+    """A stage of ``layers`` calibrated layers (costs add up)."""
+    import torch.nn as nn
+    cls = sleep_layer_class()
+    if layers == 1:
+        return cls(dim, f, b, w)
+    return nn.Sequential(*[cls(dim, f, b, w) for _ in range(layers)])
+
+
+def mlp_stage(layers: int, dim: int, seed: int):
+    """A stage of ``layers`` residual MLP blocks (LayerNorm, Linear d->4d, GELU, Linear
+    4d->d), deterministic weights from ``seed``."""
+    import torch
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(dim)
+            self.fc1 = nn.Linear(dim, 4 * dim)
+            self.fc2 = nn.Linear(4 * dim, dim)
+
+        def forward(self, x):
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+    torch.manual_seed(seed)
+    blocks = [Block() for _ in range(layers)]
+    return blocks[0] if layers == 1 else nn.Sequential(*blocks)
+
+
+def mse(out, target):
+    import torch.nn.functional as Fn
+    return Fn.mse_loss(out, target)
+
+
+# --------------------------------------------------------------------------- our pipelines
+
+def build_ours(name: str, rank: int, world: int, num_chunks: int,
+               make_stage: Callable[[int], Any], **kw):
+    """Our pipeline for ``name`` on this rank, with ``make_stage(stage_index)`` for each of
+    the rank's stages (placement from the schedule).  Returns ``(pipe, schedule)``."""
+    from dualpipe import DualPipe, DualPipeV, Pipeline
+    from dualpipe.schedules import get_schedule
+    s = get_schedule(name, world, num_chunks)
+    mods = [make_stage(stage) for (_st, stage) in s.placement[rank]]
+    if name == "dualpipe":
+        return DualPipe(mods, **kw), s
+    if name == "dualpipev":
+        return DualPipeV(mods, **kw), s
+    return Pipeline(mods[0], schedule=name, **kw), s
+
+
+def rank_io(s, rank: int, x, y, rows_per_mb: int):
+    """This rank's share of the batch for our runtime: inputs where it holds a stream's
+    first stage, labels where it holds a last stage (``x``/``y`` cover all micro-batches)."""
+    inputs, labels = (), ()
+    for st_idx, stage in s.placement[rank]:
+        st = s.streams[st_idx]
+        sl = slice(st.first_microbatch * rows_per_mb,
+                   (st.first_microbatch + st.num_microbatches) * rows_per_mb)
+        if stage == 0:
+            inputs = (x[sl],)
+        if stage == st.num_stages - 1:
+            labels = (y[sl],)
+    return inputs, labels
+
+
+def timed(fn: Callable[[], Any], device=None) -> tuple[float, float, Any]:
+    """Barrier, run ``fn``, return ``(t_start, t_end, result)`` on the system-wide
+    monotonic clock (``time.perf_counter`` is CLOCK_MONOTONIC on Linux, so ranks on one
+    machine can be compared: a step's makespan is max(end) - min(start))."""
+    import torch
+    import torch.distributed as dist
+    dist.barrier()
+    t0 = time.perf_counter()
+    out = fn()
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    return t0, t1, out
+
+
+def makespans(per_rank: Sequence[Sequence[tuple[float, float]]]) -> list[float]:
+    """``per_rank[r][i] = (start, end)`` of repeat ``i`` -> makespan of each repeat."""
+    n = len(per_rank[0])
+    return [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(n)]
+
+
+def torch_pipelining_status() -> dict:
+    """Which of torch.distributed.pipelining's schedules this torch has."""
+    import torch
+    out = {"torch": torch.__version__, "Schedule1F1B": False, "ScheduleDualPipeV": False,
+           "reason": None}
+    try:
+        from torch.distributed.pipelining import schedules as sch
+    except Exception as e:  # noqa: BLE001
+        out["reason"] = f"torch.distributed.pipelining is not importable: {e}"
+        return out
+    out["Schedule1F1B"] = hasattr(sch, "Schedule1F1B")
+    out["ScheduleDualPipeV"] = hasattr(sch, "ScheduleDualPipeV")
+    if not out["ScheduleDualPipeV"]:
+        out["reason"] = (f"torch {torch.__version__} has no ScheduleDualPipeV (added in torch "
+                         "2.8); the DualPipeV comparison is skipped")
+    return out

@@ -1,0 +1,405 @@
+"""Head to head with ``torch.distributed.pipelining`` in the same run.
+
+Same processes, same stage modules (separate copies with identical weights), same
+micro-batches, same loss, backward included, alternating which side goes first:
+
+* our ``DualPipeV``                 vs torch ``ScheduleDualPipeV`` (torch >= 2.8)
+* our ``Pipeline(schedule="1f1b")`` vs torch ``Schedule1F1B``
+* our ``DualPipe``                  for reference (torch has no DualPipe)
+
+Two stage kinds:
+
+``mlp``   real compute: residual MLP blocks (LayerNorm, Linear d->4d, GELU, Linear 4d->d),
+          one torch thread per rank (default 2 ranks on this 2-core machine);
+``sleep`` calibrated layers (``bench.common.sleep_layer_class``): the forward sleeps F,
+          the backward B, split into an input part B - W and a weight part W that both
+          runtimes can defer, so 4 and 8 ranks fit on few cores.
+
+The model is always ``2 x ranks`` layers: DualPipeV puts one layer on each of its
+``2R`` stages, 1F1B two layers on each of its ``R`` stages, DualPipe two layers on each
+of its ``R`` stages (held twice: both directions).  Step time = max end - min start over
+ranks of one step (barrier before each).  Reported: median and IQR of each side's step
+time over the timed repeats (warm-up excluded) and of the paired ratio ours / torch;
+target ours <= 0.9 x torch.  For our side the runtime's own split of each rank's step
+(``last_stats``: inside compute actions, waiting on receives, the rest) says where the
+time goes; torch's time waiting on its p2p works is measured by wrapping
+``schedules._wait_batch_p2p``.
+
+    python -m bench.vs_torch                    # mlp on 2 ranks, sleep on 4 and 8 ranks
+    python -m bench.vs_torch --cases mlp --repeats 20
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import sys
+import time
+
+from bench import common
+
+PAIRS = ("dualpipev", "1f1b", "dualpipe")
+
+
+def _kw_supported(fn, **kw):
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kw.items() if k in params}
+
+
+def _torch_wait_patch():
+    """Wrap torch's ``_wait_batch_p2p`` (the one place its schedules wait on p2p works)
+    to accumulate the time spent there; returns a one-element list holding seconds."""
+    from torch.distributed.pipelining import schedules as sch
+    acc = [0.0]
+    orig = getattr(sch, "_wait_batch_p2p", None)
+    if orig is None or getattr(orig, "_bench_wrapped", False):
+        return getattr(orig, "_bench_acc", acc)
+
+    def wrapped(work):
+        t0 = time.perf_counter()
+        try:
+            return orig(work)
+        finally:
+            acc[0] += time.perf_counter() - t0
+    wrapped._bench_wrapped = True
+    wrapped._bench_acc = acc
+    sch._wait_batch_p2p = wrapped
+    return acc
+
+
+def _build_torch(name: str, rank: int, world: int, N: int, make_stage, dev):
+    """torch.distributed.pipelining schedule for ``name`` (None when unavailable)."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining import schedules as sch
+    if name == "dualpipev":
+        cls = getattr(sch, "ScheduleDualPipeV", None)
+        if cls is None:
+            return None
+        S = 2 * world
+        stages = [PipelineStage(make_stage(i), i, S, dev) for i in (rank, S - 1 - rank)]
+        sched = cls(stages, N, loss_fn=common.mse, **_kw_supported(cls.__init__, scale_grads=False))
+        first = rank == 0
+        last = rank == 0
+    elif name == "1f1b":
+        stage = PipelineStage(make_stage(rank), rank, world, dev)
+        cls = sch.Schedule1F1B
+        sched = cls(stage, N, loss_fn=common.mse, **_kw_supported(cls.__init__, scale_grads=False))
+        stages = [stage]
+        first, last = rank == 0, rank == world - 1
+    else:
+        return None
+    return sched, stages, first, last
+
+
+def _rank_main(rank: int, world: int, cfg: dict):
+    import torch
+
+    dev = torch.device("cpu")
+    R, N, rows, dim = world, cfg["chunks"], cfg["rows"], cfg["dim"]
+    wait_acc = _torch_wait_patch()
+
+    def layers_for(name):
+        return 1 if name == "dualpipev" else 2
+
+    def maker(name):
+        L = layers_for(name)
+        if cfg["stages"] == "sleep":
+            return lambda stage: common.sleep_stage(L, dim, cfg["f"], cfg["b"], cfg["w"])
+        return lambda stage: common.mlp_stage(L, dim, seed=1000 * L + stage)
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N * rows, dim, generator=g)
+    y = torch.randn(N * rows, dim, generator=g)
+
+    runners = {}
+    checks = {}
+    for name in cfg["pairs"]:
+        # ours
+        pipe, s = common.build_ours(name, rank, world, N, maker(name), timeout=cfg["timeout"],
+                                    split_linear_weight_grads=cfg["split_w"])
+        inputs, labels = common.rank_io(s, rank, x, y, rows)
+        crit = common.mse if labels else None
+
+        def ours(pipe=pipe, inputs=inputs, labels=labels, crit=crit):
+            loss, _ = pipe.step(*inputs, num_chunks=N, criterion=crit, labels=labels)
+            return loss
+        runners[(name, "ours")] = (ours, pipe)
+        # torch
+        built = _build_torch(name, rank, world, N, maker(name), dev)
+        if built is not None:
+            sched, stages, first, last = built
+
+            def theirs(sched=sched, first=first, last=last):
+                losses = [] if last else None
+                args = (x,) if first else ()
+                kw = {"target": y, "losses": losses} if last else {}
+                sched.step(*args, **kw)
+                return torch.stack([l.detach() for l in losses]) if last else None
+            runners[(name, "torch")] = (theirs, stages)
+
+    def zero(obj):
+        mods = [obj] if not isinstance(obj, list) else [st.submod for st in obj]
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+
+    def grads(obj):
+        mods = [obj] if not isinstance(obj, list) else [st.submod for st in obj]
+        return [p.grad.detach().clone() if p.grad is not None else None
+                for m in mods for p in m.parameters()]
+
+    times = {k: [] for k in runners}
+    stats = {k: [] for k in runners}
+    for rep in range(cfg["warmup"] + cfg["repeats"]):
+        for name in cfg["pairs"]:
+            sides = ["ours", "torch"] if rep % 2 == 0 else ["torch", "ours"]
+            for side in sides:
+                key = (name, side)
+                if key not in runners:
+                    continue
+                fn, obj = runners[key]
+                zero(obj)
+                w0 = wait_acc[0]
+                t0, t1, loss = common.timed(fn)
+                w1 = wait_acc[0]
+                if rep == 0:
+                    checks[key] = {"loss": loss, "grads": grads(obj)}
+                if rep >= cfg["warmup"]:
+                    times[key].append((t0, t1))
+                    if side == "ours":
+                        st = obj.last_stats
+                        stats[key].append({"wall": st.wall, "busy": st.busy, "wait": st.wait})
+                    else:
+                        stats[key].append({"wall": t1 - t0, "wait": w1 - w0})
+        gc.collect()
+    # equal work: same losses and gradients on both sides at the first step
+    eq = {}
+    for name in cfg["pairs"]:
+        a, b = checks.get((name, "ours")), checks.get((name, "torch"))
+        if a is None or b is None:
+            continue
+        ld = None
+        if a["loss"] is not None and b["loss"] is not None:
+            ld = float((a["loss"] - b["loss"]).abs().max())
+        gd = max((float((p - q).abs().max()) / (float(q.abs().max()) + 1e-30)
+                  for p, q in zip(a["grads"], b["grads"]) if p is not None and q is not None),
+                 default=0.0)
+        eq[name] = {"loss_max_abs_diff": ld, "grad_max_rel_diff": gd,
+                    "n_grads": sum(1 for p in a["grads"] if p is not None)}
+    return {"times": {f"{k[0]}|{k[1]}": v for k, v in times.items()},
+            "stats": {f"{k[0]}|{k[1]}": v for k, v in stats.items()}, "equal_work": eq}
+
+
+def analyse(case: dict, per_rank: list) -> dict:
+    keys = list(per_rank[0]["times"])
+    mk = {k: common.makespans([r["times"][k] for r in per_rank]) for k in keys}
+    out = {"case": case, "sides": {}, "pairs": {}}
+    for k in keys:
+        name, side = k.split("|")
+        st = [r["stats"][k] for r in per_rank]
+        n = len(st[0])
+        per_rank_med = []
+        for r, rs in enumerate(st):
+            d = {"wall_ms": common.summarize([x["wall"] for x in rs])["median"] * 1e3,
+                 "wait_ms": common.summarize([x["wait"] for x in rs])["median"] * 1e3}
+            if "busy" in rs[0]:
+                d["busy_ms"] = common.summarize([x["busy"] for x in rs])["median"] * 1e3
+                d["other_ms"] = d["wall_ms"] - d["busy_ms"] - d["wait_ms"]
+            per_rank_med.append(d)
+        out["sides"][k] = {"step_s": common.summarize(mk[k]), "samples_s": mk[k],
+                           "per_rank": per_rank_med, "n": n}
+    for name in case["pairs"]:
+        a, b = f"{name}|ours", f"{name}|torch"
+        if a in mk and b in mk:
+            ratios = common.ratio_samples(mk[a], mk[b])
+            out["pairs"][name] = {"ratio": common.summarize(ratios), "samples": ratios,
+                                  "target_met": common.summarize(ratios)["median"] <= 0.9,
+                                  "equal_work": [r["equal_work"].get(name) for r in per_rank]}
+        elif a in mk:
+            out["pairs"][name] = {"ratio": None, "reason": case.get("torch_missing", {}).get(
+                name, "torch has no such schedule (reference only)")}
+    return out
+
+
+def run_case(case: dict) -> dict:
+    from dualpipe.launch import run_ranks
+    t0 = time.perf_counter()
+    per_rank = run_ranks(_rank_main, case["ranks"], case, threads=1,
+                         timeout=max(600.0, case["timeout"] * 4))
+    res = analyse(case, per_rank)
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def render(machine, status, results, out) -> str:
+    md = ["# Step time against torch.distributed.pipelining (`python -m bench.vs_torch`)", "",
+          f"Machine: {common.describe_machine(machine)}.", "",
+          "Same processes, modules, micro-batches and loss on both sides; each repeat runs "
+          "both back to back, alternating which goes first. Step time = max end - min start "
+          "over ranks. Ratio = ours / torch per repeat (paired), median [IQR]; "
+          "target <= 0.9.", ""]
+    if status.get("reason"):
+        md += [f"Skipped: {status['reason']}.", ""]
+    headers = ["case", "schedule", "ours ms (median [IQR])", "torch ms (median [IQR])",
+               "ours / torch (median [IQR])", "target <= 0.9", "equal work (loss diff, grad rel diff)"]
+    rows, text_rows = [], []
+    for res in results:
+        c = res["case"]
+        label = (f"{c['stages']} {c['ranks']}r x {c['chunks']}mb"
+                 + (f" d={c['dim']}" if c["stages"] == "mlp" else
+                    f" F/B/W={c['f'] * 1e3:g}/{c['b'] * 1e3:g}/{c['w'] * 1e3:g}ms"))
+        for name in c["pairs"]:
+            ours = res["sides"].get(f"{name}|ours")
+            theirs = res["sides"].get(f"{name}|torch")
+            pr = res["pairs"].get(name, {})
+            o = ours["step_s"] if ours else None
+            t = theirs["step_s"] if theirs else None
+            r = pr.get("ratio")
+            ew = pr.get("equal_work") or []
+            ew = [e for e in ew if e]
+            ew_s = ("-" if not ew else
+                    f"{max((e['loss_max_abs_diff'] or 0) for e in ew):.1e}, "
+                    f"{max(e['grad_max_rel_diff'] for e in ew):.1e}")
+            row = [label, name,
+                   f"{o['median'] * 1e3:.2f} [{o['iqr'] * 1e3:.2f}]" if o else "-",
+                   f"{t['median'] * 1e3:.2f} [{t['iqr'] * 1e3:.2f}]" if t else "-",
+                   f"{r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}]" if r else
+                   pr.get("reason", "-"),
+                   ("met" if pr["target_met"] else "NOT met") if r else "-", ew_s]
+            rows.append(row)
+            text_rows.append(row[:6])
+    md += [common.md_table(headers, rows), ""]
+    # where our time goes
+    md += ["Where each rank's step time goes on our side (`pipe.last_stats`, medians, ms): "
+           "inside compute actions (busy) / waiting on receives (wait) / the rest "
+           "(handshake, posting, bookkeeping, draining sends); torch: time in "
+           "`_wait_batch_p2p`.", ""]
+    h2 = ["case", "schedule", "side", "per rank: wall / busy / wait / other ms"]
+    r2 = []
+    for res in results:
+        c = res["case"]
+        label = f"{c['stages']} {c['ranks']}r x {c['chunks']}mb"
+        for k, v in res["sides"].items():
+            name, side = k.split("|")
+            cells = []
+            for d in v["per_rank"]:
+                if "busy_ms" in d:
+                    cells.append(f"{d['wall_ms']:.1f}/{d['busy_ms']:.1f}/{d['wait_ms']:.1f}/"
+                                 f"{d['other_ms']:.1f}")
+                else:
+                    cells.append(f"{d['wall_ms']:.1f}/-/{d['wait_ms']:.1f}/-")
+            r2.append([label, name, side, "; ".join(cells)])
+    md += [common.md_table(h2, r2), ""]
+    # plot: step-time ratio per case with IQR whiskers + absolute times
+    fig, (ax1, ax2) = common.new_figure(2, 6.0, 4.0)
+    labels, med, lo, hi = [], [], [], []
+    for res in results:
+        c = res["case"]
+        for name, pr in res["pairs"].items():
+            if pr.get("ratio"):
+                r = pr["ratio"]
+                labels.append(f"{name}\n{c['stages']} {c['ranks']}r")
+                med.append(r["median"])
+                lo.append(r["median"] - r["q1"])
+                hi.append(r["q3"] - r["median"])
+    if med:
+        xs = range(len(med))
+        ax1.bar(xs, med, yerr=[lo, hi], capsize=3, color="#4477aa")
+        ax1.axhline(0.9, color="k", ls="--", lw=0.8, label="target 0.9")
+        ax1.axhline(1.0, color="gray", lw=0.6)
+        ax1.set_xticks(list(xs))
+        ax1.set_xticklabels(labels, fontsize=7)
+        ax1.set_ylabel("step time ours / torch (median, IQR)")
+        ax1.legend(fontsize=7)
+    ax1.set_title("ours / torch.distributed.pipelining", fontsize=9)
+    bl, bo, bt = [], [], []
+    for res in results:
+        c = res["case"]
+        for name in c["pairs"]:
+            o = res["sides"].get(f"{name}|ours")
+            t = res["sides"].get(f"{name}|torch")
+            bl.append(f"{name}\n{c['stages']} {c['ranks']}r")
+            bo.append(o["step_s"]["median"] * 1e3 if o else 0)
+            bt.append(t["step_s"]["median"] * 1e3 if t else 0)
+    xs = list(range(len(bl)))
+    ax2.bar([x - 0.2 for x in xs], bo, 0.4, label="ours", color="#228833")
+    ax2.bar([x + 0.2 for x in xs], bt, 0.4, label="torch", color="#ee6677")
+    ax2.set_xticks(xs)
+    ax2.set_xticklabels(bl, fontsize=7)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("step time, ms (median)")
+    ax2.legend(fontsize=7)
+    ax2.set_title("step time", fontsize=9)
+    fig.suptitle(f"bench.vs_torch — {common.describe_machine(machine)}", fontsize=8)
+    common.save_figure(fig, out / "vs_torch.png")
+    md += ["![ours vs torch](vs_torch.png)", ""]
+    (out / "vs_torch.md").write_text("\n".join(md))
+    return common.text_table(["case", "schedule", "ours ms", "torch ms", "ours/torch", "<=0.9"],
+                             text_rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.vs_torch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=["mlp", "sleep"], choices=["mlp", "sleep"])
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=PAIRS)
+    p.add_argument("--mlp-ranks", type=int, default=2)
+    p.add_argument("--mlp-chunks", type=int, default=8)
+    p.add_argument("--dim", type=int, default=256, help="MLP hidden size")
+    p.add_argument("--rows", type=int, default=32, help="rows per micro-batch (mlp)")
+    p.add_argument("--sleep-ranks", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--sleep-chunks", type=int, default=16)
+    p.add_argument("--f", type=float, default=0.005)
+    p.add_argument("--b", type=float, default=0.010)
+    p.add_argument("--w", type=float, default=0.005)
+    p.add_argument("--no-split-w", dest="split_w", action="store_false",
+                   help="our MLP runs without split_linear_weight_grads (W passes are empty)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats (default: 15 for mlp, 5 for sleep)")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    out = common.out_dir(a.out)
+    status = common.torch_pipelining_status()
+    machine = common.machine_info("gloo", threads_per_rank=1)
+    pairs = list(a.pairs)
+    missing = {}
+    if not status["ScheduleDualPipeV"]:
+        missing["dualpipev"] = status["reason"] or "no ScheduleDualPipeV"
+        print(f"[vs_torch] {missing['dualpipev']}", flush=True)
+    if not status["Schedule1F1B"]:
+        missing["1f1b"] = status["reason"] or "no Schedule1F1B"
+    cases = []
+    if "mlp" in a.cases:
+        cases.append(dict(stages="mlp", ranks=a.mlp_ranks, chunks=a.mlp_chunks, dim=a.dim,
+                          rows=a.rows, f=0.0, b=0.0, w=0.0,
+                          repeats=a.repeats or 15))
+    if "sleep" in a.cases:
+        for R in a.sleep_ranks:
+            cases.append(dict(stages="sleep", ranks=R, chunks=max(a.sleep_chunks, 2 * R), dim=16,
+                              rows=2, f=a.f, b=a.b, w=a.w, repeats=a.repeats or 5))
+    t_start = time.perf_counter()
+    results = []
+    for c in cases:
+        c.update(pairs=[n for n in pairs if not (n == "dualpipe" and c["ranks"] % 2)],
+                 warmup=a.warmup, timeout=a.timeout, split_w=a.split_w, torch_missing=missing)
+        print(f"[vs_torch] {c['stages']}: {c['ranks']} ranks, {c['chunks']} micro-batches, "
+              f"{c['warmup']} warm-up + {c['repeats']} timed repeats of {', '.join(c['pairs'])}",
+              flush=True)
+        res = run_case(c)
+        print(f"[vs_torch]   done in {res['wall_s']:.1f} s", flush=True)
+        results.append(res)
+    machine["load_avg_1_5_15_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    payload = {"benchmark": "vs_torch", "machine": machine, "torch_pipelining": status,
+               "units": "seconds (step times), ratios ours/torch",
+               "wall_s": time.perf_counter() - t_start, "results": results}
+    common.write_json(out / "vs_torch.json", payload)
+    table = render(machine, status, results, out)
+    print(f"[vs_torch] wrote {out / 'vs_torch.json'}, vs_torch.md, vs_torch.png "
+          f"({time.perf_counter() - t_start:.0f} s)")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
