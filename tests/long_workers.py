@@ -278,26 +278,88 @@ def copies_identical(rank: int, world: int, N: int, steps: int, lr: float, momen
 # --------------------------------------------------------------------------- random cases
 
 
-def random_case(rank: int, world: int, case: dict):
-    """One schedule drawn by the property test: ``steps`` steps, no optimizer; returns
-    losses, loss slice, measured peak activations and the gradients of this rank."""
-    name, N = case["schedule"], case["chunks"]
-    p, s = build(name, rank, world, N, tuple_io=case.get("tuple_io", False),
-                 split_linear_weight_grads=case.get("split_linear", False), timeout=60)
-    res = {"losses": [], "peaks": [], "loss_slice": None}
-    for step in range(case.get("steps", 1)):
-        xs, ys = make_batch(step, N, case.get("tuple_io", False))
-        inputs, labels, sl = rank_io(s, rank, xs, ys)
-        res["loss_slice"] = sl
-        loss, _ = p.step(*inputs, num_chunks=N, criterion=criterion if labels else None,
-                         labels=labels)
-        res["losses"].append(loss)
-        res["peaks"].append(p.last_stats.peak_activations)
-    res["grads"] = {}
-    for c, (_st, stage) in enumerate(s.placement[rank]):
-        res["grads"].setdefault(stage, []).append(
-            {n: q.grad.clone() for n, q in p.module[c].named_parameters() if q.grad is not None})
-    return res
+class _Live:
+    """Activations this process holds, counted by the stages themselves: +1 when a
+    stage's forward runs (training), -1 when the gradient of its output has been
+    computed (the stage's backward, or its input-gradient part).  Independent of the
+    runtime's own bookkeeping (``last_stats.peak_activations``)."""
+
+    now = 0
+    peak = 0
+
+
+class _Mark(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        _Live.now += 1
+        _Live.peak = max(_Live.peak, _Live.now)
+        return y.clone()   # a new tensor: the runtime rejects views of its outputs
+
+    @staticmethod
+    def backward(ctx, g):
+        _Live.now -= 1
+        return g
+
+
+class _Counting:
+    def forward(self, *args):
+        out = super().forward(*args)
+        if not torch.is_grad_enabled():
+            return out
+        if isinstance(out, torch.Tensor):
+            return _Mark.apply(out)
+        return (_Mark.apply(out[0]),) + tuple(out[1:])
+
+
+class CountingStage(_Counting, Stage):
+    pass
+
+
+def _counting_hook_stage():
+    from tests.models import HookStage
+
+    class CountingHookStage(_Counting, HookStage):
+        pass
+    return CountingHookStage
+
+
+def random_cases(rank: int, world: int, cases: list[dict]):
+    """Cases drawn by the property test, run one after the other on these ranks.
+    Per case: losses, loss slice, peak activations per step (the runtime's figure and
+    the stages' own count), this rank's gradients and which stages it holds."""
+    from dualpipe import DualPipe, DualPipeV, Pipeline
+    from dualpipe.schedules import get_schedule
+    out = []
+    for case in cases:
+        name, N, tuple_io = case["schedule"], case["chunks"], case.get("tuple_io", False)
+        s = get_schedule(name, world, N)
+        cls = _counting_hook_stage() if case.get("hook") else CountingStage
+        mods = [cls(stage, tuple_io) for (_st, stage) in s.placement[rank]]
+        kw = dict(split_linear_weight_grads=case.get("split_linear", False), timeout=60)
+        if name == "dualpipe":
+            p = DualPipe(mods, **kw)
+        elif name == "dualpipev":
+            p = DualPipeV(mods, **kw)
+        else:
+            p = Pipeline(mods[0], schedule=name, **kw)
+        res = {"losses": [], "peaks": [], "counted_peaks": [], "loss_slice": None}
+        for step in range(case.get("steps", 1)):
+            xs, ys = make_batch(step, N, tuple_io)
+            inputs, labels, sl = rank_io(s, rank, xs, ys)
+            res["loss_slice"] = sl
+            _Live.now = _Live.peak = 0
+            loss, _ = p.step(*inputs, num_chunks=N, criterion=criterion if labels else None,
+                             labels=labels)
+            res["losses"].append(loss)
+            res["peaks"].append(p.last_stats.peak_activations)
+            res["counted_peaks"].append((_Live.peak, _Live.now))
+        res["grads"] = {}
+        for c, (_st, stage) in enumerate(s.placement[rank]):
+            res["grads"].setdefault(stage, []).append(
+                {n: q.grad.clone() for n, q in p.module[c].named_parameters()
+                 if q.grad is not None})
+        out.append(res)
+    return out
 
 
 # --------------------------------------------------------------------------- sessions
@@ -365,5 +427,5 @@ def num_stages(name: str, world: int) -> int:
 
 
 __all__ = ["MB", "rss_bytes", "live_tensors", "train", "reference_training", "accumulate",
-           "reference_copy_grads", "state_round_trip", "copies_identical", "random_case", "session", "run_session", "session_part",
+           "reference_copy_grads", "state_round_trip", "copies_identical", "random_cases", "CountingStage", "session", "run_session", "session_part",
            "SESSIONS", "SESSION_CFG", "LR", "MOMENTUM", "num_stages"]
