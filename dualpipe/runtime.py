@@ -213,20 +213,28 @@ class PipelineRuntime(nn.Module):
         self.user_group = self.group
         self._store = _group_store(self.group)
         self._pg = None
+        # Private backends over the same ranks carry the pipeline's traffic.  On a
+        # failure the runtime drops them, which closes their connections so every rank
+        # stops at once, while the user's group (and the store rank 0 hosts) stays
+        # usable.  Their store prefix is unique per pipeline built on this group (ranks
+        # build pipelines in the same order).  NCCL gets two, one per direction (see
+        # overlap.p2p.P2P).
+        gname = str(getattr(self.group, "group_name", "") or "default")
+        n = _clone_count[gname] = _clone_count.get(gname, 0) + 1
+        self._prefix = f"dualpipe/{gname}/{n}"
+        to = datetime.timedelta(seconds=float(timeout))
         if backend == "gloo":
-            # A private gloo backend over the same ranks carries the pipeline's traffic.
-            # On a failure the runtime drops it, which closes its connections so every
-            # rank stops at once, while the user's group (and the store that rank 0
-            # hosts) stays usable.  Its store prefix is unique per pipeline built on
-            # this group (ranks build pipelines in the same order).
-            gname = str(getattr(self.group, "group_name", "") or "default")
-            n = _clone_count[gname] = _clone_count.get(gname, 0) + 1
-            self._prefix = f"dualpipe/{gname}/{n}"
             self._pg = dist.ProcessGroupGloo(dist.PrefixStore(self._prefix, self._store),
-                                             self.group.rank(), self.num_ranks,
-                                             datetime.timedelta(seconds=float(timeout)))
-        else:
-            self._prefix = f"dualpipe/{getattr(self.group, 'group_name', 'g')}/nccl"
+                                             self.group.rank(), self.num_ranks, to)
+        elif backend == "nccl":  # unverified: no GPU has run this path yet
+            def nccl(direction: str):
+                opts = dist.ProcessGroupNCCL.Options()
+                opts.is_high_priority_stream = True
+                opts._timeout = to
+                return dist.ProcessGroupNCCL(
+                    dist.PrefixStore(f"{self._prefix}/{direction}", self._store),
+                    self.group.rank(), self.num_ranks, opts)
+            self._pg = (nccl("up"), nccl("down"))
         if backend == "nccl" and self.device.type != "cuda":
             raise ValueError("the process group uses NCCL but the stage modules are on "
                              f"{self.device}; move them to the rank's GPU")
@@ -246,7 +254,8 @@ class PipelineRuntime(nn.Module):
             for m in modules:
                 split_linear_weight_grads_fn(m)
         self.record_timeline = record_timeline
-        self._p2p = P2P(self.group) if self._pg is None else P2P(backend=self._pg)
+        self._p2p = P2P(self.group) if self._pg is None else \
+            P2P(backend=self._pg, rank=self.group.rank())
         self._plans: dict[tuple, _Plan] = {}
         self._meta_sent: dict[tuple, list[TensorMeta]] = {}
         self._meta_recv: dict[tuple, list[TensorMeta]] = {}
@@ -773,14 +782,16 @@ class PipelineRuntime(nn.Module):
         return err
 
     def _teardown(self) -> None:
-        group, self._p2p, self._pg = self._pg, None, None
+        pgs, self._p2p, self._pg = self._pg, None, None
         self.group = None
-        if group is None and hasattr(self.user_group, "abort"):
-            try:
-                self.user_group.abort()  # NCCL: abort the communicators
-            except Exception as exc:  # noqa: BLE001
-                log.debug("aborting the process group failed: %s", exc)
-        del group
+        for pg in (pgs if isinstance(pgs, tuple) else (pgs,)):
+            if pg is not None and hasattr(pg, "abort") and not isinstance(
+                    pg, dist.ProcessGroupGloo):
+                try:
+                    pg.abort()  # NCCL: abort the communicators
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("aborting the pipeline's communicator failed: %s", exc)
+        del pgs
         gc.collect()  # gloo closes the connections when the last reference goes
 
     def _check_declared(self, metas: list[TensorMeta], c: int, text: str) -> None:

@@ -12,6 +12,12 @@
   (:func:`~dualpipe.schedules.lower`) is executed symbolically with asynchronous sends
   and receives that block until the sender has sent, messages on each (sender, receiver)
   channel matched first-in first-out, as an untagged transport (NCCL) matches them.
+  The runtime executes exactly this model: on gloo every operation is independent; on
+  NCCL messages to higher and to lower ranks travel on two separate communicators, so
+  the in-order stream of each pair carries one direction only and cannot make a
+  receive posted early block a send.  (Batching each compute's receives with the
+  previous compute's sends, as the published implementation does, deadlocks with this
+  lowering; the published code avoids that only by hand-placed special cases.)
 
 A violation raises :class:`ScheduleError` naming the rank, the action and why, with the
 rank x step grid and the failing step bracketed.

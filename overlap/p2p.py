@@ -138,21 +138,36 @@ class P2P:
     Either ``group`` (a registered process group, ``None`` = the default one), whose
     group ranks are converted to global ranks once; or ``backend``, a process-group
     backend object used directly (``send``/``recv``/``allgather`` with group ranks),
-    such as the private gloo group the pipeline runtime creates for itself.
+    such as the private gloo group the pipeline runtime creates for itself; or a pair
+    ``(up, down)`` of backends with this process's group ``rank``: messages to higher
+    ranks travel on ``up``, to lower ranks on ``down``, so that on a transport whose
+    operations between two ranks run in order (NCCL) a receive posted ahead never
+    blocks a send in the other direction.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, backend=None):
+    def __init__(self, group: dist.ProcessGroup | None = None, backend=None,
+                 rank: int | None = None):
         self.backend = backend
+        self.rank = rank
         if backend is None:
             self.group = group if group is not None else dist.distributed_c10d._get_default_group()
             n = self.group.size()
             self._global = [dist.get_global_rank(self.group, i) for i in range(n)]
         else:
             self.group = None
+            if isinstance(backend, tuple) and rank is None:
+                raise ValueError("P2P with (up, down) backends needs this rank's group rank")
+
+    def _backend(self, src: int, dst: int):
+        b = self.backend
+        if isinstance(b, tuple):  # (to higher ranks, to lower ranks): one direction each
+            return b[0] if dst > src else b[1]
+        return b
 
     def isend(self, tensors: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
         if self.backend is not None:
-            works = [self.backend.send([t.detach()], peer, tag) for t in tensors]
+            be = self._backend(self.rank, peer)
+            works = [be.send([t.detach()], peer, tag) for t in tensors]
         else:
             g, dst = self.group, self._global[peer]
             works = [dist.isend(t.detach(), dst, group=g, tag=tag) for t in tensors]
@@ -160,7 +175,8 @@ class P2P:
 
     def irecv(self, buffers: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
         if self.backend is not None:
-            works = [self.backend.recv([t], peer, tag) for t in buffers]
+            be = self._backend(peer, self.rank)
+            works = [be.recv([t], peer, tag) for t in buffers]
         else:
             g, src = self.group, self._global[peer]
             works = [dist.irecv(t, src, group=g, tag=tag) for t in buffers]
@@ -170,7 +186,8 @@ class P2P:
         """Every rank's ``t``, in group-rank order."""
         out = [torch.empty_like(t) for _ in range(world)]
         if self.backend is not None:
-            work = self.backend.allgather([out], [t])
+            be = self.backend[0] if isinstance(self.backend, tuple) else self.backend
+            work = be.allgather([out], [t])
         else:
             work = dist.all_gather(out, t, group=self.group, async_op=True)
         return Handle([work], out, what, -1)
