@@ -17,8 +17,8 @@ and timed steps, and compares
   and per-action runtime cost included), which separates "the schedule behaves as
   modelled" from "an action costs more than its nominal F/B/W".
 
-    python -m bench.bubble                       # ranks 4 and 8, two chunk counts each
-    python -m bench.bubble --ranks 4 --f 0.02 --b 0.04 --w 0.02 --repeats 3
+    python -m bench.bubble                       # ranks 4 and 8, 2R and 3R micro-batches
+    python -m bench.bubble --ranks 4 --f 0.01 --b 0.02 --w 0.01 --repeats 5
 
 Writes ``bubble.json``, ``bubble.md``, ``bubble.png`` and a measured timeline
 (``bubble_timeline.png``) under ``bench/results/`` (or ``--out``).
@@ -38,8 +38,9 @@ ROWS = 2       # rows per micro-batch
 
 
 def default_chunks(name: str, ranks: int) -> list[int]:
-    """Two micro-batch counts per rank count: the minimum the schedules share and twice it."""
-    return [2 * ranks, 4 * ranks]
+    """Two micro-batch counts per rank count: the minimum every schedule accepts (2 x
+    ranks) and 3 x ranks."""
+    return [2 * ranks, 3 * ranks]
 
 
 def valid(name: str, ranks: int, chunks: int) -> bool:
@@ -159,8 +160,10 @@ def analyse(cfg: dict, results_by_world: dict) -> dict:
             mcost = _measured_costs([c["timeline"] for c in cases], f, b, w)
             mcost_lat = Costs(mcost.f, mcost.b, mcost.w, fb=mcost.fb, latency=lat)
             simm = simulate(s, mcost_lat)
-            idle_meas = [common.summarize([st["wall"] - st["busy"] for st in c["stats"]])["median"]
-                         for c in cases]
+            # idle as the simulator defines it: the step's makespan (over all ranks)
+            # minus the rank's time inside compute actions, per repeat, then the median
+            idle_meas = [common.summarize([m - st["busy"] for m, st in zip(mk, c["stats"])])
+                         ["median"] for c in cases]
             wall_meas = [common.summarize([st["wall"] for st in c["stats"]])["median"]
                          for c in cases]
             wait_meas = [common.summarize([st["wait"] for st in c["stats"]])["median"]
@@ -216,8 +219,8 @@ def render(cfg, machine, res, out) -> str:
           f"{cfg['repeats']} timed steps after {cfg['warmup']} warm-up; measured one-way "
           "p2p latency " + ", ".join(f"{lt * 1e6:.0f} us ({w} ranks)" for w, lt in lat) + ".",
           "", md_note(), "", common.md_table(headers, table), "",
-          "Idle per rank (step wall - time inside compute actions; median of the timed "
-          "steps) against the simulator:", "", common.md_table(idle_headers, idle_rows), ""]
+          "Idle per rank (makespan - the rank's time inside compute actions, as the "
+          "simulator defines it; median of the timed steps) against the simulator:", "", common.md_table(idle_headers, idle_rows), ""]
     # plots
     fig, (ax1, ax2) = common.new_figure(2, 6.5, 4.2)
     labels = [f"{r['schedule']}\n{r['ranks']}x{r['chunks']}" for r in rows]
@@ -257,6 +260,7 @@ def render(cfg, machine, res, out) -> str:
     # one measured timeline, the biggest DualPipe case
     pick = [r for r in rows if r["schedule"] == "dualpipe" and r["ranks"] == big] or rows
     r = pick[-1]
+    res["drawn"] = (r["schedule"], r["ranks"], r["chunks"])
     s = get_schedule(r["schedule"], r["ranks"], r["chunks"])
     ivs = [Interval(rank, a, e, parse_action(t), lane)
            for rank, tl in enumerate(r["timeline"]) for (a, e, t, lane) in tl]
@@ -283,11 +287,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8])
     p.add_argument("--chunks", type=int, nargs="+", default=None,
-                   help="micro-batch counts (default: 2 x ranks and 4 x ranks)")
+                   help="micro-batch counts (default: 2 x ranks and 3 x ranks)")
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
-    p.add_argument("--f", type=float, default=0.010, help="forward cost per stage, seconds")
-    p.add_argument("--b", type=float, default=0.020, help="full backward cost, seconds")
-    p.add_argument("--w", type=float, default=0.010, help="weight-gradient part of b, seconds")
+    p.add_argument("--f", type=float, default=0.020, help="forward cost per stage, seconds")
+    p.add_argument("--b", type=float, default=0.040, help="full backward cost, seconds")
+    p.add_argument("--w", type=float, default=0.020, help="weight-gradient part of b, seconds")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
@@ -321,11 +325,19 @@ def main(argv=None) -> int:
         print(f"[bubble] {world} ranks done in {time.perf_counter() - t0:.1f} s", flush=True)
     res = analyse(cfg, results)
     machine["load_avg_1_5_15_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    payload = {"benchmark": "bubble", "machine": machine, "config": cfg,
-               "units": "seconds", "wall_s": time.perf_counter() - t_start,
-               "rows": res["rows"]}
-    common.write_json(out / "bubble.json", payload)
     table = render(cfg, machine, res, out)
+    drawn = res.get("drawn")
+    rows = []
+    for r in res["rows"]:  # keep the measured timeline of the drawn case only
+        r = dict(r)
+        tl = r.pop("timeline")
+        if (r["schedule"], r["ranks"], r["chunks"]) == drawn:
+            r["timeline_last_step"] = [[(round(a, 6), round(e, 6), t, lane)
+                                        for (a, e, t, lane) in rank_tl] for rank_tl in tl]
+        rows.append(r)
+    payload = {"benchmark": "bubble", "machine": machine, "config": cfg,
+               "units": "seconds", "wall_s": time.perf_counter() - t_start, "rows": rows}
+    common.write_json(out / "bubble.json", payload)
     print(f"[bubble] wrote {out / 'bubble.json'}, bubble.md, bubble.png, bubble_timeline.png "
           f"({time.perf_counter() - t_start:.0f} s)")
     print(table)

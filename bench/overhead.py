@@ -34,32 +34,9 @@ import sys
 import time
 
 from bench import common
-from bench.vs_torch import _build_torch, _torch_wait_patch
+from bench.vs_torch import _build_torch
 
 DIM, ROWS = 4, 1
-
-
-def _ours_wait_patch():
-    """Accumulate the time spent in ``overlap.p2p.Handle.wait`` (every wait our runtime
-    does on a transfer); returns a one-element list holding seconds."""
-    from overlap import p2p
-    if getattr(p2p.Handle.wait, "_bench_wrapped", False):
-        return p2p.Handle.wait._bench_acc
-    acc = [0.0]
-    orig = p2p.Handle.wait
-
-    def wait(self, timeout):
-        if self.done:
-            return self.tensors
-        t0 = time.perf_counter()
-        try:
-            return orig(self, timeout)
-        finally:
-            acc[0] += time.perf_counter() - t0
-    wait._bench_wrapped = True
-    wait._bench_acc = acc
-    p2p.Handle.wait = wait
-    return acc
 
 
 def _stage(stage: int):
@@ -130,8 +107,13 @@ def _rank_main(rank: int, world: int, cfg: dict):
     from dualpipe.schedules import get_schedule
     dev = torch.device("cpu")
     N = cfg["chunks"]
-    ours_wait = _ours_wait_patch()
-    torch_wait = _torch_wait_patch()
+    ours_wait = common.ours_wait_probe()
+    torch_wait = common.torch_wait_probe()
+    ours_post = common.ours_post_probe()
+    torch_post = common.torch_post_probe()
+
+    def posted(side):
+        return (ours_post["send"] + ours_post["recv"]) if side != "torch" else torch_post[0]
     bare = _bare_costs()
     g = torch.Generator().manual_seed(7)
     x = torch.randn(N * ROWS, DIM, generator=g)
@@ -170,11 +152,11 @@ def _rank_main(rank: int, world: int, cfg: dict):
             objs = sd["obj"] if isinstance(sd["obj"], list) else [sd["obj"]]
             for o in objs:
                 o.zero_grad(set_to_none=True)
-            w0 = sd["acc"][0]
+            w0, p0 = sd["acc"][0], posted(k[1])
             t0, t1, _ = common.timed(sd["run"])
             if rep >= cfg["warmup"]:
                 samples[k].append({"t0": t0, "t1": t1, "wall": t1 - t0,
-                                   "wait": sd["acc"][0] - w0})
+                                   "wait": sd["acc"][0] - w0, "post": posted(k[1]) - p0})
         if rep % 10 == 9:
             gc.collect()
     profiles = {}
@@ -217,6 +199,7 @@ def analyse(cfg, per_rank):
             wait = common.summarize([x["wait"] for x in sd["samples"]])
             py = common.summarize([x["wall"] - x["wait"] - sd["compute_s"]
                                    for x in sd["samples"]])
+            post = common.summarize([x["post"] for x in sd["samples"]])
             n = sd["parts"]
             rows.append({"rank": rank, "parts": n, "parts_torch_order": sd["parts_torch_order"],
                          "wall_per_action_us": wall["median"] / n * 1e6,
@@ -224,6 +207,7 @@ def analyse(cfg, per_rank):
                          "compute_per_action_us": sd["compute_s"] / n * 1e6,
                          "python_per_action_us": py["median"] / n * 1e6,
                          "python_per_action_iqr_us": py["iqr"] / n * 1e6,
+                         "post_per_action_us": post["median"] / n * 1e6,
                          "wall_ms": wall, "wait_ms": wait})
         mk = common.makespans([[(x["t0"], x["t1"]) for x in r["sides"][k]["samples"]]
                                for r in per_rank])
@@ -254,14 +238,17 @@ def render(cfg, machine, status, res, profiles, out) -> str:
           f"{cfg['ranks']} ranks, {cfg['chunks']} micro-batches of 1 x 4, every stage one "
           f"`nn.Linear(4, 4)`; {cfg['repeats']} timed steps per side after {cfg['warmup']} "
           "warm-up, sides interleaved. Per rank: wall / comm wait / bare compute / python "
-          "(= wall - wait - compute), each per executed compute action (F, B, I, W; F&B = 2), "
+          "(= wall - wait - compute: the runtime's own cost, including the backend calls "
+          "that enqueue transfers, shown separately as 'posting'), each per executed "
+          "compute action (F, B, I, W; F&B = 2), "
           "microseconds, median over steps. Bare compute per stage (alone, same process): "
           + ", ".join(f"rank {i}: F {b['f'] * 1e6:.0f} us, B {b['b'] * 1e6:.0f} us"
                       for i, b in enumerate(res["bare_costs_s"])) + ".", ""]
     if status.get("reason"):
         md += [f"Note: {status['reason']}.", ""]
     headers = ["schedule", "side", "actions/rank", "step ms (median [IQR])",
-               "wall/action us (per rank)", "comm wait/action us", "python/action us"]
+               "wall/action us (per rank)", "comm wait/action us", "python/action us",
+               "of which posting transfers us"]
     rows = []
     for k, v in res["sides"].items():
         name, label = k.split("|")
@@ -271,7 +258,8 @@ def render(cfg, machine, status, res, profiles, out) -> str:
                      f"{st['median'] * 1e3:.2f} [{st['iqr'] * 1e3:.2f}]",
                      " / ".join(f"{r['wall_per_action_us']:.0f}" for r in pr),
                      " / ".join(f"{r['wait_per_action_us']:.0f}" for r in pr),
-                     " / ".join(f"{r['python_per_action_us']:.0f}" for r in pr)])
+                     " / ".join(f"{r['python_per_action_us']:.0f}" for r in pr),
+                     " / ".join(f"{r['post_per_action_us']:.0f}" for r in pr)])
     md += [common.md_table(headers, rows), ""]
     h2 = ["schedule", "ours variant", "python/action ours / torch (worst rank)",
           "target <= 0.5", "wall/action ours / torch", "step time ours / torch (median [IQR])"]

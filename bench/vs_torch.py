@@ -46,27 +46,6 @@ def _kw_supported(fn, **kw):
     return {k: v for k, v in kw.items() if k in params}
 
 
-def _torch_wait_patch():
-    """Wrap torch's ``_wait_batch_p2p`` (the one place its schedules wait on p2p works)
-    to accumulate the time spent there; returns a one-element list holding seconds."""
-    from torch.distributed.pipelining import schedules as sch
-    acc = [0.0]
-    orig = getattr(sch, "_wait_batch_p2p", None)
-    if orig is None or getattr(orig, "_bench_wrapped", False):
-        return getattr(orig, "_bench_acc", acc)
-
-    def wrapped(work):
-        t0 = time.perf_counter()
-        try:
-            return orig(work)
-        finally:
-            acc[0] += time.perf_counter() - t0
-    wrapped._bench_wrapped = True
-    wrapped._bench_acc = acc
-    sch._wait_batch_p2p = wrapped
-    return acc
-
-
 def _build_torch(name: str, rank: int, world: int, N: int, make_stage, dev):
     """torch.distributed.pipelining schedule for ``name`` (None when unavailable)."""
     from torch.distributed.pipelining import PipelineStage
@@ -96,7 +75,11 @@ def _rank_main(rank: int, world: int, cfg: dict):
 
     dev = torch.device("cpu")
     R, N, rows, dim = world, cfg["chunks"], cfg["rows"], cfg["dim"]
-    wait_acc = _torch_wait_patch()
+    wait_acc = common.torch_wait_probe()
+    busy_acc = common.torch_busy_probe()
+    tpost_acc = common.torch_post_probe()
+    ours_acc = common.ours_wait_probe()
+    opost_acc = common.ours_post_probe()
 
     def layers_for(name):
         return 1 if name == "dualpipev" else 2
@@ -158,18 +141,24 @@ def _rank_main(rank: int, world: int, cfg: dict):
                     continue
                 fn, obj = runners[key]
                 zero(obj)
-                w0 = wait_acc[0]
+                w0, o0, b0 = wait_acc[0], ours_acc[0], busy_acc[0]
+                tp0, os0, or0 = tpost_acc[0], opost_acc["send"], opost_acc["recv"]
                 t0, t1, loss = common.timed(fn)
-                w1 = wait_acc[0]
+                w1, o1, b1 = wait_acc[0], ours_acc[0], busy_acc[0]
+                tp1, os1, or1 = tpost_acc[0], opost_acc["send"], opost_acc["recv"]
                 if rep == 0:
                     checks[key] = {"loss": loss, "grads": grads(obj)}
                 if rep >= cfg["warmup"]:
                     times[key].append((t0, t1))
                     if side == "ours":
                         st = obj.last_stats
-                        stats[key].append({"wall": st.wall, "busy": st.busy, "wait": st.wait})
+                        # sends are posted inside compute actions, receives outside
+                        stats[key].append({"wall": t1 - t0, "busy": st.busy - (os1 - os0),
+                                           "post": (os1 - os0) + (or1 - or0),
+                                           "recv_wait": st.wait, "wait": o1 - o0})
                     else:
-                        stats[key].append({"wall": t1 - t0, "wait": w1 - w0})
+                        stats[key].append({"wall": t1 - t0, "busy": b1 - b0,
+                                           "post": tp1 - tp0, "wait": w1 - w0})
         gc.collect()
     # equal work: same losses and gradients on both sides at the first step
     eq = {}
@@ -203,7 +192,11 @@ def analyse(case: dict, per_rank: list) -> dict:
                  "wait_ms": common.summarize([x["wait"] for x in rs])["median"] * 1e3}
             if "busy" in rs[0]:
                 d["busy_ms"] = common.summarize([x["busy"] for x in rs])["median"] * 1e3
-                d["other_ms"] = d["wall_ms"] - d["busy_ms"] - d["wait_ms"]
+                if "recv_wait" in rs[0]:
+                    d["recv_wait_ms"] = common.summarize([x["recv_wait"] for x in rs])["median"] * 1e3
+                d["post_ms"] = common.summarize([x["post"] for x in rs])["median"] * 1e3
+                d["other_ms"] = common.summarize(
+                    [x["wall"] - x["busy"] - x["wait"] - x["post"] for x in rs])["median"] * 1e3
             per_rank_med.append(d)
         out["sides"][k] = {"step_s": common.summarize(mk[k]), "samples_s": mk[k],
                            "per_rank": per_rank_med, "n": n}
@@ -269,11 +262,16 @@ def render(machine, status, results, out) -> str:
             text_rows.append(row[:6])
     md += [common.md_table(headers, rows), ""]
     # where our time goes
-    md += ["Where each rank's step time goes on our side (`pipe.last_stats`, medians, ms): "
-           "inside compute actions (busy) / waiting on receives (wait) / the rest "
-           "(handshake, posting, bookkeeping, draining sends); torch: time in "
-           "`_wait_batch_p2p`.", ""]
-    h2 = ["case", "schedule", "side", "per rank: wall / busy / wait / other ms"]
+    md += ["Where each rank's step time goes (medians over the timed steps, ms): wall "
+           "(barrier to end of step) / compute = inside compute actions (ours: "
+           "`last_stats.busy` less the send posting done inside them; torch: "
+           "`forward_one_chunk`, `backward_one_chunk`, `backward_weight_one_chunk` and the "
+           "loss) / post = enqueueing transfers (ours: `overlap.p2p.P2P.isend/irecv`; "
+           "torch: `schedules._batch_p2p`) / wait = blocked on transfers (ours: "
+           "`overlap.p2p.Handle.wait`, i.e. receives, the step handshake, the send drain; "
+           "torch: `schedules._wait_batch_p2p`) / other = the rest (scheduling, "
+           "bookkeeping, argument handling).", ""]
+    h2 = ["case", "schedule", "side", "per rank: wall / compute / post / wait / other ms"]
     r2 = []
     for res in results:
         c = res["case"]
@@ -282,11 +280,8 @@ def render(machine, status, results, out) -> str:
             name, side = k.split("|")
             cells = []
             for d in v["per_rank"]:
-                if "busy_ms" in d:
-                    cells.append(f"{d['wall_ms']:.1f}/{d['busy_ms']:.1f}/{d['wait_ms']:.1f}/"
-                                 f"{d['other_ms']:.1f}")
-                else:
-                    cells.append(f"{d['wall_ms']:.1f}/-/{d['wait_ms']:.1f}/-")
+                cells.append(f"{d['wall_ms']:.1f}/{d['busy_ms']:.1f}/{d['post_ms']:.1f}/"
+                             f"{d['wait_ms']:.1f}/{d['other_ms']:.1f}")
             r2.append([label, name, side, "; ".join(cells)])
     md += [common.md_table(h2, r2), ""]
     # plot: step-time ratio per case with IQR whiskers + absolute times
@@ -355,7 +350,7 @@ def main(argv=None) -> int:
                    help="our MLP runs without split_linear_weight_grads (W passes are empty)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats (default: 15 for mlp, 5 for sleep)")
+                   help="timed repeats (default: 30 for mlp, 5 for sleep)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -373,7 +368,7 @@ def main(argv=None) -> int:
     if "mlp" in a.cases:
         cases.append(dict(stages="mlp", ranks=a.mlp_ranks, chunks=a.mlp_chunks, dim=a.dim,
                           rows=a.rows, f=0.0, b=0.0, w=0.0,
-                          repeats=a.repeats or 15))
+                          repeats=a.repeats or 30))
     if "sleep" in a.cases:
         for R in a.sleep_ranks:
             cases.append(dict(stages="sleep", ranks=R, chunks=max(a.sleep_chunks, 2 * R), dim=16,
