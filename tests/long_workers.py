@@ -362,6 +362,168 @@ def random_cases(rank: int, world: int, cases: list[dict]):
     return out
 
 
+# --------------------------------------------------------------------------- failures
+
+
+def _outcome(fn):
+    import time
+    t = time.monotonic()
+    try:
+        fn()
+        return ("ok", "", time.monotonic() - t)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return (type(e).__name__, str(e), time.monotonic() - t)
+
+
+class _FailW(torch.autograd.Function):
+    """Identity whose deferred weight-gradient closure raises while ``fail`` is set:
+    a failure inside a ``W`` action (the zero-bubble weight pass)."""
+
+    fail = False
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        from dualpipe import WeightGradStore
+        if WeightGradStore.enabled:
+            def weight_pass():
+                if _FailW.fail:
+                    raise RuntimeError("injected failure in a weight-gradient pass")
+            WeightGradStore.put(weight_pass)
+        return g
+
+
+class FailWStage(Stage):
+    def forward(self, x):
+        return _FailW.apply(super().forward(x))
+
+
+class FailFStage(Stage):
+    fail = False
+
+    def forward(self, x):
+        if FailFStage.fail:
+            raise RuntimeError("injected failure in forward")
+        return super().forward(x)
+
+
+def _pipe(cls, name: str, rank: int, world: int, N: int, timeout: float):
+    from dualpipe import DualPipe, DualPipeV
+    from dualpipe.schedules import get_schedule
+    s = get_schedule(name, world, N)
+    mods = [cls(stage) for (_st, stage) in s.placement[rank]]
+    return (DualPipe if name == "dualpipe" else DualPipeV)(mods, timeout=timeout), s
+
+
+def _describe(e: BaseException, t0: float, where: str) -> tuple:
+    import time
+    return (type(e).__name__, str(e), where, time.monotonic() - t0)
+
+
+def fail_resume(rank: int, world: int, name: str, N: int, steps: int, fail_rank: int,
+                fail_step: int, lr: float, momentum: float):
+    """Train ``steps`` steps; at ``fail_step`` the first weight pass (W action) of
+    ``fail_rank`` raises, early in that rank's step, so every rank is still inside
+    step().  Every rank records the error, whether the failed step left the weights
+    as they were, what the failed pipeline does when used again and whether the user's
+    group still works; then builds a new pipeline over the same modules, keeps the
+    optimizer and retries the step.  Returns the losses of all ``steps`` steps."""
+    import time
+
+    from dualpipe import PipelineError, reduce_dualpipe_grads
+    p, s = _pipe(FailWStage, name, rank, world, N, timeout=60)
+    opt = make_optimizer(p.parameters(), lr, momentum)
+    _, _, loss_slice = rank_io(s, rank, *make_batch(0, N, False))
+    losses, info, step = [], {}, 0
+    while step < steps:
+        opt.zero_grad(set_to_none=True)
+        _FailW.fail = rank == fail_rank and step == fail_step and not info
+        before = [q.detach().clone() for q in p.parameters()]
+        t0 = time.monotonic()
+        err = None
+        try:
+            loss = step_once(p, s, rank, step, N)
+        except PipelineError as e:
+            # keep only a description: a live exception keeps the failed step's frames,
+            # and with them its communication, alive
+            err = _describe(e, t0, "step")
+        if err is None:
+            reduce_dualpipe_grads(p)
+            opt.step()
+            losses.append(None if loss is None else loss.tolist())
+            step += 1
+            continue
+        _FailW.fail = False
+        info["error"], info["failed_at"] = err, step
+        info["weights_unchanged"] = all(torch.equal(a, q) for a, q in zip(before, p.parameters()))
+        info["step_again"] = _outcome(lambda: step_once(p, s, rank, step, N))
+        info["reduce_again"] = _outcome(lambda: reduce_dualpipe_grads(p))
+        t = torch.ones(1)
+        dist.all_reduce(t)                        # the user's group still works
+        info["allreduce"] = float(t)
+        p = type(p)(list(p.module), timeout=60)   # same modules, same optimizer
+        # and the failed step is retried
+    return dict(info, losses=losses, loss_slice=loss_slice)
+
+
+def late_failure(rank: int, world: int, N: int, fail_rank: int, timeout: float):
+    """DualPipe: the *last* action of ``fail_rank``'s step (a deferred weight pass)
+    raises, after the other ranks may have returned from step().  Each rank goes on as
+    a training loop does (reduce_dualpipe_grads, optimizer, the next step) and records
+    the first error it meets, where, and how long after the failing step began."""
+    import time
+
+    from dualpipe import reduce_dualpipe_grads
+    p, s = _pipe(FailWStage, "dualpipe", rank, world, N, timeout=timeout)
+    step_once(p, s, rank, 0, N)
+    reduce_dualpipe_grads(p)
+    p.zero_grad()
+    t0 = time.monotonic()
+    out = None
+    where = "step"
+    try:
+        _FailW.fail = rank == fail_rank
+        step_once(p, s, rank, 1, N)
+        _FailW.fail = False
+        where = "reduce_dualpipe_grads"
+        reduce_dualpipe_grads(p)
+        where = "next step"
+        step_once(p, s, rank, 2, N)
+        out = ("ok", "", "", time.monotonic() - t0)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out = _describe(e, t0, where)
+    finally:
+        _FailW.fail = False
+    dist.barrier()   # the ranks leave the scenario together
+    return out
+
+
+def fast_stop(rank: int, world: int, name: str, N: int, fail_rank: int, timeout: float):
+    """A forward raises on ``fail_rank`` in the first step, with a short ``timeout``:
+    what each rank raises and how long it took."""
+    FailFStage.fail = rank == fail_rank
+    try:
+        p, s = _pipe(FailFStage, name, rank, world, N, timeout=timeout)
+        out = _outcome(lambda: step_once(p, s, rank, 0, N))
+    finally:
+        FailFStage.fail = False
+    dist.barrier()
+    return out
+
+
+def partner_skips_reduce(rank: int, world: int, N: int, skipper: int, timeout: float):
+    """DualPipe: one rank forgets reduce_dualpipe_grads; what its partner's call raises."""
+    p, s = _pipe(Stage, "dualpipe", rank, world, N, timeout=timeout)
+    step_once(p, s, rank, 0, N)
+    from dualpipe import reduce_dualpipe_grads
+    out = ("skipped", "", 0.0) if rank == skipper else _outcome(lambda: reduce_dualpipe_grads(p))
+    dist.barrier()
+    return out
+
+
 # --------------------------------------------------------------------------- sessions
 
 
@@ -389,6 +551,13 @@ def session(rank: int, world: int, name: str, N: int, cfg: dict):
         out["copies"] = _guard(copies_identical, rank, world, N, cfg["copies_steps"], lr, mom, True)
         out["copies_unreduced"] = _guard(copies_identical, rank, world, N, cfg["copies_steps"],
                                          lr, mom, False)
+        # the failure scenarios last: each ends with a barrier on the user's group
+        out["fail_resume"] = _guard(fail_resume, rank, world, name, N, cfg["fail_steps"], 0,
+                                    cfg["fail_step"], lr, mom)
+        out["skip_reduce"] = _guard(partner_skips_reduce, rank, world, N, world - 1, 3.0)
+        out["late_failure"] = _guard(late_failure, rank, world, N, 2, 5.0)
+    else:
+        out["fast_stop"] = _guard(fast_stop, rank, world, name, N, 1, 3.0)
     return out
 
 
@@ -396,7 +565,8 @@ def session(rank: int, world: int, name: str, N: int, cfg: dict):
 # counts and the sessions (run once per pytest process, whichever file asks first).
 LR, MOMENTUM = 0.01, 0.5
 SESSION_CFG = {"lr": LR, "momentum": MOMENTUM, "steps": 30, "measure_at": [1, 10, 20, 30],
-               "state_before": 3, "state_after": 4, "copies_steps": 5}
+               "state_before": 3, "state_after": 4, "copies_steps": 5,
+               "fail_steps": 4, "fail_step": 2}
 SESSIONS = {"dualpipe": (4, 8), "dualpipev": (2, 4)}   # name -> (ranks, chunks)
 _session_cache: dict[str, list] = {}
 
