@@ -62,7 +62,8 @@ from overlap.timeline import Timeline, overlap_per_window, windows  # noqa: E402
 
 __all__ = ["MoEConfig", "ExpertGroup", "MoEBlock", "COMBINE_EARLY_ORDER", "criterion",
            "make_data", "emulate_all_to_all", "reference", "canonical_grads",
-           "fb_window_stats", "rank_main", "check_numerics", "draw_timeline", "main"]
+           "fb_window_stats", "rank_main", "check_numerics", "draw_timeline", "draw_pair",
+           "main"]
 
 #: The interleaving this example uses for an F&B pair (see ``docs`` in examples/README.md):
 #: DeepSeek's published order, with ``F:combine`` moved before ``B:attn`` so that on a host
@@ -615,6 +616,32 @@ def draw_timeline(results: list[dict], order: str, delay_ms: float, ep_rank: int
     return files
 
 
+def draw_pair(results: list[dict], order: str, delay_ms: float, chunks: int, path: str,
+              pair: int = 1, pp_rank: int = 0, ep_rank: int = 0) -> str:
+    """Draw one F&B pair (the ``pair``-th of the last measured step on that rank) with
+    its sub-stage spans: a close-up of what :func:`draw_timeline` shows.  ``path`` ends
+    in ``.png`` or ``.json``.  Returns ``path``."""
+    from dualpipe.draw import draw
+    from dualpipe.schedules import get_schedule, parse_action
+    from dualpipe.simulate import Interval
+    r = next(x for x in results if x["pp_rank"] == pp_rank and x["ep_rank"] == ep_rank)
+    run = next(x for x in r["runs"] if x["order"] == order and x["delay_ms"] == delay_ms)
+    st = run["steps"][-1]
+    if not st["windows"]:
+        raise ValueError(f"rank (pp {pp_rank}, ep {ep_rank}) ran no F&B pair")
+    w = st["windows"][min(pair, len(st["windows"]) - 1)]
+    lo, hi = w["start_s"], w["end_s"]
+    ivs = [Interval(0, a - lo, b - lo, parse_action(t), lane) for (a, b, t, lane) in st["rt"]
+           if lane == "compute" and t == w["action"]]
+    ivs += [Interval(0, a - lo, b - lo, lab, lane) for (a, b, lab, lane) in st["sub"]
+            if lane in (SUBSTAGE_COMPUTE_LANE, SUBSTAGE_COMM_LANE) and lo <= a <= hi]
+    pp = max(x["pp_rank"] for x in results) + 1
+    draw(path, ivs, get_schedule("dualpipe", pp, chunks), time_unit="s",
+         title=f"one F&B pair ({w['action']}, pipeline rank {pp_rank}), {order}, a2a delay "
+               f"{delay_ms:g} ms: hidden {w['hidden_fraction']:.0%}")
+    return path
+
+
 def _print_pairs(results: list[dict], order: str, delay_ms: float) -> None:
     print(f"  per F&B pair (order {order}, delay {delay_ms:g} ms; last measured step):")
     print("    rank(pp,ep)  action        wall ms  comm ms  hidden ms  hidden")
@@ -728,6 +755,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for order in (a.orders[0], "sequential"):
                 stem = os.path.join(a.out, f"timeline_{order}_delay{d:g}ms")
                 files += draw_timeline(results, order, d, 0, a.chunks, stem)
+        for d in a.delay_ms:
+            for order in (a.orders[0], "sequential"):
+                files.append(draw_pair(results, order, d, a.chunks, os.path.join(
+                    a.out, f"pair_{order}_delay{d:g}ms.png")))
         summary["files"] = files
         print("timelines: " + ", ".join(files))
     with open(os.path.join(a.out, "summary.json"), "w") as f:

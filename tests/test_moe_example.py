@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from examples.moe_block import (COMBINE_EARLY_ORDER, ExpertGroup, MoEBlock, MoEConfig,
-                                canonical_grads, criterion, draw_timeline, emulate_all_to_all,
-                                main)
+                                canonical_grads, criterion, draw_pair, draw_timeline,
+                                emulate_all_to_all, main)
 from overlap.fb import SUBSTAGE_COMM_LANE, SUBSTAGE_COMPUTE_LANE, overlapped_forward_backward
 
 SIZES = ["--chunks", "4", "--batch", "2", "--seq", "8", "--dim", "16", "--heads", "2",
@@ -94,6 +94,10 @@ def test_timeline_is_drawn_as_chrome_trace(example, tmp_path):
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e.get("name") for e in events}
     assert {"F:attn", "B:combine", "F:dispatch"} <= names, sorted(n for n in names if n)
+    pair = json.loads(open(draw_pair(summary["results"], "combine-early", DELAY, 4,
+                                     str(tmp_path / "pair.json"))).read())
+    events = pair["traceEvents"] if isinstance(pair, dict) else pair
+    assert [e["name"] for e in events if e.get("name") in COMBINE_EARLY_ORDER]
 
 
 def test_summary_json_written(example):
