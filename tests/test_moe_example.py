@@ -70,17 +70,27 @@ def test_every_fb_pair_runs_the_combine_early_order(example):
 
 def test_delayed_all_to_alls_are_hidden_only_when_overlapped(example):
     summary, _ = example
+    overlapping = 0
     for r, run in _runs(summary, "combine-early", DELAY):
         st = run["steps"][-1]
         for w in st["windows"]:
-            # F:attn runs inside B:combine's 10 ms flight: at least that much is hidden
-            attn = [b - a for (a, b, lab, lane) in st["sub"]
-                    if lab == "F:attn" and w["start_s"] <= a <= w["end_s"]]
-            assert w["hidden_s"] >= 0.9 * sum(attn) > 0, (r["pp_rank"], w)
-            assert w["comm_s"] >= 3 * DELAY / 1e3 * 0.9  # 4 all-to-alls, 2 of them concurrent
+            sp = {lab: (a, b) for (a, b, lab, lane) in st["sub"]
+                  if lane != "sub.fb" and w["start_s"] <= a <= w["end_s"]}
+            # F:attn is issued while B:combine (>= 10 ms) is in flight: their overlap is
+            # hidden communication (unless the host stalled for longer than the delay)
+            both = min(sp["F:attn"][1], sp["B:combine"][1]) - sp["F:attn"][0]
+            assert sp["F:attn"][0] >= sp["B:combine"][0]
+            if both > 0:
+                overlapping += 1
+                assert w["hidden_s"] >= 0.99 * both, (r["pp_rank"], w)
+            # B:combine, then F:dispatch with B:dispatch, then F:combine: >= 3 delays
+            assert w["comm_s"] >= 3 * DELAY / 1e3 * 0.99, (r["pp_rank"], w)
+    assert overlapping >= 3, overlapping  # of the 4 pairs (all 4 unless the host stalls)
     seq = [w for r, run in _runs(summary, "sequential", DELAY)
            for w in run["steps"][-1]["windows"]]
-    assert sum(w["hidden_s"] for w in seq) < 0.02 * sum(w["comm_s"] for w in seq)
+    # every communication is waited for before the next compute: ~nothing is hidden
+    # (completion callbacks may be timed a little late)
+    assert sum(w["hidden_s"] for w in seq) < 0.1 * sum(w["comm_s"] for w in seq)
     ov = next(s for s in summary["runs"] if s["order"] == "combine-early"
               and s["delay_ms"] == DELAY)
     assert ov["hidden_fraction"] > 0
