@@ -75,7 +75,7 @@ def train(rank: int, world: int, name: str, N: int, steps: int, lr: float, momen
     torch.manual_seed(0)
     p, s = build(name, rank, world, N, timeout=60, split_linear_weight_grads=split_linear)
     opt = make_optimizer(p.parameters(), lr, momentum)
-    _, _, loss_slice = rank_io(s, rank, *make_batch(0, N, False))
+    loss_slice = rank_io(s, rank, *make_batch(0, N, False))[2]
     losses, mem = [], {}
     want = set(measure_at)
     for step in range(steps):
@@ -436,7 +436,7 @@ def fail_resume(rank: int, world: int, name: str, N: int, steps: int, fail_rank:
     from dualpipe import PipelineError, reduce_dualpipe_grads
     p, s = _pipe(FailWStage, name, rank, world, N, timeout=60)
     opt = make_optimizer(p.parameters(), lr, momentum)
-    _, _, loss_slice = rank_io(s, rank, *make_batch(0, N, False))
+    loss_slice = rank_io(s, rank, *make_batch(0, N, False))[2]
     losses, info, step = [], {}, 0
     while step < steps:
         opt.zero_grad(set_to_none=True)
