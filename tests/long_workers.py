@@ -555,7 +555,7 @@ def session(rank: int, world: int, name: str, N: int, cfg: dict):
         out["fail_resume"] = _guard(fail_resume, rank, world, name, N, cfg["fail_steps"], 0,
                                     cfg["fail_step"], lr, mom)
         out["skip_reduce"] = _guard(partner_skips_reduce, rank, world, N, world - 1, 3.0)
-        out["late_failure"] = _guard(late_failure, rank, world, N, 2, 5.0)
+        out["late_failure"] = _guard(late_failure, rank, world, N, 2, 3.0)
     else:
         out["fast_stop"] = _guard(fast_stop, rank, world, name, N, 1, 3.0)
     return out
@@ -597,5 +597,7 @@ def num_stages(name: str, world: int) -> int:
 
 
 __all__ = ["MB", "rss_bytes", "live_tensors", "train", "reference_training", "accumulate",
-           "reference_copy_grads", "state_round_trip", "copies_identical", "random_cases", "CountingStage", "session", "run_session", "session_part",
+           "reference_copy_grads", "state_round_trip", "copies_identical", "random_cases",
+           "CountingStage", "FailWStage", "FailFStage", "fail_resume", "late_failure",
+           "fast_stop", "partner_skips_reduce", "session", "run_session", "session_part",
            "SESSIONS", "SESSION_CFG", "LR", "MOMENTUM", "num_stages"]

@@ -47,7 +47,8 @@ def _check_flat_memory(res: list[dict], first: int, last: int, steps_seen: list[
                 continue
             m = mem[k]
             assert m["count"] == base["count"], \
-                f"rank {rank}: {m['count']} live tensors after {k} steps, {base['count']} after {first}"
+                (f"rank {rank}: {m['count']} live tensors after {k} steps, "
+                 f"{base['count']} after {first}")
             assert m["bytes"] == base["bytes"] and m["storage_bytes"] == base["storage_bytes"], \
                 f"rank {rank}: tensor bytes {m} after {k} steps vs {base} after {first}"
         grow = mem[last]["rss"] - base["rss"]

@@ -117,7 +117,6 @@ def test_reduce_grads_on_a_failed_pipeline_says_to_build_a_new_one():
 def test_reduce_grads_when_the_partner_skips_it_raises_pipeline_timeout():
     """DualPipe, 4 ranks, timeout 3 s: rank 3 never calls reduce_dualpipe_grads; its
     partner (rank 0) must get a PipelineTimeout; ranks 1 and 2 reduce normally."""
-    from dualpipe import PipelineTimeout  # noqa: F401 - the type the test expects by name
     res = lw.session_part("dualpipe", "skip_reduce")
     assert res[1][0] == "ok" and res[2][0] == "ok"
     typ, msg, took = res[0]
@@ -149,11 +148,11 @@ def test_every_rank_stops_at_once_naming_the_failing_rank():
     "reduce_dualpipe_grads) that does not name the failing rank, after the full timeout "
     "(see also the ~5 s teardown bug)"))
 def test_a_failure_at_the_end_of_a_step_reaches_every_rank():
-    """DualPipe, 4 ranks, timeout 5 s: rank 2's last action of step 1 (W0.3) raises.
+    """DualPipe, 4 ranks, timeout 3 s: rank 2's last action of step 1 (W0.3) raises.
     Every rank must raise PipelineError naming rank 2's W within a few seconds: in
     step 1, or in its next pipeline call (reduce_dualpipe_grads or step 2)."""
     res = lw.session_part("dualpipe", "late_failure")
     for rank, (typ, msg, where, took) in enumerate(res):
         assert typ == "PipelineError", (rank, typ, msg, where)
         assert msg.startswith("pipeline rank 2, action W"), (rank, msg)
-        assert took < 4.0, f"rank {rank} took {took:.2f} s ({where})"
+        assert took < 2.5, f"rank {rank} took {took:.2f} s ({where})"
