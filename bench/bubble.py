@@ -120,10 +120,10 @@ def _rank_main(rank: int, world: int, cfg: dict):
 
 def pipeline_latency(s, timelines, starts) -> tuple[float | None, int]:
     """Latency of a transfer as the pipeline saw it: for every wait on a receive before a
-    single-part action (F, B or I), the time from the end of the producing action on the
-    other rank to the end of the wait (one system-wide clock: ``starts[r]`` is rank r's
-    step start, timeline times are relative to it).  Returns (median seconds, samples);
-    only transfers someone waited for give a sample."""
+    single-part action (F, B or I), the time from the later of (end of the producing
+    action on the other rank, start of the wait) to the end of the wait (one system-wide
+    clock: ``starts[r]`` is rank r's step start, timeline times are relative to it).
+    Returns (median seconds, samples); only transfers someone waited for give a sample."""
     from dualpipe.schedules import parse_action
     owner = s.stage_owner
     done = {}
@@ -152,7 +152,9 @@ def pipeline_latency(s, timelines, starts) -> tuple[float | None, int]:
                 prod = owner.get((st, stage + 1))
             if src is None or prod is None or prod[0] == r or src not in done:
                 continue
-            lat = starts[r] + e - done[src]
+            # the data was due at the later of "produced" and "asked for": what remains
+            # of the wait after that is the transfer's delay (wake-up included)
+            lat = starts[r] + e - max(done[src], starts[r] + a)
             if lat > 0:
                 samples.append(lat)
     if not samples:
@@ -273,9 +275,10 @@ def render(cfg, machine, res, out) -> str:
           f"Costs per stage: F = {cfg['f'] * 1e3:g} ms, B = {cfg['b'] * 1e3:g} ms, "
           f"W = {cfg['w'] * 1e3:g} ms (I = B - W), F&B = F + B (no overlap of sleeps); "
           f"{cfg['repeats']} timed steps after {cfg['warmup']} warm-up. Latency (column "
-          "\"lat.\"): per case, the median time from the end of a producing action to the "
-          "end of the consumer's wait for its output, over the transfers someone waited for "
-          "(the latency the pipeline actually saw, wake-up included); for reference a "
+          "\"lat.\"): per case, the median time from the later of (end of the producing "
+          "action, start of the consumer's wait) to the end of that wait, over the "
+          "transfers someone waited for (the delay the pipeline actually saw, wake-up "
+          "included); for reference a "
           "ping-pong between ranks 0 and 1 gave " + ", ".join(
               f"{lt * 1e6:.0f} us ({w} ranks)" for w, lt in ping) + " one way.",
           "", md_note(), "", common.md_table(headers, table), "",

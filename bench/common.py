@@ -51,8 +51,12 @@ def machine_info(backend: str, **extra: Any) -> dict:
         "backend": backend,
         "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "git_commit": _git_commit(),
-        "runtime_modified_since_commit": _runtime_dirty(),
+        # DUALPIPE_BENCH_COMMIT / _NOTE describe the source when the benchmarks run from
+        # an exported tree (``git archive``), e.g. while the checkout has edits in progress
+        "git_commit": os.environ.get("DUALPIPE_BENCH_COMMIT") or _git_commit(),
+        "runtime_modified_since_commit": ([] if os.environ.get("DUALPIPE_BENCH_COMMIT")
+                                          else _runtime_dirty()),
+        "source_note": os.environ.get("DUALPIPE_BENCH_NOTE"),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     info.update(extra)
