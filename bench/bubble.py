@@ -86,7 +86,8 @@ def _rank_main(rank: int, world: int, cfg: dict):
     from dualpipe import WeightGradStore  # noqa: F401 - the stages defer through it
     dev = torch.device("cuda", rank) if cfg["backend"] == "nccl" else torch.device("cpu")
     f, b, w = cfg["f"], cfg["b"], cfg["w"]
-    out = {"latency": _latency(rank, world), "cases": []}
+    bias = common.calibrate_host_sleep() if dev.type == "cpu" else 0.0
+    out = {"latency": _latency(rank, world), "sleep_bias": bias, "cases": []}
     for name in cfg["schedules"]:
         for N in cfg["chunks"][name]:
             def make(stage):
@@ -120,10 +121,10 @@ def _rank_main(rank: int, world: int, cfg: dict):
 
 def pipeline_latency(s, timelines, starts) -> tuple[float | None, int]:
     """Latency of a transfer as the pipeline saw it: for every wait on a receive before a
-    single-part action (F, B or I), the time from the later of (end of the producing
-    action on the other rank, start of the wait) to the end of the wait (one system-wide
-    clock: ``starts[r]`` is rank r's step start, timeline times are relative to it).
-    Returns (median seconds, samples); only transfers someone waited for give a sample."""
+    single-part action (F, B or I) that began before the producing action on the other
+    rank ended, the time from that end to the end of the wait (one system-wide clock:
+    ``starts[r]`` is rank r's step start, timeline times are relative to it).  Returns
+    (median seconds, samples)."""
     from dualpipe.schedules import parse_action
     owner = s.stage_owner
     done = {}
@@ -152,11 +153,11 @@ def pipeline_latency(s, timelines, starts) -> tuple[float | None, int]:
                 prod = owner.get((st, stage + 1))
             if src is None or prod is None or prod[0] == r or src not in done:
                 continue
-            # the data was due at the later of "produced" and "asked for": what remains
-            # of the wait after that is the transfer's delay (wake-up included)
-            lat = starts[r] + e - max(done[src], starts[r] + a)
-            if lat > 0:
-                samples.append(lat)
+            # only waits that began before the data was produced: the receive was posted
+            # by then, so the wait's end - the production's end is the transfer's
+            # latency (wake-up included), not a late-posted receive
+            if starts[r] + a <= done[src]:
+                samples.append(starts[r] + e - done[src])
     if not samples:
         return None, 0
     samples.sort()
@@ -273,12 +274,14 @@ def render(cfg, machine, res, out) -> str:
     md = [f"# Measured vs simulated bubble (`python -m bench.bubble`)", "",
           f"Machine: {common.describe_machine(machine)}.", "",
           f"Costs per stage: F = {cfg['f'] * 1e3:g} ms, B = {cfg['b'] * 1e3:g} ms, "
-          f"W = {cfg['w'] * 1e3:g} ms (I = B - W), F&B = F + B (no overlap of sleeps); "
+          f"W = {cfg['w'] * 1e3:g} ms (I = B - W), F&B = F + B (no overlap of sleeps), "
+          "each sleep shortened by the rank's measured `time.sleep` overshoot (median "
+          f"{res['sleep_bias_us']:.0f} us over ranks); "
           f"{cfg['repeats']} timed steps after {cfg['warmup']} warm-up. Latency (column "
-          "\"lat.\"): per case, the median time from the later of (end of the producing "
-          "action, start of the consumer's wait) to the end of that wait, over the "
-          "transfers someone waited for (the delay the pipeline actually saw, wake-up "
-          "included); for reference a "
+          "\"lat.\"): per case, the median time from the end of a producing action to the "
+          "end of the consumer's wait for its output, over waits that began before the "
+          "output was produced (the receive was posted by then: pure transfer latency as "
+          "the pipeline saw it, wake-up included); for reference a "
           "ping-pong between ranks 0 and 1 gave " + ", ".join(
               f"{lt * 1e6:.0f} us ({w} ranks)" for w, lt in ping) + " one way.",
           "", md_note(), "", common.md_table(headers, table), "",
@@ -390,6 +393,8 @@ def main(argv=None) -> int:
                                    timeout=max(600.0, a.timeout * 4))
         print(f"[bubble] {world} ranks done in {time.perf_counter() - t0:.1f} s", flush=True)
     res = analyse(cfg, results)
+    biases = [r["sleep_bias"] for per_rank in results.values() for r in per_rank]
+    res["sleep_bias_us"] = sorted(biases)[len(biases) // 2] * 1e6
     machine["load_avg_1_5_15_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     table = render(cfg, machine, res, out)
     drawn = res.get("drawn")
@@ -402,6 +407,7 @@ def main(argv=None) -> int:
                                         for (a, e, t, lane) in rank_tl] for rank_tl in tl]
         rows.append(r)
     payload = {"benchmark": "bubble", "machine": machine, "config": cfg,
+               "sleep_bias_s": {w: [r["sleep_bias"] for r in pr] for w, pr in results.items()},
                "units": "seconds", "wall_s": time.perf_counter() - t_start, "rows": rows}
     common.write_json(out / "bubble.json", payload)
     print(f"[bubble] wrote {out / 'bubble.json'}, bubble.md, bubble.png, bubble_timeline.png "

@@ -202,16 +202,35 @@ def cuda_sleep_cycles_per_s() -> float:
     return _cuda_cycles_per_s
 
 
+_sleep_bias = 0.0
+
+
+def calibrate_host_sleep(seconds: float = 0.005, samples: int = 20) -> float:
+    """Measure how much later than asked ``time.sleep`` returns on this machine now
+    (median over ``samples``), and make :func:`sleep_for` ask for that much less, so a
+    calibrated action costs its nominal time.  Returns the bias in seconds."""
+    global _sleep_bias
+    over = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        over.append(time.perf_counter() - t0 - seconds)
+    over.sort()
+    _sleep_bias = max(0.0, over[len(over) // 2])
+    return _sleep_bias
+
+
 def sleep_for(seconds: float, device) -> None:
     """Occupy ``device`` for ``seconds``: the host sleeps on CPU (so many ranks share few
-    cores), ``torch.cuda._sleep`` spins the GPU on CUDA."""
+    cores; less the bias measured by :func:`calibrate_host_sleep`), ``torch.cuda._sleep``
+    spins the GPU on CUDA."""
     if seconds <= 0:
         return
     if getattr(device, "type", "cpu") == "cuda":
         import torch
         torch.cuda._sleep(int(seconds * cuda_sleep_cycles_per_s()))
     else:
-        time.sleep(seconds)
+        time.sleep(max(0.0, seconds - _sleep_bias))
 
 
 def _sleep_functions():

@@ -75,6 +75,8 @@ def _rank_main(rank: int, world: int, cfg: dict):
 
     dev = torch.device("cpu")
     R, N, rows, dim = world, cfg["chunks"], cfg["rows"], cfg["dim"]
+    if cfg["stages"] == "sleep":
+        common.calibrate_host_sleep()
     wait_acc = common.torch_wait_probe()
     busy_acc = common.torch_busy_probe()
     tpost_acc = common.torch_post_probe()
