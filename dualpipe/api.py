@@ -84,11 +84,15 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
         mine.append(flat)
         theirs.append(torch.empty_like(flat))
     # my chunk c holds the stage that the partner holds as chunk 1-c
-    p2p, g = pipe._p2p, pipe._to_group[partner]
-    recv = p2p.irecv([theirs[1], theirs[0]], g, "gradients of the duplicated stages", tag=4)
-    send = p2p.isend(mine, g, "gradients of the duplicated stages", tag=4)
-    recv.wait(pipe.timeout)
-    send.wait(pipe.timeout)
+    g = pipe._to_group[partner]
+
+    def swap(p2p):
+        recv = p2p.irecv([theirs[1], theirs[0]], g, "gradients of the duplicated stages", tag=4)
+        send = p2p.isend(mine, g, "gradients of the duplicated stages", tag=4)
+        recv.wait(pipe.timeout)
+        send.wait(pipe.timeout)
+
+    pipe._exchange("reduce_dualpipe_grads", swap)
     for c in (0, 1):
         params = list(pipe.module[c].parameters())
         total = mine[c] + theirs[c]

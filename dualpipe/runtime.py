@@ -20,17 +20,19 @@ import datetime
 import gc
 import logging
 import time
+import traceback
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from overlap.p2p import (META_LEN, P2P, Handle, PeerError, PeerLost, PeerTimeout, TensorMeta,
-                         pack_meta, unpack_meta)
+from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerError, PeerLost, PeerTimeout,
+                         TensorMeta, pack_meta, unpack_meta)
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
                         get_schedule, lower)
@@ -97,21 +99,24 @@ class StepStats:
 
 @dataclass
 class _Plan:
-    """One rank's compiled step: compute ops, receives in posting order."""
+    """One rank's compiled step: compute ops, receives in posting order, and for each
+    receive the sends that are provably complete once it has arrived."""
 
     ops: list[tuple] = field(default_factory=list)
     # ops[i] = (kind, c, m, c2, m2, need, sends, post_upto, text)
     #   need: tuple of receive indices this op waits for
-    #   sends: tuple of (kind, chunk, mb, peer)
+    #   sends: tuple of (kind, chunk, mb, peer, send id)
     #   post_upto: receives with index < post_upto may be posted before op i runs
     recvs: list[tuple] = field(default_factory=list)  # (kind, chunk, mb, peer)
+    release: list[tuple] = field(default_factory=list)  # per receive: send ids to reap
 
 
-def _compile(s: Schedule, rank: int, forward_only: bool, lookahead: int) -> _Plan:
+def _compile_rank(s: Schedule, rank: int, forward_only: bool, lookahead: int) -> _Plan:
     low = lower(s)[rank]
     plan = _Plan()
     recv_index: dict[tuple, int] = {}
     raw = []
+    nsend = 0
     for a in low:
         if forward_only and a.kind in (RECV_B, SEND_B, B, I, W):
             continue
@@ -120,7 +125,8 @@ def _compile(s: Schedule, rank: int, forward_only: bool, lookahead: int) -> _Pla
             recv_index[key] = len(plan.recvs)
             plan.recvs.append((key[0], a.chunk, a.mb, a.peer))
         elif a.kind in (SEND_F, SEND_B):
-            raw[-1][1].append((F if a.kind == SEND_F else B, a.chunk, a.mb, a.peer))
+            raw[-1][1].append((F if a.kind == SEND_F else B, a.chunk, a.mb, a.peer, nsend))
+            nsend += 1
         else:
             if forward_only and a.kind == FB:
                 a = Action(F, a.chunk, a.mb)
@@ -133,7 +139,60 @@ def _compile(s: Schedule, rank: int, forward_only: bool, lookahead: int) -> _Pla
         post_upto = max(post_upto, max(need) + 1 if need else 0)
         plan.ops.append((a.kind, a.chunk, a.mb, a.chunk2, a.mb2, need, tuple(sends),
                          post_upto, str(a)))
+    plan.release = [() for _ in plan.recvs]
     return plan
+
+
+@lru_cache(maxsize=32)
+def _compile(s: Schedule, forward_only: bool, lookahead: int) -> tuple[_Plan, ...]:
+    """Every rank's plan, with release points for sends.
+
+    A send's buffer may be released once the transfer is complete, but gloo reports
+    a send complete only when it is waited for, and waiting early could block on a
+    receiver that has not posted the receive yet.  Every rank knows every rank's plan,
+    so for the k-th message from r to X we find the first message X sends back to r
+    after the operation on X that consumed message k: once r has received that one,
+    X had received message k, and r's wait on the send returns at once.  Sends with
+    no such message are reaped at the end of the step."""
+    plans = [_compile_rank(s, r, forward_only, lookahead) for r in range(s.num_ranks)]
+    # per rank: the receive indices from each peer, in channel order, and consumers
+    recv_seq = []
+    consumer = []
+    for plan in plans:
+        by_peer: dict[int, list[int]] = {}
+        for j, (_k, _c, _m, peer) in enumerate(plan.recvs):
+            by_peer.setdefault(peer, []).append(j)
+        recv_seq.append(by_peer)
+        cons = [0] * len(plan.recvs)
+        for i, op in enumerate(plan.ops):
+            for j in op[5]:
+                cons[j] = i
+        consumer.append(cons)
+    for r, plan in enumerate(plans):
+        release: list[list[int]] = [[] for _ in plan.recvs]
+        sent_to: dict[int, int] = {}
+        for op in plan.ops:
+            for (_k, _c, _m, x, sid) in op[6]:
+                k = sent_to.get(x, 0)
+                sent_to[x] = k + 1
+                jx = recv_seq[x][r][k]          # X's receive of this message
+                c = consumer[x][jx]             # X's op that consumed it
+                back = 0                        # messages X sent to r before op c
+                found = None
+                for i2, op2 in enumerate(plans[x].ops):
+                    for (_k2, _c2, _m2, peer2, _sid2) in op2[6]:
+                        if peer2 != r:
+                            continue
+                        if i2 >= c:
+                            found = back
+                            break
+                        back += 1
+                    if found is not None:
+                        break
+                if found is not None:
+                    release[recv_seq[r][x][found]].append(sid)
+        plan.release = [tuple(x) for x in release]
+    return tuple(plans)
 
 
 def _as_tuple(x) -> tuple:
@@ -164,7 +223,7 @@ class PipelineRuntime(nn.Module):
                  rank_mapping: Sequence[int] | None = None, *,
                  schedule: str | None = None, timeout: float = 300.0,
                  split_linear_weight_grads: bool = False, lookahead: int = 2,
-                 record_timeline: bool = True) -> None:
+                 record_timeline: bool = True, confirm_steps: bool = True) -> None:
         super().__init__()
         name = schedule or self.schedule_name
         if name not in _SCHEDULE_IDS:
@@ -254,6 +313,7 @@ class PipelineRuntime(nn.Module):
             for m in modules:
                 split_linear_weight_grads_fn(m)
         self.record_timeline = record_timeline
+        self.confirm_steps = confirm_steps
         self._p2p = P2P(self.group) if self._pg is None else \
             P2P(backend=self._pg, rank=self.group.rank())
         self._plans: dict[tuple, _Plan] = {}
@@ -274,7 +334,7 @@ class PipelineRuntime(nn.Module):
         key = (s.num_chunks, forward_only)
         p = self._plans.get(key)
         if p is None:
-            p = self._plans[key] = _compile(s, self.rank, forward_only, self.lookahead)
+            p = self._plans[key] = _compile(s, forward_only, self.lookahead)[self.rank]
         return p
 
     @property
@@ -392,13 +452,14 @@ class PipelineRuntime(nn.Module):
         hs[7] = self.rank
         hs = hs.to(self.device)
         try:
-            out = self._p2p.all_gather(hs, self.num_ranks, "step handshake").wait(self.timeout)
+            out = self._p2p.all_gather(hs, self.num_ranks, "step handshake").wait(
+                self.timeout, self._failure_record)
         except PeerError as e:
             if isinstance(e, PeerTimeout):
                 e = PeerTimeout(f"the step-start handshake timed out after "
                                 f"{self.timeout.total_seconds():g} s: some rank did not call "
                                 "step()", -1, "handshake")
-            raise self._failed(e, "handshake") from e
+            raise self._failed(e, "handshake", e.__traceback__) from e
         rows = [t.tolist() for t in out]
         if err is not None:
             raise err
@@ -445,7 +506,9 @@ class PipelineRuntime(nn.Module):
             inputs[c] = list(mbs)
         recv_handles: list[Handle | None] = [None] * len(plan.recvs)
         meta_handles: dict[int, Handle] = {}
-        send_handles: list[Handle] = []
+        send_handles: list[Handle] = []       # shape messages; reaped at the end
+        pending: dict[int, Handle] = {}        # send id -> data send not yet reaped
+        release = plan.release
         timeout = self.timeout
         p2p = self._p2p
         to_group = self._to_group
@@ -520,7 +583,7 @@ class PipelineRuntime(nn.Module):
                 return tensors
             return h.tensors
 
-        def send(kind, c, m, peer, tensors, text):
+        def send(kind, c, m, peer, sid, tensors, text):
             if kind == F:
                 metas = [TensorMeta.of(t) for t in tensors]
                 key = meta_key(c)
@@ -539,9 +602,7 @@ class PipelineRuntime(nn.Module):
                 h = p2p.isend(tensors, to_group[peer], f"send {text}", _TAG_F)
             else:
                 h = p2p.isend(tensors, to_group[peer], f"send {text}", _TAG_B)
-            send_handles.append(h)
-            if len(send_handles) > 32:
-                send_handles[:] = [x for x in send_handles if not x.is_completed()]
+            pending[sid] = h
 
         def forward(c, m, text):
             ins = inputs[c][m]
@@ -576,7 +637,7 @@ class PipelineRuntime(nn.Module):
                 outputs[c][m] = out
             else:
                 inputs[c][m] = None
-            for (k, sc, sm, peer) in sends:
+            for (k, sc, sm, peer, sid) in sends:
                 if k == F and sc == c:
                     if training:
                         for t in out:
@@ -585,7 +646,7 @@ class PipelineRuntime(nn.Module):
                                     f"pipeline rank {rank}, action {text}: the stage returned a "
                                     "view of another tensor; return a new tensor (e.g. "
                                     "x.clone()) so its memory can be released after sending")
-                    send(F, c, m, peer, out, text)
+                    send(F, c, m, peer, sid, out, text)
                     if training:
                         # the send holds its own reference to the storage until it completes;
                         # autograd needs only the output's grad_fn, not its data
@@ -618,9 +679,9 @@ class PipelineRuntime(nn.Module):
             pl = prev_local[c]
             if pl is not None:
                 out_grads[pl][m] = grads
-            for (k, sc, sm, peer) in sends:
+            for (k, sc, sm, peer, sid) in sends:
                 if k == B and sc == c:
-                    send(B, c, m, peer, grads, text)
+                    send(B, c, m, peer, sid, grads, text)
 
         def run_b(c, m, defer, text):
             loss, outs, grads = backward(c, m, defer, text)
@@ -645,6 +706,10 @@ class PipelineRuntime(nn.Module):
                 for idx in need:
                     rk, rc, rm, _ = recvs[idx]
                     tensors = wait_recv(idx, text)
+                    for sid in release[idx]:  # sends now known to have arrived: free them
+                        h = pending.pop(sid, None)
+                        if h is not None:
+                            h.wait(timeout)
                     if rk == F:
                         metas = meta_recv[meta_key(rc)]
                         for t, mt in zip(tensors, metas):
@@ -692,11 +757,33 @@ class PipelineRuntime(nn.Module):
                 if record:
                     times.append((t0 - t_start, t1 - t_start, text, "compute"))
                 op_i += 1
+            if self.confirm_steps:
+                # every rank agrees the step succeeded before any returns, so a rank
+                # failing in its last actions cannot leave the others stepping their
+                # optimizers on a step it did not finish; after it, every receive has
+                # been posted, so draining the sends below cannot block
+                text = "end of step (agreement)"
+                p2p.all_gather(torch.ones(1, dtype=torch.int64, device=self.device),
+                               self.num_ranks, "end-of-step agreement").wait(
+                    timeout, self._failure_record)
             text = "end of step (sends)"
             for h in send_handles:
                 h.wait(timeout)
+            for h in pending.values():
+                h.wait(timeout)
+            pending.clear()
         except Exception as e:  # noqa: BLE001 - every failure stops all ranks, see _failed
-            raise self._failed(e, text) from e
+            # drop every reference to the transfers and the backend held by this frame,
+            # its closures and the traceback, so the teardown in _failed really closes
+            # the connections (peers then stop at once instead of at their timeout)
+            p2p = None  # noqa: F841 - a cell the nested functions share
+            recv_handles.clear()
+            meta_handles.clear()
+            send_handles.clear()
+            pending.clear()
+            h = None  # noqa: F841
+            err = self._failed(e, text, e.__traceback__)
+            raise err from e
         # results
         loss_out, outs_out = None, None
         for c in range(nchunk):
@@ -739,11 +826,32 @@ class PipelineRuntime(nn.Module):
             out.append((a, b, text, lane))
         return out
 
+    def _exchange(self, what: str, fn):
+        """Run ``fn(p2p)`` (transfers outside ``step``, e.g. gradient reduction) with the
+        pipeline's failure handling: any failure stops every rank as in ``step``."""
+        if self._p2p is None:
+            raise RuntimeError("this pipeline stopped after a failure (see the earlier "
+                               "PipelineError); build a new DualPipe/DualPipeV to go on")
+        try:
+            return fn(self._p2p)
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e, what, e.__traceback__) from e
+
     # ------------------------------------------------------------------ failures
     def _failure_key(self) -> str:
         return f"{self._prefix}/failure"
 
-    def _failed(self, e: BaseException, action: str) -> PipelineError:
+    def _failure_record(self) -> str | None:
+        """The failure another rank recorded for this pipeline, if any (one store query)."""
+        store, key = self._store, self._failure_key()
+        try:
+            if store is not None and store.check([key]):
+                return store.get(key).decode()
+        except Exception:  # noqa: BLE001 - no store: rely on timeouts
+            pass
+        return None
+
+    def _failed(self, e: BaseException, action: str, tb=None) -> PipelineError:
         """Turn ``e`` (raised at ``action`` on this rank) into the error every rank raises.
 
         The first rank to fail records "pipeline rank R, action A: error" in the
@@ -754,10 +862,16 @@ class PipelineRuntime(nn.Module):
         object is not: build a new one to go on."""
         if isinstance(e, PipelineError):
             return e
+        if tb is not None:  # finished frames below the caller may hold transfers
+            traceback.clear_frames(tb)
         rank, key = self.rank, self._failure_key()
         store = self._store
         first = False
-        if isinstance(e, PeerLost):
+        if isinstance(e, PeerAborted):
+            msg = f"{e} (pipeline rank {rank} stopped at action {action})"
+            _ack(store, key)
+            err: PipelineError = PipelineError(msg, rank, action)
+        elif isinstance(e, PeerLost):
             record = _read(store, key, wait=5.0)
             if record is not None:
                 msg = f"{record} (pipeline rank {rank} stopped at action {action})"
@@ -766,7 +880,7 @@ class PipelineRuntime(nn.Module):
                 msg = (f"pipeline rank {rank}, action {action}: {e}; another rank crashed, was "
                        "killed or lost its connection")
                 first = _write(store, key, msg)
-            err: PipelineError = PipelineError(msg, rank, action)
+            err = PipelineError(msg, rank, action)
         elif isinstance(e, PeerTimeout):
             msg = f"pipeline rank {rank}, action {action}: {e}"
             first = _write(store, key, msg)

@@ -18,13 +18,14 @@ threads, so transfers overlap the compute of the calling thread.
 from __future__ import annotations
 
 import datetime
+import time
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["TensorMeta", "pack_meta", "unpack_meta", "Handle", "P2P", "PeerError", "PeerTimeout",
-           "PeerLost", "META_LEN"]
+           "PeerLost", "PeerAborted", "META_LEN"]
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
@@ -51,6 +52,10 @@ class PeerTimeout(PeerError):
 
 class PeerLost(PeerError):
     """The connection to a peer closed: it crashed, was killed or aborted."""
+
+
+class PeerAborted(PeerError):
+    """Another rank reported a failure (``abort`` callback of :meth:`Handle.wait`)."""
 
 
 class TensorMeta(NamedTuple):
@@ -107,7 +112,12 @@ class Handle:
             self.done = all(w.is_completed() for w in self.works)
         return self.done
 
-    def wait(self, timeout: datetime.timedelta) -> list[torch.Tensor]:
+    def wait(self, timeout: datetime.timedelta, abort=None) -> list[torch.Tensor]:
+        """Block until done.  With ``abort`` (a callable returning a failure message or
+        ``None``), poll instead of blocking and raise :class:`PeerAborted` as soon as it
+        returns a message, for waits a failure elsewhere might never end."""
+        if not self.done and abort is not None:
+            self._poll(timeout, abort)
         if not self.done:
             for w in self.works:
                 try:
@@ -125,6 +135,23 @@ class Handle:
                                       f"{timeout.total_seconds():g} s", self.peer, self.what)
             self.done = True
         return self.tensors
+
+
+    def _poll(self, timeout: datetime.timedelta, abort) -> None:
+        now = time.monotonic()
+        deadline, next_check, delay = now + timeout.total_seconds(), now + 0.02, 20e-6
+        while not all(w.is_completed() for w in self.works):
+            now = time.monotonic()
+            if now >= deadline:
+                raise PeerTimeout(f"{self.what}: no answer within "
+                                  f"{timeout.total_seconds():g} s", self.peer, self.what)
+            if now >= next_check:
+                msg = abort()
+                if msg is not None:
+                    raise PeerAborted(msg, self.peer, self.what)
+                next_check = now + 0.02
+            time.sleep(delay)
+            delay = min(delay * 2, 2e-4)
 
 
 def _short(e: BaseException) -> str:

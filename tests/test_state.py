@@ -64,8 +64,9 @@ def test_dualpipe_copies_diverge_without_reduction():
 #
 # What tests/test_errors.py does not cover: a failure in a deferred weight pass (W) at a
 # later step of a training run with an optimizer, the state it leaves, resuming, and the
-# failure paths around reduce_dualpipe_grads.  The xfail(strict=True) tests pin runtime
-# bugs found here; each reason names the bug (see docs/failure_behaviour.md).
+# failure paths around reduce_dualpipe_grads.  The last four tests pinned runtime bugs
+# found here (slow teardown, a late failure not reaching ranks that returned,
+# reduce_dualpipe_grads escaping the pipeline's error handling), since fixed.
 
 def _fail_resume():
     return lw.session_part("dualpipe", "fail_resume")
@@ -100,20 +101,12 @@ def test_failed_step_keeps_weights_and_a_new_pipeline_resumes_exactly():
                 assert torch.equal(got[st], row[a:b]), (rank, st, got[st], row[a:b])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime bug: reduce_dualpipe_grads on a pipeline that failed uses pipe._p2p, which "
-    "_teardown set to None: AttributeError \"'NoneType' object has no attribute 'irecv'\" "
-    "instead of the 'build a new DualPipe' error step() gives"))
 def test_reduce_grads_on_a_failed_pipeline_says_to_build_a_new_one():
     for rank, r in enumerate(_fail_resume()):
         typ, msg, _ = r["reduce_again"]
         assert typ == "RuntimeError" and "build a new" in msg, (rank, r["reduce_again"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime bug: reduce_dualpipe_grads waits with overlap.p2p Handles and lets "
-    "overlap.p2p.PeerTimeout/PeerLost escape: not a PipelineError/PipelineTimeout, the "
-    "pipeline is not stopped and the other ranks are not told"))
 def test_reduce_grads_when_the_partner_skips_it_raises_pipeline_timeout():
     """DualPipe, 4 ranks, timeout 3 s: rank 3 never calls reduce_dualpipe_grads; its
     partner (rank 0) must get a PipelineTimeout; ranks 1 and 2 reduce normally."""
@@ -123,13 +116,6 @@ def test_reduce_grads_when_the_partner_skips_it_raises_pipeline_timeout():
     assert typ == "PipelineTimeout" and "rank 3" in msg and took < 10, res[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime bug: on failure, _failed/_teardown drop self._pg but the executing _run "
-    "frame still references the private gloo backend (its local p2p, shared with the "
-    "nested closures, and the pending Handles' works), so the connections close only "
-    "after _failed returns (after _wait_acks' 5 s deadline) and the caller releases the "
-    "traceback: the other ranks stop ~5 s later, and with timeout <= 5 s they raise "
-    "their own PipelineTimeout instead of the failing rank's error"))
 def test_every_rank_stops_at_once_naming_the_failing_rank():
     """DualPipeV, 2 ranks, timeout 3 s: rank 1's first forward raises.  Every rank must
     raise PipelineError naming rank 1 well within the timeout."""
@@ -140,13 +126,6 @@ def test_every_rank_stops_at_once_naming_the_failing_rank():
         assert took < 2.0, f"rank {rank} took {took:.2f} s"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime bug: a failure in the last actions of one rank's step (here rank 2's final "
-    "deferred W) is not reported to ranks that already returned from step(): they go on "
-    "(reduce_dualpipe_grads, optimizer step, next step) and meet only a timeout "
-    "(PipelineTimeout at the next handshake, overlap.p2p.PeerTimeout in "
-    "reduce_dualpipe_grads) that does not name the failing rank, after the full timeout "
-    "(see also the ~5 s teardown bug)"))
 def test_a_failure_at_the_end_of_a_step_reaches_every_rank():
     """DualPipe, 4 ranks, timeout 3 s: rank 2's last action of step 1 (W0.3) raises.
     Every rank must raise PipelineError naming rank 2's W within a few seconds: in
