@@ -34,10 +34,10 @@ _EXPORTS = {
     "_ext": ("sm_copy_", "gather_rows", "scatter_add_rows_", "smid_probe",
              "extension_available", "extension_kind", "ExtensionUnavailableError"),
     "_build": ("build_info", "format_build_info"),
-    "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost"),
+    "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerAborted"),
 }
 # submodules importable as attributes; ``kernels`` imports triton, so only on use
-_SUBMODULES = ("streams", "timeline", "fb", "partition", "p2p", "kernels")
+_SUBMODULES = ("streams", "timeline", "fb", "partition", "p2p", "adapters", "kernels")
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE) + list(_SUBMODULES)
