@@ -19,6 +19,7 @@ both runtimes.  Target: our per-action cost <= half of torch's.
 
     python -m bench.overhead                    # 2 ranks, 16 micro-batches
     python -m bench.overhead --ranks 4 --chunks 32 --repeats 100 --profile
+    python -m bench.overhead --lookahead 8          # receives posted 8 actions ahead
 
 ``--profile`` also runs cProfile over a few extra steps of each side on rank 0 and
 writes the top functions (``overhead_profile.txt``).
@@ -123,8 +124,9 @@ def _rank_main(rank: int, world: int, cfg: dict):
         s = get_schedule(name, world, N)
         nf, nb, nw = _count_parts(s, rank)
         for label, split in (("ours", True), ("ours (no W split)", False)):
+            kw = {"lookahead": cfg["lookahead"]} if cfg.get("lookahead") else {}
             pipe, _ = common.build_ours(name, rank, world, N, _stage, timeout=cfg["timeout"],
-                                        split_linear_weight_grads=split)
+                                        split_linear_weight_grads=split, **kw)
             inputs, labels = common.rank_io(s, rank, x, y, ROWS)
             crit = common.mse if labels else None
 
@@ -317,6 +319,9 @@ def main(argv=None) -> int:
                    choices=["dualpipev", "1f1b"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=60)
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="our runtime's lookahead (compute actions whose receives are posted "
+                        "ahead; default: the runtime's default)")
     p.add_argument("--profile", action="store_true", help="cProfile rank 0 (extra steps)")
     p.add_argument("--profile-steps", type=int, default=20)
     p.add_argument("--timeout", type=float, default=120.0)
@@ -328,6 +333,7 @@ def main(argv=None) -> int:
     machine = common.machine_info("gloo", threads_per_rank=1)
     cfg = dict(ranks=a.ranks, chunks=a.chunks, schedules=a.schedules, warmup=a.warmup,
                repeats=a.repeats, profile=a.profile, profile_steps=a.profile_steps,
+               lookahead=a.lookahead,
                timeout=a.timeout)
     t0 = time.perf_counter()
     print(f"[overhead] {a.ranks} ranks, {a.chunks} micro-batches, {', '.join(a.schedules)}: "
