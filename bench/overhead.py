@@ -162,6 +162,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
         if rep % 10 == 9:
             gc.collect()
     profiles = {}
+    own_py = {}
     if cfg["profile"]:
         for k in keys:
             prof = cProfile.Profile()
@@ -174,9 +175,26 @@ def _rank_main(rank: int, world: int, cfg: dict):
                     prof.disable()
             if rank == 0:
                 buf = io.StringIO()
-                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+                st = pstats.Stats(prof, stream=buf)
+                st.sort_stats("tottime").print_stats(18)
                 profiles[f"{k[0]}|{k[1]}"] = buf.getvalue()
-    out = {"bare": bare, "sides": {}, "profiles": profiles}
+                # the runtime's own Python: functions defined in its source files
+                # (ours: dualpipe/ and overlap/; torch: distributed/pipelining/ and the
+                # Python layer of torch.distributed it calls), not torch ops, autograd or
+                # the c10d C++ calls
+                own = {}
+                for (fname, _line, _fn), (_cc, _nc, tt, _ct, _callers) in st.stats.items():
+                    f = fname.replace("\\", "/")
+                    if k[1] == "torch":
+                        part = ("pipelining" if "/torch/distributed/pipelining/" in f else
+                                "c10d python" if f.endswith("distributed_c10d.py") else None)
+                    else:
+                        part = ("dualpipe" if "/dualpipe/" in f else
+                                "overlap" if "/overlap/" in f else None)
+                    if part:
+                        own[part] = own.get(part, 0.0) + tt
+                own_py[f"{k[0]}|{k[1]}"] = {kk: v / cfg["profile_steps"] for kk, v in own.items()}
+    out = {"bare": bare, "sides": {}, "profiles": profiles, "own_python_s_per_step": own_py}
     for k, sd in sides.items():
         name, label = k
         s = get_schedule(name, world, N)
@@ -297,6 +315,22 @@ def render(cfg, machine, status, res, profiles, out) -> str:
     fig.suptitle(f"bench.overhead — {common.describe_machine(machine)}", fontsize=8)
     common.save_figure(fig, out / "overhead.png")
     md += ["![per-action cost](overhead.png)", ""]
+    own = res.get("own_python_s_per_step") or {}
+    if own:
+        rows3 = []
+        for k, parts in own.items():
+            name, label = k.split("|")
+            n = res["sides"][k]["per_rank"][0]["parts"]
+            tot = sum(parts.values())
+            rows3.append([name, label, f"{tot * 1e3:.2f}", f"{tot / n * 1e6:.1f}",
+                          ", ".join(f"{p} {v / n * 1e6:.1f}" for p, v in sorted(parts.items()))])
+        md += ["The runtimes' own Python (cProfile on rank 0: own time of the functions "
+               "defined in the runtime's source -- ours `dualpipe/`, `overlap/`; torch "
+               "`torch/distributed/pipelining/` and the Python layer of `torch.distributed` "
+               "it calls; not torch ops, autograd or the c10d C++ calls; profiler overhead "
+               "included on both sides):", "",
+               common.md_table(["schedule", "side", "ms per step", "us per action", "by part, us per action"],
+                               rows3), ""]
     if profiles:
         txt = "\n\n".join(f"==== {k} (rank 0, {cfg['profile_steps']} steps) ====\n{v}"
                           for k, v in profiles.items())
@@ -340,6 +374,7 @@ def main(argv=None) -> int:
           f"{a.warmup} warm-up + {a.repeats} timed steps per side", flush=True)
     per_rank = run_ranks(_rank_main, a.ranks, cfg, threads=1, timeout=max(600.0, a.timeout * 4))
     res = analyse(cfg, per_rank)
+    res["own_python_s_per_step"] = per_rank[0]["own_python_s_per_step"]
     profiles = per_rank[0]["profiles"]
     machine["load_avg_1_5_15_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     common.write_json(out / "overhead.json", {
