@@ -345,7 +345,7 @@ def render(cfg, machine, res, out) -> str:
 def md_note() -> str:
     return ("\"simulated\" = `dualpipe.simulate.simulate(schedule, Costs(F, B, W, F+B, "
             "latency))` with the nominal costs; \"sim(measured costs)\" feeds the simulator "
-            "the mean measured duration of each action kind instead (sleep overshoot and the "
+            "the median measured duration of each action kind instead (sleep overshoot and the "
             "runtime's per-action cost included). Makespan = max end - min start over ranks "
             "(one system-wide monotonic clock); \"best\" = the fastest timed step (load "
             "from other processes on a shared machine only adds time).")

@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest bench/ --benchmark-only --benchmark-json bench/results/micro.json
     .venv/bin/python -m bench.micro_report bench/results/micro.json
 
-Writes ``micro.md`` and ``micro.png`` next to the JSON.
+Writes ``micro.md`` and ``micro.png`` next to the JSON and drops the raw per-round samples
+from the JSON (summary statistics stay; ``--keep-samples`` keeps them).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.micro_report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    p.add_argument("--keep-samples", action="store_true",
+                   help="leave the raw per-round samples in the JSON (dropped by default)")
     a = p.parse_args(argv)
     path = Path(a.json)
     data = json.loads(path.read_text())
@@ -26,6 +29,10 @@ def main(argv=None) -> int:
     if not benches:
         raise SystemExit(f"{path} holds no benchmarks: run pytest bench/ --benchmark-only "
                          "--benchmark-json first")
+    if not a.keep_samples:  # the raw per-round samples make the file ~1 MB; keep the stats
+        for b in benches:
+            b.get("stats", {}).pop("data", None)
+        path.write_text(json.dumps(data, indent=1) + "\n")
     m = data.get("machine_info", {}).get("dualpipe_bench") or {}
     rows = []
     for b in benches:
