@@ -477,9 +477,12 @@ def torch_busy_probe() -> list[float]:
     actions (``forward_one_chunk``, ``backward_one_chunk``, ``backward_weight_one_chunk``
     of every stage, and the loss), the counterpart of our ``last_stats.busy``.  Returns a
     one-element list holding seconds."""
-    from torch.distributed.pipelining import schedules as sch
-    from torch.distributed.pipelining import stage as stg
-    base = stg._PipelineStageBase
+    try:
+        from torch.distributed.pipelining import schedules as sch
+        from torch.distributed.pipelining import stage as stg
+        base = stg._PipelineStageBase
+    except (ImportError, AttributeError):  # another torch layout: report no split
+        return [0.0]
     if getattr(base, "_bench_busy", None) is not None:
         return base._bench_busy
     acc = [0.0]
