@@ -160,6 +160,8 @@ def _reference_first_step(cfg: dict):
 
 def _check_first_step(cfg, results) -> tuple[bool, float]:
     import torch
+
+    from .utils import cosine_distance
     ref_losses, ref_grads = _reference_first_step(cfg)
     ok = True
     for r in results:
@@ -173,11 +175,8 @@ def _check_first_step(cfg, results) -> tuple[bool, float]:
             acc = total.setdefault(stage, {})
             for n, t in g.items():
                 acc[n] = acc[n] + t if n in acc else t.clone()
-    worst = 0.0
-    for stage, ref in ref_grads.items():
-        for n, t in ref.items():
-            a, b = total[stage][n].double().flatten(), t.double().flatten()
-            worst = max(worst, float(1 - (a @ b) / (a.norm() * b.norm())))
+    worst = max(cosine_distance(total[stage][n], t)
+                for stage, ref in ref_grads.items() for n, t in ref.items())
     return ok, worst
 
 

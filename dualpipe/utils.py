@@ -14,7 +14,7 @@ from torch.autograd import Variable
 
 from .weight_grad import WeightGradStore
 
-__all__ = ["run_backward", "scatter", "gather", "WeightGradStore"]
+__all__ = ["run_backward", "scatter", "gather", "cosine_distance", "WeightGradStore"]
 
 
 def run_backward(tensors: Sequence[torch.Tensor], grad_tensors: Sequence[torch.Tensor]) -> None:
@@ -43,3 +43,12 @@ def gather(micro_outputs: Sequence[Sequence[torch.Tensor | None]], dim: int) -> 
         col = [mb[i] for mb in micro_outputs]
         out.append(None if col[0] is None else torch.cat(col, dim=dim))
     return out
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``1 - cos(a, b)`` computed in float64 (0 for two zero tensors): the measure the
+    project's numerics checks use for gradients (pipelined vs single process)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    if a.norm() == 0 and b.norm() == 0:
+        return 0.0
+    return float(1 - (a @ b) / (a.norm() * b.norm()))

@@ -55,6 +55,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `python examples/moe_block.py` from a checkout
     sys.path.insert(0, _ROOT)
 
+from dualpipe.utils import cosine_distance  # noqa: E402
 from overlap.fb import (FB_WINDOW_LANE, SUBSTAGE_COMM_LANE, SUBSTAGE_COMPUTE_LANE,  # noqa: E402
                         CommHandle, SubStageModule, comm, compute, defer_weight_grad,
                         run_async)
@@ -433,12 +434,6 @@ def reference(cfg: MoEConfig, ep_size: int, num_stages: int, num_chunks: int, ba
         torch.set_num_threads(threads)
 
 
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``1 - cos(a, b)`` in float64 (0 for two zero tensors)."""
-    a, b = a.double().flatten(), b.double().flatten()
-    if a.norm() == 0 and b.norm() == 0:
-        return 0.0
-    return float(1 - (a @ b) / (a.norm() * b.norm()))
 
 
 # ------------------------------------------------------------------------------ ranks

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
+from dualpipe.utils import cosine_distance  # noqa: F401 - re-exported for the tests
+
 D = 8      # feature size
 MB = 2     # rows per micro-batch
 
@@ -112,8 +114,15 @@ def reference(num_stages: int, num_chunks: int, steps: int, tuple_io: bool,
         torch.set_num_threads(threads)
 
 
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    if a.norm() == 0 and b.norm() == 0:
-        return 0.0
-    return float(1 - (a @ b) / (a.norm() * b.norm()))
+def sum_stage_grads(per_rank_grads) -> dict[int, dict[str, torch.Tensor]]:
+    """``{stage: {param: grad}}`` summed over every copy on every rank (a DualPipe
+    stage's gradient is the sum of its two copies'); input: one ``{stage: [copies]}``
+    per rank."""
+    total: dict[int, dict[str, torch.Tensor]] = {}
+    for grads in per_rank_grads:
+        for stage, copies in grads.items():
+            for g in copies:
+                acc = total.setdefault(stage, {})
+                for n, t in g.items():
+                    acc[n] = acc[n] + t if n in acc else t.clone()
+    return total

@@ -30,7 +30,7 @@ from dualpipe.schedules import (B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W,  # n
                                 COMPUTE_KINDS, get_schedule, lower)
 from dualpipe.simulate import Costs, simulate  # noqa: E402
 from dualpipe.validate import validate  # noqa: E402
-from tests.models import cosine_distance, reference  # noqa: E402
+from tests.models import cosine_distance, reference, sum_stage_grads  # noqa: E402
 
 PURE = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -268,13 +268,7 @@ def test_runtime_matches_simulator_and_reference(drawn):
                 assert torch.equal(r["losses"][st_i], ref_losses[st_i][a:b]), (case, rank, st_i)
             covered += b - a
         assert covered == N, case
-        total: dict = {}
-        for per_case in results:
-            for stage, copies in per_case[ci]["grads"].items():
-                for g in copies:
-                    acc = total.setdefault(stage, {})
-                    for n, t in g.items():
-                        acc[n] = acc[n] + t if n in acc else t.clone()
+        total = sum_stage_grads(per_case[ci]["grads"] for per_case in results)
         assert sorted(total) == sorted(ref_grads)
         for stage, ref in ref_grads.items():
             for n, t in ref.items():

@@ -8,7 +8,7 @@ import torch
 
 from dualpipe.schedules import get_schedule
 from dualpipe.simulate import simulate
-from tests.models import cosine_distance, reference
+from tests.models import cosine_distance, reference, sum_stage_grads
 from tests.mp import run_ranks
 from tests.workers import pipeline_cases
 
@@ -46,13 +46,7 @@ def check(name: str, world: int, cases: list[dict]):
                 assert all(x is None for x in res["losses"])
         assert seen_loss == N * steps, f"{case}: losses cover {seen_loss} of {N * steps} micro-batches"
         if train:
-            total: dict[int, dict[str, torch.Tensor]] = {}
-            for per_case in results:
-                for stage, copies in per_case[ci]["grads"].items():
-                    for g in copies:
-                        acc = total.setdefault(stage, {})
-                        for n, t in g.items():
-                            acc[n] = acc[n] + t if n in acc else t.clone()
+            total = sum_stage_grads(per_case[ci]["grads"] for per_case in results)
             assert sorted(total) == sorted(ref_grads)
             for stage, ref in ref_grads.items():
                 assert sorted(total[stage]) == sorted(ref), f"stage {stage} params differ"
