@@ -82,13 +82,9 @@ def _rows_2d(name: str, t: torch.Tensor) -> None:
 
 
 def _budget(num_sms: Optional[int], device: torch.device) -> int:
-    from overlap._ext import device_sm_count
-
-    if num_sms is None:
-        return device_sm_count(device)
-    if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1:
-        raise ValueError(f"num_sms must be a positive int (the SM budget), got {num_sms!r}")
-    return num_sms
+    """The SM budget, as the extension's ops read it (one rule for both)."""
+    from overlap._ext import _budget as ext_budget
+    return ext_budget(num_sms, device)
 
 
 def moe_permute(x: torch.Tensor, src_index: torch.Tensor, *, num_sms: Optional[int] = None,
