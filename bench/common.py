@@ -357,29 +357,19 @@ def build_ours(name: str, rank: int, world: int, num_chunks: int,
                make_stage: Callable[[int], Any], **kw):
     """Our pipeline for ``name`` on this rank, with ``make_stage(stage_index)`` for each of
     the rank's stages (placement from the schedule).  Returns ``(pipe, schedule)``."""
-    from dualpipe import DualPipe, DualPipeV, Pipeline
+    from dualpipe import Pipeline
     from dualpipe.schedules import get_schedule
     s = get_schedule(name, world, num_chunks)
     mods = [make_stage(stage) for (_st, stage) in s.placement[rank]]
-    if name == "dualpipe":
-        return DualPipe(mods, **kw), s
-    if name == "dualpipev":
-        return DualPipeV(mods, **kw), s
-    return Pipeline(mods[0], schedule=name, **kw), s
+    return Pipeline(mods, schedule=name, **kw), s
 
 
 def rank_io(s, rank: int, x, y, rows_per_mb: int):
     """This rank's share of the batch for our runtime: inputs where it holds a stream's
     first stage, labels where it holds a last stage (``x``/``y`` cover all micro-batches)."""
-    inputs, labels = (), ()
-    for st_idx, stage in s.placement[rank]:
-        st = s.streams[st_idx]
-        sl = slice(st.first_microbatch * rows_per_mb,
-                   (st.first_microbatch + st.num_microbatches) * rows_per_mb)
-        if stage == 0:
-            inputs = (x[sl],)
-        if stage == st.num_stages - 1:
-            labels = (y[sl],)
+    ins, outs = s.input_microbatches(rank), s.loss_microbatches(rank)
+    inputs = () if ins is None else (x[ins.start * rows_per_mb:ins.stop * rows_per_mb],)
+    labels = () if outs is None else (y[outs.start * rows_per_mb:outs.stop * rows_per_mb],)
     return inputs, labels
 
 

@@ -80,34 +80,23 @@ def _rank_main(rank: int, world: int, cfg: dict):
     import torch
     import torch.distributed as dist
 
-    from . import DualPipe, DualPipeV, Pipeline, reduce_dualpipe_grads
+    from . import Pipeline, reduce_dualpipe_grads
     from .schedules import get_schedule
     name, N, dim, mb = cfg["schedule"], cfg["chunks"], cfg["dim"], cfg["micro_batch"]
     dev = torch.device("cuda", rank) if cfg["backend"] == "nccl" else torch.device("cpu")
     s = get_schedule(name, world, N)
     mods = [_make_stage(stage, dim).to(dev) for (_st, stage) in s.placement[rank]]
-    kw = dict(timeout=cfg["timeout"])
-    if name == "dualpipe":
-        pipe = DualPipe(mods, **kw)
-    elif name == "dualpipev":
-        pipe = DualPipeV(mods, **kw)
-    else:
-        pipe = Pipeline(mods[0], schedule=name, **kw)
+    pipe = Pipeline(mods, schedule=name, timeout=cfg["timeout"])
     opt = torch.optim.SGD(pipe.parameters(), lr=cfg["lr"])
     first = {}
     history = []
     for step in range(cfg["steps"]):
         x, y = _teacher_batch(step, N * mb, dim)
         x, y = x.to(dev), y.to(dev)
-        inputs, labels, loss_rows = (), (), None
-        for st_idx, stage in s.placement[rank]:
-            st = s.streams[st_idx]
-            sl = slice(st.first_microbatch * mb, (st.first_microbatch + st.num_microbatches) * mb)
-            if stage == 0:
-                inputs = (x[sl],)
-            if stage == st.num_stages - 1:
-                labels = (y[sl],)
-                loss_rows = (st.first_microbatch, st.first_microbatch + st.num_microbatches)
+        ins, outs = s.input_microbatches(rank), s.loss_microbatches(rank)
+        inputs = () if ins is None else (x[ins.start * mb:ins.stop * mb],)
+        labels = () if outs is None else (y[outs.start * mb:outs.stop * mb],)
+        loss_rows = None if outs is None else (outs.start, outs.stop)
         opt.zero_grad(set_to_none=True)
         loss, _ = pipe.step(*inputs, num_chunks=N, criterion=_criterion if labels else None,
                             labels=labels)

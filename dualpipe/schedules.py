@@ -170,6 +170,40 @@ class Schedule:
         """``(stream, stage) -> (rank, chunk)``."""
         return _owner_map(self.placement)
 
+    def input_chunk(self, rank: int) -> int | None:
+        """The chunk of ``rank`` that is a stream's first stage (it takes ``step()``'s
+        inputs), or ``None``."""
+        return self._end_chunk(rank, last=False)
+
+    def loss_chunk(self, rank: int) -> int | None:
+        """The chunk of ``rank`` that is a stream's last stage (it takes the labels and
+        computes the losses), or ``None``."""
+        return self._end_chunk(rank, last=True)
+
+    def input_microbatches(self, rank: int) -> range | None:
+        """Step-wide indices of the micro-batches whose inputs ``rank`` passes to
+        ``step()`` (a contiguous slice of the batch), or ``None``."""
+        return self._stream_range(rank, self.input_chunk(rank))
+
+    def loss_microbatches(self, rank: int) -> range | None:
+        """Step-wide indices of the micro-batches whose labels ``rank`` passes and whose
+        losses/outputs it gets back, or ``None``."""
+        return self._stream_range(rank, self.loss_chunk(rank))
+
+    def _end_chunk(self, rank: int, last: bool) -> int | None:
+        found = [c for c, (st, stage) in enumerate(self.placement[rank])
+                 if stage == (self.streams[st].num_stages - 1 if last else 0)]
+        if len(found) > 1:
+            raise ValueError(f"rank {rank} holds {len(found)} {'last' if last else 'first'} "
+                             "stages; the runtime supports at most one per rank")
+        return found[0] if found else None
+
+    def _stream_range(self, rank: int, chunk: int | None) -> range | None:
+        if chunk is None:
+            return None
+        st = self.streams[self.placement[rank][chunk][0]]
+        return range(st.first_microbatch, st.first_microbatch + st.num_microbatches)
+
     def tokens(self) -> list[list[str]]:
         """The text form, one token per action, per rank."""
         return [[str(a) for a in acts] for acts in self.actions]

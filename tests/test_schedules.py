@@ -147,3 +147,17 @@ def test_fb_pair_text():
     a = Action(FB, 0, 3, 1, 1)
     assert str(a) == "F0.3+B1.1" and parse_action("F0.3+B1.1") == a
     assert a.parts() == (("F", 0, 3), ("B", 1, 1))
+
+
+def test_which_rank_passes_which_microbatches():
+    dp = dualpipe(4, 8)
+    assert dp.input_microbatches(0) == range(0, 4) and dp.loss_microbatches(0) == range(4, 8)
+    assert dp.input_microbatches(3) == range(4, 8) and dp.loss_microbatches(3) == range(0, 4)
+    assert dp.input_microbatches(1) is None and dp.loss_microbatches(2) is None
+    v = dualpipev(2, 4)
+    assert v.input_chunk(0) == 0 and v.loss_chunk(0) == 1
+    assert v.input_microbatches(0) == v.loss_microbatches(0) == range(4)
+    assert v.input_microbatches(1) is None
+    f = one_f_one_b(3, 3)
+    assert f.input_microbatches(0) == range(3) and f.loss_microbatches(2) == range(3)
+    assert f.loss_microbatches(0) is None

@@ -21,16 +21,10 @@ def build(name: str, rank: int, world: int, num_chunks: int, tuple_io=False, hoo
 
 def rank_io(s, rank: int, xs, ys):
     """This rank's share of the batch: inputs for a first stage, labels for a last."""
-    inputs, labels, loss_slice = (), (), None
-    for st_idx, stage in s.placement[rank]:
-        st = s.streams[st_idx]
-        sl = slice(st.first_microbatch * MB, (st.first_microbatch + st.num_microbatches) * MB)
-        if stage == 0:
-            inputs = tuple(x[sl] for x in xs)
-        if stage == st.num_stages - 1:
-            labels = tuple(y[sl] for y in ys)
-            loss_slice = (st.first_microbatch, st.first_microbatch + st.num_microbatches)
-    return inputs, labels, loss_slice
+    ins, outs = s.input_microbatches(rank), s.loss_microbatches(rank)
+    inputs = () if ins is None else tuple(x[ins.start * MB:ins.stop * MB] for x in xs)
+    labels = () if outs is None else tuple(y[outs.start * MB:outs.stop * MB] for y in ys)
+    return inputs, labels, None if outs is None else (outs.start, outs.stop)
 
 
 def pipeline_cases(rank: int, world: int, cases: list[dict]):
