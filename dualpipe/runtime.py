@@ -389,33 +389,28 @@ class PipelineRuntime(nn.Module):
 
     def _check_args(self, s: Schedule, inputs, criterion, labels, forward_only):
         r = self.rank
-        in_chunks = [c for c, (st, stage) in enumerate(s.placement[r]) if stage == 0]
-        out_chunks = [c for c, (st, stage) in enumerate(s.placement[r])
-                      if stage == s.streams[st].num_stages - 1]
+        c_in, c_loss = s.input_chunk(r), s.loss_chunk(r)
         batches = {}
-        if in_chunks:
+        if c_in is not None:
             if not inputs or all(x is None for x in inputs):
                 raise ValueError(f"pipeline rank {r} holds the first stage of a stream: pass the "
                                  "batch as step(*inputs, ...) on this rank")
             for x in inputs:
                 if x is not None and not isinstance(x, torch.Tensor):
                     raise ValueError(f"step() inputs must be tensors, got {type(x).__name__}")
-            (c,) = in_chunks
-            n = s.streams[s.placement[r][c][0]].num_microbatches
-            batches[c] = self._split(inputs, n, "inputs")
+            batches[c_in] = self._split(inputs, len(s.input_microbatches(r)), "inputs")
         elif inputs and any(x is not None for x in inputs):
             warnings.warn(f"pipeline rank {r} holds no first stage: its step() inputs are "
                           "ignored", stacklevel=3)
         label_mbs = {}
-        if out_chunks:
+        if c_loss is not None:
             if criterion is None and not forward_only:
                 raise ValueError(f"pipeline rank {r} holds the last stage of a stream: pass "
                                  "criterion=... to step() on this rank to train")
             if criterion is not None:
-                (c,) = out_chunks
-                n = s.streams[s.placement[r][c][0]].num_microbatches
+                n = len(s.loss_microbatches(r))
                 labels = (labels,) if isinstance(labels, torch.Tensor) else tuple(labels)
-                label_mbs[c] = self._split(labels, n, "labels") if labels else [()] * n
+                label_mbs[c_loss] = self._split(labels, n, "labels") if labels else [()] * n
         elif criterion is not None or (labels and len(labels)):
             warnings.warn(f"pipeline rank {r} holds no last stage: its criterion/labels are "
                           "ignored", stacklevel=3)
@@ -573,15 +568,15 @@ class PipelineRuntime(nn.Module):
                                         f"cannot post receive {recvs[posted]}", rank, text)
             h = recv_handles[idx]
             recv_handles[idx] = None
-            if not h.done and not h.is_completed():
-                t0 = clock()
-                tensors = h.wait(timeout)
-                t1 = clock()
-                wait_total += t1 - t0
-                if record:
-                    times.append((t0 - t_start, t1 - t_start, text, "wait"))
-                return tensors
-            return h.tensors
+            # no is_completed() probe first: gloo reports a receive complete only once
+            # it has been waited for, so the probe would be one more call per receive
+            t0 = clock()
+            tensors = h.wait(timeout)
+            t1 = clock()
+            wait_total += t1 - t0
+            if record:
+                times.append((t0 - t_start, t1 - t_start, text, "wait"))
+            return tensors
 
         def send(kind, c, m, peer, sid, tensors, text):
             if kind == F:
@@ -653,7 +648,8 @@ class PipelineRuntime(nn.Module):
                         for t in out:
                             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
-        def backward(c, m, defer_w, text):
+        def backward_args(c, m, text):
+            """(loss, outputs, output grads) to backpropagate micro-batch m of chunk c."""
             if is_last[c]:
                 loss = losses[c][m]
                 if loss is None:
@@ -684,7 +680,7 @@ class PipelineRuntime(nn.Module):
                     send(B, c, m, peer, sid, grads, text)
 
         def run_b(c, m, defer, text):
-            loss, outs, grads = backward(c, m, defer, text)
+            loss, outs, grads = backward_args(c, m, text)
             WeightGradStore.enabled = defer
             try:
                 if loss is not None:
@@ -728,7 +724,7 @@ class PipelineRuntime(nn.Module):
                     ins0 = inputs[c][m]
                     crit0 = criterion if is_last[c] else None
                     lab0 = label_mbs[c][m] if crit0 is not None else []
-                    loss1, outs1, grads1 = backward(c2, m2, False, text)
+                    loss1, outs1, grads1 = backward_args(c2, m2, text)
                     out0, loss0 = type(modules[0]).overlapped_forward_backward(
                         modules[c], ins0, crit0, lab0, modules[c2], loss1, list(outs1),
                         list(grads1))
