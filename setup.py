@@ -85,7 +85,7 @@ def _extension_build():
               "--no-build-isolation. Installing without the extension.")
         return [], {}
 
-    cpu_sources = ["csrc/bindings.cpp", "csrc/cpu/sm_ops.cpp"]
+    cpu_sources = ["csrc/bindings.cpp", "csrc/cpu/sm_ops.cpp", "csrc/cpu/shm.cpp"]
     cuda_sources = [os.path.join("csrc", "cuda", f) for f in
                     sorted(os.listdir(os.path.join(ROOT, "csrc", "cuda"))) if f.endswith(".cu")]
     # No -std flag: torch adds the standard its headers need (C++17 or C++20 by version).

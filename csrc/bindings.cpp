@@ -278,10 +278,123 @@ TORCH_LIBRARY_IMPL(dualpipe_ext, CUDA, m) {
 #endif
 
 // ---- Python module: importing it loads the library, which registers the ops ----------
+// It also carries the shared-memory transport primitives as plain module functions
+// (METH_FASTCALL, integer addresses): they run once or more per pipeline message, where
+// the dispatcher's per-call cost would matter.  overlap/shm.py owns the mappings.
 namespace {
+
+bool int_args(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want, const char* name,
+              int64_t* out) {
+  if (nargs != want) {
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, want, nargs);
+    return false;
+  }
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    out[i] = PyLong_AsLongLong(args[i]);
+    if (out[i] == -1 && PyErr_Occurred()) return false;
+  }
+  return true;
+}
+
+constexpr int64_t kReleaseGilBytes = 1 << 16;
+
+PyObject* py_shm_supported(PyObject*, PyObject* const*, Py_ssize_t) {
+  return PyBool_FromLong(dp_cpu::shm_supported() ? 1 : 0);
+}
+
+PyObject* py_ring_write(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[5];
+  if (!int_args(args, nargs, 5, "ring_write", a)) return nullptr;
+  int64_t n;
+  if (a[3] >= kReleaseGilBytes) {
+    Py_BEGIN_ALLOW_THREADS n = dp_cpu::ring_write(a[0], a[1], a[2], a[3], a[4] != 0);
+    Py_END_ALLOW_THREADS
+  } else {
+    n = dp_cpu::ring_write(a[0], a[1], a[2], a[3], a[4] != 0);
+  }
+  return PyLong_FromLongLong(n);
+}
+
+PyObject* py_ring_read(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[4];
+  if (!int_args(args, nargs, 4, "ring_read", a)) return nullptr;
+  int64_t n;
+  if (a[3] >= kReleaseGilBytes) {
+    Py_BEGIN_ALLOW_THREADS n = dp_cpu::ring_read(a[0], a[1], a[2], a[3]);
+    Py_END_ALLOW_THREADS
+  } else {
+    n = dp_cpu::ring_read(a[0], a[1], a[2], a[3]);
+  }
+  return PyLong_FromLongLong(n);
+}
+
+PyObject* py_ring_available(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[1];
+  if (!int_args(args, nargs, 1, "ring_available", a)) return nullptr;
+  return PyLong_FromLongLong(dp_cpu::ring_available(a[0]));
+}
+
+PyObject* py_load_acquire(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[1];
+  if (!int_args(args, nargs, 1, "load_acquire", a)) return nullptr;
+  return PyLong_FromLongLong(dp_cpu::load_acquire(a[0]));
+}
+
+PyObject* py_store_release(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[2];
+  if (!int_args(args, nargs, 2, "store_release", a)) return nullptr;
+  dp_cpu::store_release(a[0], a[1]);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_fetch_add(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[2];
+  if (!int_args(args, nargs, 2, "fetch_add", a)) return nullptr;
+  return PyLong_FromLongLong(dp_cpu::fetch_add(a[0], a[1]));
+}
+
+PyObject* py_bell_value(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[1];
+  if (!int_args(args, nargs, 1, "bell_value", a)) return nullptr;
+  return PyLong_FromLongLong(dp_cpu::bell_value(a[0]));
+}
+
+PyObject* py_bell_ring(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[1];
+  if (!int_args(args, nargs, 1, "bell_ring", a)) return nullptr;
+  dp_cpu::bell_ring(a[0]);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_bell_wait(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[3];
+  if (!int_args(args, nargs, 3, "bell_wait", a)) return nullptr;
+  bool changed;
+  Py_BEGIN_ALLOW_THREADS changed = dp_cpu::bell_wait(a[0], a[1], a[2]);
+  Py_END_ALLOW_THREADS
+  return PyBool_FromLong(changed ? 1 : 0);
+}
+
+#define DP_FAST(name, doc) \
+  {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_##name)), METH_FASTCALL, doc}
+
+PyMethodDef module_methods[] = {
+    DP_FAST(shm_supported, "shm_supported() -> bool: futex-based shared-memory waits work here"),
+    DP_FAST(ring_write, "ring_write(ring, capacity, src, nbytes, all_or_nothing) -> bytes written"),
+    DP_FAST(ring_read, "ring_read(ring, capacity, dst, nbytes) -> bytes read"),
+    DP_FAST(ring_available, "ring_available(ring) -> bytes readable"),
+    DP_FAST(load_acquire, "load_acquire(addr) -> int64"),
+    DP_FAST(store_release, "store_release(addr, value)"),
+    DP_FAST(fetch_add, "fetch_add(addr, value) -> previous int64"),
+    DP_FAST(bell_value, "bell_value(bell) -> uint32"),
+    DP_FAST(bell_ring, "bell_ring(bell): bump the bell and wake its sleepers"),
+    DP_FAST(bell_wait, "bell_wait(bell, seen, timeout_us) -> True if the bell moved off `seen`"),
+    {nullptr, nullptr, 0, nullptr}};
+#undef DP_FAST
+
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                           "dualpipe-overlap extension: ops live in torch.ops.dualpipe_ext", -1,
-                          nullptr, nullptr, nullptr, nullptr, nullptr};
+                          module_methods, nullptr, nullptr, nullptr, nullptr};
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {

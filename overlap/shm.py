@@ -1,0 +1,572 @@
+"""Shared-memory point-to-point transport for pipeline ranks on one host (CPU tensors).
+
+gloo on loopback costs ~85 us per message one way on a small VM, most of it thread
+hand-offs and socket wake-ups inside gloo (``python -m bench.overhead`` shows the c10d
+calls dominating both our runtime and torch's).  When every rank of a pipeline runs on
+the same host, :class:`ShmP2P` moves the same messages through shared memory instead:
+
+* one single-producer single-consumer byte ring per (sender, receiver) pair, created
+  on first use in ``/dev/shm`` (unlinked as soon as both ends have mapped it);
+* a message is a 16-byte header ``(tag, nbytes)`` plus the bytes of all its tensors
+  (several tensors travel as one message); messages larger than the ring stream
+  through it;
+* receives match messages by (peer, tag) in order, like gloo's; a message that arrives
+  before its receive is posted is kept aside and copied when the receive is posted;
+* a send is complete as soon as its bytes are in the ring, so the sender's buffers are
+  free at once; a full ring queues the rest, written by the progress engine that runs
+  in every wait (so no send ever blocks a rank that waits for something else);
+* waiting sleeps on a per-rank futex "bell" that writers ring (a system call only when
+  someone sleeps) -- see ``csrc/cpu/shm.cpp``;
+* ``all_gather`` of small tensors (the runtime's step handshake and end-of-step
+  agreement) goes through a shared board, without any round trip to a store.
+
+Failure behaviour matches :class:`overlap.p2p.P2P` on gloo: every wait has a timeout
+(:class:`~overlap.p2p.PeerTimeout`, naming the peer and what was awaited); a peer
+process that exits is noticed within ~50 ms (:class:`~overlap.p2p.PeerLost`); a rank
+that stops the pipeline (:meth:`ShmP2P.close` with ``failed=True``) raises a flag every
+waiting rank sees at once; and the ``abort`` callback (the runtime's failure record in
+the store) is polled every ~50 ms while blocked.
+
+:func:`ShmP2P.create` is collective: every rank of the group calls it with the same
+store and prefix, and all agree (through the store) either on the shared-memory
+transport or on falling back, so no rank ever waits for a transport the others did not
+pick.  It needs the compiled extension (``overlap._C``) and Linux futexes.
+"""
+
+from __future__ import annotations
+
+import array
+import datetime
+import mmap
+import os
+import tempfile
+import time
+import uuid
+import weakref
+from collections import deque
+from typing import Callable, Sequence
+
+import torch
+
+from .p2p import PeerAborted, PeerError, PeerLost, PeerTimeout
+
+__all__ = ["ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"]
+
+DEFAULT_RING_BYTES = 4 << 20   # per (sender, receiver) pair; larger messages stream through
+_RING_HEADER = 128             # csrc/cpu/dp_cpu.h kRingHeaderBytes: head @0, opens @32, tail @64
+_OPENS = 32
+_GATHER_BYTES = 256            # largest all_gather payload per rank
+_ROW = 1024                    # per-rank board row: bell, sleepers, pid, two gather slots
+_BOARD_HEADER = 64             # magic @0, joined @8, aborted-by (rank + 1) @16
+_MAGIC = 0x44505348           # "DPSH"
+_CHECK_EVERY = 0.05            # s between liveness / abort-callback checks while blocked
+
+
+class ShmUnavailable(RuntimeError):
+    """The shared-memory transport cannot run here (the message says why)."""
+
+
+def _ext():
+    from ._ext import load_extension
+    mod = load_extension()
+    if mod is None or not hasattr(mod, "ring_write"):
+        from ._ext import extension_error
+        why = extension_error() or "it predates the shared-memory transport; rebuild it"
+        raise ShmUnavailable(f"the compiled extension is needed ({why})")
+    if not mod.shm_supported():
+        raise ShmUnavailable("futexes are not available on this platform (Linux only)")
+    return mod
+
+
+def _map(path: str, size: int) -> tuple[tuple, int]:
+    """Map ``path`` (created at ``size`` bytes if new) shared; return ((mmap, uint8 tensor
+    over it), its address).  Keep the first item alive while the address is used."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    buf = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping's address stable
+    return (mm, buf), buf.data_ptr()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _unlink_all(paths: set) -> None:
+    for p in list(paths):
+        _unlink(p)
+    paths.clear()
+
+
+def _alive(pid: int) -> bool:
+    """False once process ``pid`` has exited (zombies count as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: rely on the timeout
+    state = stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
+
+
+class ShmHandle:
+    """A pending send, receive or all_gather; ``wait()`` returns the tensors."""
+
+    __slots__ = ("p2p", "tensors", "what", "peer", "done", "segs", "nbytes", "seq")
+
+    def __init__(self, p2p: "ShmP2P", tensors, what: str, peer: int):
+        self.p2p, self.tensors, self.what, self.peer = p2p, tensors, what, peer
+        self.done = False
+        self.segs: list = []   # receives: (address, bytes) of each buffer
+        self.nbytes = 0        # receives: bytes expected
+        self.seq = 0           # all_gather: its sequence number
+
+    def is_completed(self) -> bool:
+        if not self.done and self.p2p._mods is not None:
+            self.p2p._progress()
+        return self.done
+
+    def wait(self, timeout: datetime.timedelta, abort: Callable[[], str | None] | None = None
+             ) -> list[torch.Tensor]:
+        """Block until done (running the transport's progress meanwhile); raise
+        :class:`PeerTimeout` after ``timeout``, :class:`PeerLost` if the peer's process
+        exits or the pipeline is stopped, :class:`PeerAborted` if ``abort()`` (or the
+        transport's own ``abort`` callback) returns a message."""
+        if not self.done:
+            self.p2p._wait(self, timeout, abort)
+        return self.tensors
+
+
+class _Out:
+    __slots__ = ("handle", "segs", "i", "off", "keep")
+
+    def __init__(self, handle, segs, keep):
+        self.handle, self.segs, self.keep = handle, segs, keep
+        self.i = self.off = 0
+
+
+class _In:
+    __slots__ = ("tag", "handle", "segs", "i", "off", "stash", "claim")
+
+    def __init__(self, tag, handle, segs, stash):
+        self.tag, self.handle, self.segs, self.stash = tag, handle, segs, stash
+        self.i = self.off = 0
+        self.claim = None
+
+
+class _Ring:
+    __slots__ = ("path", "keep", "addr", "cap", "peer", "cur", "hdr", "hdr_addr")
+
+    def __init__(self, path, keep, addr, cap, peer):
+        self.path, self.keep, self.addr, self.cap, self.peer = path, keep, addr, cap, peer
+        self.cur = None
+        self.hdr = array.array("q", [0, 0])
+        self.hdr_addr = self.hdr.buffer_info()[0]
+
+
+class ShmP2P:
+    """Point-to-point transfers and small all_gathers among the ranks of one host.
+
+    The interface is :class:`overlap.p2p.P2P`'s (``isend``, ``irecv``, ``all_gather``,
+    handles with ``wait(timeout, abort)``), with group ranks.  Build it with
+    :meth:`create`; call :meth:`close` when done (``failed=True`` stops every peer's
+    pending waits at once)."""
+
+    def __init__(self, mods, board, board_addr: int, directory: str, token: str, rank: int,
+                 world: int, ring_bytes: int, abort: Callable[[], str | None] | None):
+        self._mods = mods
+        self._board, self._base = board, board_addr
+        self.directory, self.token = directory, token
+        self.rank, self.world = rank, world
+        self.ring_bytes = int(ring_bytes)
+        self._abort_cb = abort
+        self._out: dict[int, _Ring] = {}
+        self._in: dict[int, _Ring] = {}
+        self._inbound: list[_Ring] = []
+        self._sendq: dict[int, deque] = {}
+        self._pending_sends = 0
+        self._posted: dict[tuple, deque] = {}
+        self._unexpected: dict[tuple, deque] = {}
+        self._gathers = 0
+        self._gather: ShmHandle | None = None
+        self._paths: set[str] = set()
+        self._my_bell = self._row(rank)
+        self._bells = [self._row(r) for r in range(world)]
+        self._pids = [mods.load_acquire(self._row(r) + 8) for r in range(world)]
+        self._closed = False
+        # names of ring files only this side has opened: removed at close or exit
+        weakref.finalize(self, _unlink_all, self._paths)
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def create(cls, store, prefix: str, rank: int, world: int, *, mode: str = "auto",
+               timeout: float = 300.0, ring_bytes: int = DEFAULT_RING_BYTES,
+               abort: Callable[[], str | None] | None = None) -> "ShmP2P | None":
+        """Collective: every rank of the group calls it with the same ``store`` and
+        ``prefix``.  ``mode`` is this rank's wish: ``"auto"`` (shared memory if every rank
+        can), ``"shm"`` (required: raise :class:`ShmUnavailable` on every rank if any rank
+        cannot) or ``"off"``.  Returns the transport, or ``None`` when the ranks agreed
+        to fall back (the same answer on every rank)."""
+        if mode not in ("auto", "shm", "off"):
+            raise ValueError(f"shared-memory transport mode must be 'auto', 'shm' or 'off', "
+                             f"got {mode!r}")
+        if ring_bytes < 4096:
+            raise ValueError(f"ring_bytes must be at least 4096, got {ring_bytes}")
+        to = datetime.timedelta(seconds=float(timeout))
+        key = f"{prefix}/shm"
+        if rank == 0:
+            directory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access(
+                "/dev/shm", os.W_OK) else tempfile.gettempdir()
+            token = f"{os.getuid()}-{uuid.uuid4().hex[:16]}"
+            store.set(f"{key}/where", f"{directory}\n{token}")
+        store.wait([f"{key}/where"], to)
+        directory, token = store.get(f"{key}/where").decode().split("\n")
+        board_path = os.path.join(directory, f"dualpipe-{token}-board")
+        mods = keep = None
+        reason = ""
+        if mode == "off":
+            reason = "off"
+        else:
+            try:
+                mods = _ext()
+                keep, base = _map(board_path, _BOARD_HEADER + world * _ROW)
+                row = base + _BOARD_HEADER + rank * _ROW
+                mods.store_release(row + 8, os.getpid())
+                mods.fetch_add(base + 8, 1)
+            except (OSError, ShmUnavailable, ValueError) as e:
+                reason = str(e) or type(e).__name__
+                mods = keep = None
+        # phase 1: every rank has mapped the board (or says why not)
+        store.set(f"{key}/p1/{rank}", f"{mode}\n{reason}")
+        p1 = _gather_store(store, f"{key}/p1", world, to)
+        modes = [v.split("\n", 1)[0] for v in p1]
+        reasons = [(r, v.split("\n", 1)[1]) for r, v in enumerate(p1) if v.split("\n", 1)[1]]
+        # phase 2: the board every rank mapped is one file (same host, same /dev/shm)
+        same = ""
+        if not reasons:
+            joined = mods.load_acquire(base + 8)
+            same = "" if joined == world else f"{joined} of {world} ranks share {board_path}"
+        store.set(f"{key}/p2/{rank}", same)
+        p2 = _gather_store(store, f"{key}/p2", world, to)
+        _unlink(board_path)
+        reasons += [(r, v) for r, v in enumerate(p2) if v]
+        if not reasons:
+            return cls(mods, keep, base, directory, token, rank, world, ring_bytes, abort)
+        if "shm" in modes:
+            asked = [r for r, m in enumerate(modes) if m == "shm"]
+            why = "; ".join(f"rank {r}: {w}" for r, w in reasons)
+            raise ShmUnavailable(f"rank(s) {asked} asked for the shared-memory transport but it "
+                                 f"cannot run ({why}); use the process group's transport")
+        return None
+
+    def _row(self, r: int) -> int:
+        return self._base + _BOARD_HEADER + r * _ROW
+
+    def _ring(self, src: int, dst: int) -> _Ring:
+        path = os.path.join(self.directory, f"dualpipe-{self.token}-{src}-{dst}")
+        keep, addr = _map(path, _RING_HEADER + self.ring_bytes)
+        self._paths.add(path)
+        if self._mods.fetch_add(addr + _OPENS, 1) == 1:  # both ends mapped: no name needed
+            _unlink(path)
+            self._paths.discard(path)
+        return _Ring(path, keep, addr, self.ring_bytes, dst if src == self.rank else src)
+
+    def _outbound(self, peer: int) -> _Ring:
+        ring = self._out.get(peer)
+        if ring is None:
+            self._check_peer(peer)
+            ring = self._out[peer] = self._ring(self.rank, peer)
+            self._sendq[peer] = deque()
+        return ring
+
+    def _inbound_ring(self, peer: int) -> _Ring:
+        ring = self._in.get(peer)
+        if ring is None:
+            self._check_peer(peer)
+            ring = self._in[peer] = self._ring(peer, self.rank)
+            self._inbound.append(ring)
+        return ring
+
+    def _check_peer(self, peer: int) -> None:
+        if self._closed:
+            raise PeerLost("the shared-memory transport is closed", peer, "")
+        if not 0 <= peer < self.world or peer == self.rank:
+            raise ValueError(f"peer must be another rank in 0..{self.world - 1}, got {peer}")
+
+    # ------------------------------------------------------------------ operations
+    def isend(self, tensors: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0
+              ) -> ShmHandle:
+        ring = self._outbound(peer)
+        ts = [_flat(t.detach(), what) for t in tensors]
+        n = sum(t.nbytes for t in ts)
+        hdr = array.array("q", [tag, n])
+        segs = [(hdr.buffer_info()[0], 16)] + [(t.data_ptr(), t.nbytes) for t in ts if t.nbytes]
+        h = ShmHandle(self, list(tensors), what, peer)
+        out = _Out(h, segs, (hdr, ts))
+        q = self._sendq[peer]
+        q.append(out)
+        self._pending_sends += 1
+        if len(q) == 1:
+            self._push(ring, q)
+        return h
+
+    def irecv(self, buffers: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0
+              ) -> ShmHandle:
+        ring = self._inbound_ring(peer)
+        h = ShmHandle(self, list(buffers), what, peer)
+        for b in buffers:
+            if b.device.type != "cpu" or not b.is_contiguous():
+                raise ValueError(f"{what}: the shared-memory transport receives into "
+                                 f"contiguous CPU tensors, got {b.device} "
+                                 f"{'contiguous' if b.is_contiguous() else 'strided'}")
+        h.segs = [(b.data_ptr(), b.nbytes) for b in buffers if b.nbytes]
+        h.nbytes = sum(b.nbytes for b in buffers)
+        key = (peer, tag)
+        early = self._unexpected.get(key)
+        if early:
+            _fill(h, early.popleft())
+        elif ring.cur is not None and ring.cur.handle is None and ring.cur.tag == tag \
+                and ring.cur.claim is None:
+            ring.cur.claim = h  # the message arriving now is this one
+        else:
+            q = self._posted.get(key)
+            if q is None:
+                q = self._posted[key] = deque()
+            q.append(h)
+        return h
+
+    def all_gather(self, t: torch.Tensor, world: int, what: str) -> ShmHandle:
+        """Every rank's ``t`` (at most 256 bytes, CPU), in group-rank order."""
+        if world != self.world:
+            raise ValueError(f"{what}: all_gather over {world} ranks on a transport of "
+                             f"{self.world}")
+        if t.nbytes > _GATHER_BYTES or t.device.type != "cpu":
+            raise ValueError(f"{what}: the shared-memory all_gather takes CPU tensors of at "
+                             f"most {_GATHER_BYTES} bytes, got {t.nbytes} on {t.device}")
+        if self._gather is not None:
+            raise RuntimeError(f"{what}: the previous all_gather "
+                               f"({self._gather.what}) was never waited for")
+        if self._closed:
+            raise PeerLost(f"{what}: the shared-memory transport is closed", -1, what)
+        self._gathers += 1
+        k = self._gathers
+        src = _flat(t.detach(), what)
+        slot = self._row(self.rank) + 64 + (k % 2) * 320
+        self._bytes(slot + 64, src.nbytes).copy_(src.reshape(-1).view(torch.uint8))
+        self._mods.store_release(slot, k)
+        for r in range(self.world):
+            if r != self.rank:
+                self._mods.bell_ring(self._bells[r])
+        h = ShmHandle(self, [torch.empty_like(t) for _ in range(world)], what, -1)
+        h.seq = k
+        self._gather = h
+        self._check_gather()
+        return h
+
+    def close(self, failed: bool = False) -> None:
+        """Release this rank's side.  ``failed=True`` marks the pipeline stopped, which
+        ends every peer's pending wait with :class:`PeerLost` at once."""
+        if self._mods is None:
+            return
+        if failed:
+            self._mods.store_release(self._base + 16, self.rank + 1)
+            for r in range(self.world):
+                if r != self.rank:
+                    self._mods.bell_ring(self._bells[r])
+        self._closed = True
+        _unlink_all(self._paths)
+        self._sendq.clear()
+        self._posted.clear()
+        self._unexpected.clear()
+        self._gather = None
+
+    # ------------------------------------------------------------------ engine
+    def _bytes(self, addr: int, n: int) -> torch.Tensor:
+        off = addr - self._base
+        return self._board[1][off: off + n]
+
+    def _push(self, ring: _Ring, q: deque) -> bool:
+        """Write queued messages to ``ring``; True if anything moved."""
+        write = self._mods.ring_write
+        moved = False
+        while q:
+            o = q[0]
+            segs = o.segs
+            while o.i < len(segs):
+                addr, n = segs[o.i]
+                if o.i == 0:
+                    if not write(ring.addr, ring.cap, addr, n, 1):
+                        break
+                else:
+                    w = write(ring.addr, ring.cap, addr + o.off, n - o.off, 0)
+                    o.off += w
+                    if o.off < n:
+                        if w:
+                            moved = True
+                        break
+                moved = True
+                o.i += 1
+                o.off = 0
+            if o.i < len(segs):
+                break
+            q.popleft()
+            o.handle.done = True
+            o.keep = None
+            self._pending_sends -= 1
+        if moved:
+            self._mods.bell_ring(self._bells[ring.peer])
+        return moved
+
+    def _pull(self, ring: _Ring) -> None:
+        mods = self._mods
+        read = mods.ring_read
+        moved = False
+        while True:
+            cur = ring.cur
+            if cur is None:
+                if mods.ring_available(ring.addr) < 16:
+                    break
+                read(ring.addr, ring.cap, ring.hdr_addr, 16)
+                moved = True
+                tag, n = ring.hdr[0], ring.hdr[1]
+                q = self._posted.get((ring.peer, tag))
+                h = q.popleft() if q else None
+                if h is not None:
+                    if h.nbytes != n:
+                        raise PeerError(f"{h.what}: rank {ring.peer} sent {n} bytes where "
+                                        f"{h.nbytes} were expected (the ranks disagree on "
+                                        "shapes or dtypes)", ring.peer, h.what)
+                    cur = _In(tag, h, h.segs, None)
+                else:
+                    stash = torch.empty(n, dtype=torch.uint8)
+                    cur = _In(tag, None, [(stash.data_ptr(), n)] if n else [], stash)
+                ring.cur = cur
+            segs = cur.segs
+            while cur.i < len(segs):
+                addr, n = segs[cur.i]
+                got = read(ring.addr, ring.cap, addr + cur.off, n - cur.off)
+                cur.off += got
+                if got:
+                    moved = True
+                if cur.off < n:
+                    break
+                cur.i += 1
+                cur.off = 0
+            if cur.i < len(segs):
+                break
+            ring.cur = None
+            if cur.handle is not None:
+                cur.handle.done = True
+            elif cur.claim is not None:
+                _fill(cur.claim, cur.stash)
+            else:
+                key = (ring.peer, cur.tag)
+                q = self._unexpected.get(key)
+                if q is None:
+                    q = self._unexpected[key] = deque()
+                q.append(cur.stash)
+        if moved:  # space freed: a writer waiting for it can go on
+            mods.bell_ring(self._bells[ring.peer])
+
+    def _check_gather(self) -> None:
+        h = self._gather
+        k = h.seq
+        off = 64 + (k % 2) * 320
+        load = self._mods.load_acquire
+        for r in range(self.world):
+            if load(self._row(r) + off) < k:
+                return
+        for r in range(self.world):
+            out = h.tensors[r]
+            out.view(-1).view(torch.uint8).copy_(self._bytes(self._row(r) + off + 64, out.nbytes))
+        h.done = True
+        self._gather = None
+
+    def _progress(self) -> None:
+        if self._pending_sends:
+            for peer, q in self._sendq.items():
+                if q:
+                    self._push(self._out[peer], q)
+        for ring in self._inbound:
+            self._pull(ring)
+        if self._gather is not None:
+            self._check_gather()
+
+    def _wait(self, h: ShmHandle, timeout: datetime.timedelta, abort) -> None:
+        mods = self._mods
+        if mods is None or self._closed:
+            raise PeerLost(f"{h.what}: the shared-memory transport is closed", h.peer, h.what)
+        limit = timeout.total_seconds()
+        start = time.monotonic()
+        next_check = start + _CHECK_EVERY
+        bell = self._my_bell
+        while True:
+            seen = mods.bell_value(bell)
+            self._progress()
+            if h.done:
+                return
+            stopped = mods.load_acquire(self._base + 16)
+            if stopped:
+                raise PeerLost(f"{h.what}: pipeline rank (group rank {stopped - 1}) stopped the "
+                               "pipeline", stopped - 1, h.what)
+            now = time.monotonic()
+            if now - start >= limit:
+                who = f"rank {h.peer}" if h.peer >= 0 else "some rank"
+                raise PeerTimeout(f"{h.what}: {who} did not answer within {limit:g} s",
+                                  h.peer, h.what)
+            if now >= next_check:
+                self._check_failures(h, abort)
+                next_check = now + _CHECK_EVERY
+            left = min(next_check, start + limit) - now
+            mods.bell_wait(bell, seen, max(1, int(left * 1e6)))
+
+    def _check_failures(self, h: ShmHandle, abort) -> None:
+        for cb in (abort, self._abort_cb):
+            if cb is not None:
+                msg = cb()
+                if msg is not None:
+                    raise PeerAborted(msg, h.peer, h.what)
+        peers = (h.peer,) if h.peer >= 0 else tuple(r for r in range(self.world) if r != self.rank)
+        for r in peers:
+            if not _alive(self._pids[r]):
+                raise PeerLost(f"{h.what}: rank {r} (pid {self._pids[r]}) exited", r, h.what)
+
+
+def _flat(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.device.type != "cpu":
+        raise ValueError(f"{what}: the shared-memory transport moves CPU tensors, got one on "
+                         f"{t.device}")
+    return t.contiguous()
+
+
+def _fill(h: ShmHandle, stash: torch.Tensor) -> None:
+    """Complete receive ``h`` from a message that arrived before it was posted."""
+    if stash.numel() != h.nbytes:
+        raise PeerError(f"{h.what}: rank {h.peer} sent {stash.numel()} bytes where {h.nbytes} "
+                        "were expected (the ranks disagree on shapes or dtypes)", h.peer, h.what)
+    off = 0
+    for b in h.tensors:
+        n = b.nbytes
+        if n:
+            b.view(-1).view(torch.uint8).copy_(stash[off: off + n])
+        off += n
+    h.done = True
+
+
+def _gather_store(store, key: str, world: int, to: datetime.timedelta) -> list[str]:
+    keys = [f"{key}/{r}" for r in range(world)]
+    try:
+        store.wait(keys, to)
+    except Exception as e:  # noqa: BLE001 - the store's own timeout error
+        raise PeerTimeout(f"setting up the shared-memory transport: not every rank arrived "
+                          f"within {to.total_seconds():g} s ({e})", -1, "transport setup") from e
+    return [store.get(k).decode() for k in keys]
