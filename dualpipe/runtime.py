@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
+import os
 import time
 import traceback
 import warnings
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from overlap.shm import ShmP2P, ShmUnavailable
 from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerError, PeerLost, PeerTimeout,
                          TensorMeta, pack_meta, unpack_meta)
 
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 _SCHEDULE_IDS = {"dualpipe": 1, "dualpipev": 2, "1f1b": 3, "zb1p": 4}
 _TAG_F, _TAG_B, _TAG_META = 1, 2, 3
+# transport= values -> overlap.shm.ShmP2P.create modes
+_TRANSPORTS = {"auto": "auto", "shm": "shm", "group": "off"}
 _HS_LEN = 12
 
 _p2p_shapes: list[tuple[int, ...]] | None = None
@@ -223,7 +227,8 @@ class PipelineRuntime(nn.Module):
                  rank_mapping: Sequence[int] | None = None, *,
                  schedule: str | None = None, timeout: float = 300.0,
                  split_linear_weight_grads: bool = False, lookahead: int = 2,
-                 record_timeline: bool = True, confirm_steps: bool = True) -> None:
+                 record_timeline: bool = True, confirm_steps: bool = True,
+                 transport: str = "auto") -> None:
         super().__init__()
         name = schedule or self.schedule_name
         if name not in _SCHEDULE_IDS:
@@ -272,7 +277,8 @@ class PipelineRuntime(nn.Module):
         self.user_group = self.group
         self._store = _group_store(self.group)
         self._pg = None
-        # Private backends over the same ranks carry the pipeline's traffic.  On a
+        # Private transports over the same ranks carry the pipeline's traffic: shared
+        # memory when every rank is on this host (overlap.shm), else a private backend.  On a
         # failure the runtime drops them, which closes their connections so every rank
         # stops at once, while the user's group (and the store rank 0 hosts) stays
         # usable.  Their store prefix is unique per pipeline built on this group (ranks
@@ -281,11 +287,37 @@ class PipelineRuntime(nn.Module):
         gname = str(getattr(self.group, "group_name", "") or "default")
         n = _clone_count[gname] = _clone_count.get(gname, 0) + 1
         self._prefix = f"dualpipe/{gname}/{n}"
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         to = datetime.timedelta(seconds=float(timeout))
-        if backend == "gloo":
+        mode = transport
+        if mode == "auto":
+            mode = os.environ.get("DUALPIPE_TRANSPORT", "auto") or "auto"
+        if mode not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {list(_TRANSPORTS)}, got {mode!r}"
+                             + ("" if transport == mode else " (from $DUALPIPE_TRANSPORT)"))
+        if mode == "shm" and (backend != "gloo" or self.device.type != "cpu"):
+            raise ValueError(f"transport='shm' moves CPU tensors between processes of one "
+                             f"host; this pipeline uses {backend} with stages on "
+                             f"{self.device}: use transport='auto' or 'group'")
+        shm = None
+        if backend == "gloo" and self.device.type == "cpu" and self._store is not None:
+            # collective: every rank agrees on shared memory (all on one host, extension
+            # built) or on the private gloo group below
+            try:
+                shm = ShmP2P.create(self._store, self._prefix, self.group.rank(),
+                                    self.num_ranks, mode=_TRANSPORTS[mode], timeout=timeout,
+                                    abort=self._failure_record)
+            except ShmUnavailable as e:
+                raise ValueError(str(e)) from e
+        if shm is not None:
+            self.transport = "shm"
+        elif backend == "gloo":
+            self.transport = "gloo"
             self._pg = dist.ProcessGroupGloo(dist.PrefixStore(self._prefix, self._store),
                                              self.group.rank(), self.num_ranks, to)
         elif backend == "nccl":  # unverified: no GPU has run this path yet
+            self.transport = "nccl"
             def nccl(direction: str):
                 opts = dist.ProcessGroupNCCL.Options()
                 opts.is_high_priority_stream = True
@@ -303,8 +335,6 @@ class PipelineRuntime(nn.Module):
         self.overlapped_forward_backward = (
             len(modules) == 2 and type(modules[0]) is type(modules[1])
             and hasattr(type(modules[0]), "overlapped_forward_backward"))
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.timeout = datetime.timedelta(seconds=float(timeout))
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1 compute action, got {lookahead}")
@@ -314,8 +344,11 @@ class PipelineRuntime(nn.Module):
                 split_linear_weight_grads_fn(m)
         self.record_timeline = record_timeline
         self.confirm_steps = confirm_steps
-        self._p2p = P2P(self.group) if self._pg is None else \
-            P2P(backend=self._pg, rank=self.group.rank())
+        if shm is not None:
+            self._p2p = shm
+        else:
+            self._p2p = P2P(self.group) if self._pg is None else \
+                P2P(backend=self._pg, rank=self.group.rank())
         self._plans: dict[tuple, _Plan] = {}
         self._meta_sent: dict[tuple, list[TensorMeta]] = {}
         self._meta_recv: dict[tuple, list[TensorMeta]] = {}
@@ -892,6 +925,8 @@ class PipelineRuntime(nn.Module):
         return err
 
     def _teardown(self) -> None:
+        if isinstance(self._p2p, ShmP2P):
+            self._p2p.close(failed=True)  # every peer's pending wait ends at once
         pgs, self._p2p, self._pg = self._pg, None, None
         self.group = None
         for pg in (pgs if isinstance(pgs, tuple) else (pgs,)):
