@@ -415,26 +415,28 @@ def torch_pipelining_status() -> dict:
 # --------------------------------------------------------------------------- wait probes
 
 def ours_wait_probe() -> list[float]:
-    """Accumulate the time this process spends in ``overlap.p2p.Handle.wait`` -- every
-    wait our runtime does on a transfer (receives, the step handshake, the send drain at
-    the end of a step).  Returns a one-element list holding seconds (read deltas)."""
-    from overlap import p2p
+    """Accumulate the time this process spends in ``overlap.p2p.Handle.wait`` and
+    ``overlap.shm.ShmHandle.wait`` -- every wait our runtime does on a transfer
+    (receives, the step handshake, the send drain at the end of a step), whichever
+    transport carries it.  Returns a one-element list holding seconds (read deltas)."""
+    from overlap import p2p, shm
     if getattr(p2p.Handle.wait, "_bench_wrapped", False):
         return p2p.Handle.wait._bench_acc
     acc = [0.0]
-    orig = p2p.Handle.wait
+    for cls in (p2p.Handle, shm.ShmHandle):
+        orig = cls.wait
 
-    def wait(self, *args, **kwargs):
-        if self.done:
-            return self.tensors
-        t0 = time.perf_counter()
-        try:
-            return orig(self, *args, **kwargs)
-        finally:
-            acc[0] += time.perf_counter() - t0
-    wait._bench_wrapped = True
-    wait._bench_acc = acc
-    p2p.Handle.wait = wait
+        def wait(self, *args, _orig=orig, **kwargs):
+            if self.done:
+                return self.tensors
+            t0 = time.perf_counter()
+            try:
+                return _orig(self, *args, **kwargs)
+            finally:
+                acc[0] += time.perf_counter() - t0
+        wait._bench_wrapped = True
+        wait._bench_acc = acc
+        cls.wait = wait
     return acc
 
 
@@ -503,17 +505,18 @@ def torch_busy_probe() -> list[float]:
 
 
 def ours_post_probe() -> dict:
-    """Accumulate the time spent *posting* transfers (``overlap.p2p.P2P.isend`` /
-    ``irecv``: the backend call that enqueues them).  Our runtime posts sends inside
+    """Accumulate the time spent *posting* transfers (``isend`` / ``irecv`` of
+    ``overlap.p2p.P2P`` and ``overlap.shm.ShmP2P``: the call that enqueues them; on
+    shared memory a send usually completes inside it).  Our runtime posts sends inside
     compute actions (right after the producing compute) and receives outside them.
     Returns ``{"send": s, "recv": s}`` (read deltas)."""
-    from overlap import p2p
+    from overlap import p2p, shm
     if getattr(p2p.P2P, "_bench_post", None) is not None:
         return p2p.P2P._bench_post
     acc = {"send": 0.0, "recv": 0.0}
 
-    def wrap(name, key):
-        orig = getattr(p2p.P2P, name)
+    def wrap(cls, name, key):
+        orig = getattr(cls, name)
 
         def posted(self, *args, **kwargs):
             t0 = time.perf_counter()
@@ -521,9 +524,10 @@ def ours_post_probe() -> dict:
                 return orig(self, *args, **kwargs)
             finally:
                 acc[key] += time.perf_counter() - t0
-        setattr(p2p.P2P, name, posted)
-    wrap("isend", "send")
-    wrap("irecv", "recv")
+        setattr(cls, name, posted)
+    for cls in (p2p.P2P, shm.ShmP2P):
+        wrap(cls, "isend", "send")
+        wrap(cls, "irecv", "recv")
     p2p.P2P._bench_post = acc
     return acc
 

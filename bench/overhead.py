@@ -5,13 +5,16 @@ almost all runtime: scheduling in Python, posting and matching transfers, waitin
 them.  In the same processes, back to back and alternating order:
 
 * ours   ``DualPipeV`` with ``split_linear_weight_grads=True`` (W really deferred, like
-  torch's I/W split), and without it ("no W split": W passes are empty);
+  torch's I/W split), and without it ("no W split": W passes are empty); each on our
+  default transport (shared memory between the ranks of this host, ``overlap.shm``)
+  and "on gloo" (``transport="group"``: the process group's gloo, what torch uses), so
+  the table separates what the transport saves from what the runtime saves;
 * torch  ``ScheduleDualPipeV`` (torch >= 2.8);
 * and the same for 1F1B (ours ``Pipeline(schedule="1f1b")`` vs torch ``Schedule1F1B``).
 
 Per rank and step: ``wall`` (barrier to end of step), ``comm wait`` (time blocked in
-waits on transfers: our ``overlap.p2p.Handle.wait`` -- receives, step handshake, send
-drain -- and torch's ``schedules._wait_batch_p2p``), ``compute`` (the bare cost of the
+waits on transfers: our ``Handle.wait`` of ``overlap.p2p`` and ``overlap.shm`` --
+receives, step handshake, send drain -- and torch's ``schedules._wait_batch_p2p``), ``compute`` (the bare cost of the
 rank's forwards and backwards, measured alone in the same process) and ``python`` =
 wall - comm wait - compute: the scheduling cost.  Each is divided by the number of
 compute actions the rank executes (F, B, I, W; an F&B pair counts as two), the same for
@@ -102,6 +105,13 @@ def _torch_parts(sched, rank: int) -> int | None:
     return n
 
 
+# our variants: label -> (split_linear_weight_grads, transport).  "auto" is the default
+# transport: shared memory between ranks of one host; "group" is the process group's
+# own backend (gloo here), the transport torch's schedules use.
+OURS = {"ours": (True, "auto"), "ours (no W split)": (False, "auto"),
+        "ours on gloo": (True, "group"), "ours on gloo (no W split)": (False, "group")}
+
+
 def _rank_main(rank: int, world: int, cfg: dict):
     import torch
 
@@ -123,10 +133,13 @@ def _rank_main(rank: int, world: int, cfg: dict):
     for name in cfg["schedules"]:
         s = get_schedule(name, world, N)
         nf, nb, nw = _count_parts(s, rank)
-        for label, split in (("ours", True), ("ours (no W split)", False)):
+        for label, (split, transport) in OURS.items():
             kw = {"lookahead": cfg["lookahead"]} if cfg.get("lookahead") else {}
             pipe, _ = common.build_ours(name, rank, world, N, _stage, timeout=cfg["timeout"],
-                                        split_linear_weight_grads=split, **kw)
+                                        split_linear_weight_grads=split, transport=transport,
+                                        **kw)
+            if rank == 0 and pipe.transport != {"auto": "shm", "group": "gloo"}[transport]:
+                print(f"[overhead] note: {label!r} runs on {pipe.transport}", flush=True)
             inputs, labels = common.rank_io(s, rank, x, y, ROWS)
             crit = common.mse if labels else None
 
@@ -199,7 +212,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
         name, label = k
         s = get_schedule(name, world, N)
         nf, nb, nw = _count_parts(s, rank)
-        split = label != "ours (no W split)"
+        split = OURS[label][0] if label in OURS else True
         # bare compute of this rank: every stage forward + backward once per micro-batch
         compute = nf * bare["f"] + nb * bare["b"]
         out["sides"][f"{name}|{label}"] = {
@@ -237,7 +250,7 @@ def analyse(cfg, per_rank):
         o = res["sides"].get(f"{name}|ours")
         if not (t and o):
             continue
-        for label in ("ours", "ours (no W split)"):
+        for label in OURS:
             o = res["sides"][f"{name}|{label}"]
             py_o = max(r["python_per_action_us"] for r in o["per_rank"])
             py_t = max(r["python_per_action_us"] for r in t["per_rank"])
