@@ -6,8 +6,17 @@ import pytest
 from tests import fault_workers as fw
 from tests.mp import free_port, run_ranks
 
+# Failure paths differ per transport (shared memory: a stop flag, process liveness and
+# store polling; gloo: closed connections), so each test runs on both; the ranks read
+# DUALPIPE_TRANSPORT, which spawned processes inherit.
+@pytest.fixture
+def transport(request, monkeypatch):
+    monkeypatch.setenv("DUALPIPE_TRANSPORT", request.param)
+    return request.param
 
-def test_misuse_raises_on_every_rank_and_leaves_the_group_usable():
+
+@pytest.mark.parametrize("transport", ["auto", "group"], indirect=True)
+def test_misuse_raises_on_every_rank_and_leaves_the_group_usable(transport):
     res = run_ranks(fw.misuse, 2, timeout=120)
     expect = {
         "bad_chunks": ("ValueError", "even num_chunks"),
@@ -44,7 +53,8 @@ def test_stage_returning_a_view_is_rejected_on_every_rank():
 
 @pytest.mark.parametrize("failing_rank,fail_at", [(0, ("F", 0)), (2, ("F", 3)), (1, ("B", 1)),
                                                   (3, ("B", 2))])
-def test_exception_mid_step_stops_every_rank(failing_rank, fail_at):
+@pytest.mark.parametrize("transport", ["auto", "group"], indirect=True)
+def test_exception_mid_step_stops_every_rank(failing_rank, fail_at, transport):
     res = run_ranks(fw.fail_mid_step, 4, failing_rank, fail_at, free_port(), timeout=120)
     for rank, ((typ, msg, took), allreduce) in enumerate(res):
         assert typ == "PipelineError", (rank, typ, msg)
@@ -55,7 +65,8 @@ def test_exception_mid_step_stops_every_rank(failing_rank, fail_at):
 
 
 @pytest.mark.parametrize("mode", ["no_step", "hang", "killed"])
-def test_silent_or_dead_peer_is_reported_not_hung(mode):
+@pytest.mark.parametrize("transport", ["auto", "group"], indirect=True)
+def test_silent_or_dead_peer_is_reported_not_hung(mode, transport):
     res, errors = run_ranks(fw.silent_peer, 4, mode, timeout=90, allow_errors=True)
     if mode == "killed":
         assert 1 in errors and "exited with code 3" in errors[1]

@@ -65,6 +65,10 @@ def check(name: str, world: int, cases: list[dict]):
             assert sum(r[ci]["hook_calls"] for r in results) > 0, "overlapped_forward_backward never called"
         for per_case in results:
             assert per_case[ci]["timeline_len"] > 0
+        # every rank is on this host: the default picks shared memory; "group" is gloo
+        want = {"auto": "shm", "group": "gloo", "shm": "shm"}[
+            case.get("transport", "auto")]
+        assert [r[ci]["transport"] for r in results] == [want] * world, case
 
 
 BASIC = [
@@ -108,6 +112,18 @@ def test_single_stage_schedules(name):
     check(name, 4, [dict(chunks=4), dict(chunks=6, steps=2, tuple_io=True),
                     dict(chunks=8, split_linear=True), dict(chunks=4, train=False,
                                                             return_outputs=True)])
+
+
+@pytest.mark.parametrize("name,world", [("dualpipe", 4), ("dualpipev", 4), ("1f1b", 2)])
+def test_on_the_process_groups_gloo(name, world):
+    """transport="group": the same runs over the pipeline's private gloo group (the
+    transport used across hosts) instead of shared memory."""
+    lo = 2 * world
+    check(name, world, [dict(chunks=lo, transport="group", steps=2),
+                        dict(chunks=lo + 2, transport="group", tuple_io=True,
+                             hook=name != "1f1b"),
+                        dict(chunks=lo, transport="group", split_linear=True),
+                        dict(chunks=lo, transport="group", train=False, return_outputs=True)])
 
 
 def test_data_by_pipeline_mesh_with_rank_mapping():

@@ -44,8 +44,10 @@ def pipeline_cases(rank: int, world: int, cases: list[dict]):
         HookStage.calls = 0
         p, s = build(name, rank, world, N, tuple_io, hook,
                      split_linear_weight_grads=case.get("split_linear", False),
-                     timeout=case.get("timeout", 60))
-        res = {"losses": [], "outputs": [], "loss_slice": None, "peaks": []}
+                     timeout=case.get("timeout", 60),
+                     transport=case.get("transport", "auto"))
+        res = {"losses": [], "outputs": [], "loss_slice": None, "peaks": [],
+               "transport": p.transport}
         for step in range(case.get("steps", 1)):
             xs, ys = make_batch(step, N, tuple_io)
             inputs, labels, loss_slice = rank_io(s, rank, xs, ys)
