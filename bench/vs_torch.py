@@ -7,6 +7,11 @@ micro-batches, same loss, backward included, alternating which side goes first:
 * our ``Pipeline(schedule="1f1b")`` vs torch ``Schedule1F1B``
 * our ``DualPipe``                  for reference (torch has no DualPipe)
 
+Our side runs on each transport of ``--transports``: "ours" is the default (shared
+memory between the ranks of this host, ``overlap.shm``), "ours on gloo" the process
+group's gloo, the transport torch's schedules use; so the table separates what the
+transport saves from what the runtime saves.
+
 Two stage kinds:
 
 ``mlp``   real compute: residual MLP blocks (LayerNorm, Linear d->4d, GELU, Linear 4d->d),
@@ -39,6 +44,9 @@ import time
 from bench import common
 
 PAIRS = ("dualpipev", "1f1b", "dualpipe")
+# our sides: label -> transport ("auto": shared memory between the ranks of this host,
+# our default; "group": the process group's gloo, the transport torch uses)
+OURS = {"ours": "auto", "ours on gloo": "group"}
 
 
 def _kw_supported(fn, **kw):
@@ -99,16 +107,21 @@ def _rank_main(rank: int, world: int, cfg: dict):
     runners = {}
     checks = {}
     for name in cfg["pairs"]:
-        # ours
-        pipe, s = common.build_ours(name, rank, world, N, maker(name), timeout=cfg["timeout"],
-                                    split_linear_weight_grads=cfg["split_w"])
-        inputs, labels = common.rank_io(s, rank, x, y, rows)
-        crit = common.mse if labels else None
+        # ours, on each transport asked for
+        for side, transport in OURS.items():
+            if transport not in cfg["transports"]:
+                continue
+            pipe, s = common.build_ours(name, rank, world, N, maker(name),
+                                        timeout=cfg["timeout"],
+                                        split_linear_weight_grads=cfg["split_w"],
+                                        transport=transport)
+            inputs, labels = common.rank_io(s, rank, x, y, rows)
+            crit = common.mse if labels else None
 
-        def ours(pipe=pipe, inputs=inputs, labels=labels, crit=crit):
-            loss, _ = pipe.step(*inputs, num_chunks=N, criterion=crit, labels=labels)
-            return loss
-        runners[(name, "ours")] = (ours, pipe)
+            def ours(pipe=pipe, inputs=inputs, labels=labels, crit=crit):
+                loss, _ = pipe.step(*inputs, num_chunks=N, criterion=crit, labels=labels)
+                return loss
+            runners[(name, side)] = (ours, pipe)
         # torch
         built = _build_torch(name, rank, world, N, maker(name), dev)
         if built is not None:
@@ -136,8 +149,8 @@ def _rank_main(rank: int, world: int, cfg: dict):
     stats = {k: [] for k in runners}
     for rep in range(cfg["warmup"] + cfg["repeats"]):
         for name in cfg["pairs"]:
-            sides = ["ours", "torch"] if rep % 2 == 0 else ["torch", "ours"]
-            for side in sides:
+            sides = [*OURS, "torch"]
+            for side in (sides if rep % 2 == 0 else sides[::-1]):
                 key = (name, side)
                 if key not in runners:
                     continue
@@ -152,7 +165,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
                     checks[key] = {"loss": loss, "grads": grads(obj)}
                 if rep >= cfg["warmup"]:
                     times[key].append((t0, t1))
-                    if side == "ours":
+                    if side in OURS:
                         st = obj.last_stats
                         # sends are posted inside compute actions, receives outside
                         stats[key].append({"wall": t1 - t0, "busy": st.busy - (os1 - os0),
@@ -164,8 +177,8 @@ def _rank_main(rank: int, world: int, cfg: dict):
         gc.collect()
     # equal work: same losses and gradients on both sides at the first step
     eq = {}
-    for name in cfg["pairs"]:
-        a, b = checks.get((name, "ours")), checks.get((name, "torch"))
+    for name, side in [(n, o) for n in cfg["pairs"] for o in OURS]:
+        a, b = checks.get((name, side)), checks.get((name, "torch"))
         if a is None or b is None:
             continue
         ld = None
@@ -174,7 +187,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
         gd = max((float((p - q).abs().max()) / (float(q.abs().max()) + 1e-30)
                   for p, q in zip(a["grads"], b["grads"]) if p is not None and q is not None),
                  default=0.0)
-        eq[name] = {"loss_max_abs_diff": ld, "grad_max_rel_diff": gd,
+        eq[name if side == "ours" else f"{name}|{side}"] = {"loss_max_abs_diff": ld, "grad_max_rel_diff": gd,
                     "n_grads": sum(1 for p in a["grads"] if p is not None)}
     return {"times": {f"{k[0]}|{k[1]}": v for k, v in times.items()},
             "stats": {f"{k[0]}|{k[1]}": v for k, v in stats.items()}, "equal_work": eq}
@@ -214,16 +227,17 @@ def analyse(case: dict, per_rank: list) -> dict:
                       fb=(case["f"] + case["b"]) * L)
             sims[name] = simulate(get_schedule(name, case["ranks"], case["chunks"]), c).makespan
     out["simulated_makespan_s"] = sims
-    for name in case["pairs"]:
-        a, b = f"{name}|ours", f"{name}|torch"
+    for name, side in [(n, o) for n in case["pairs"] for o in OURS]:
+        a, b = f"{name}|{side}", f"{name}|torch"
+        key = name if side == "ours" else f"{name}|{side}"
         if a in mk and b in mk:
             ratios = common.ratio_samples(mk[a], mk[b])
-            out["pairs"][name] = {"ratio": common.summarize(ratios), "samples": ratios,
+            out["pairs"][key] = {"ratio": common.summarize(ratios), "samples": ratios,
                                   "ratio_of_minima": min(mk[a]) / min(mk[b]),
                                   "target_met": common.summarize(ratios)["median"] <= 0.9,
-                                  "equal_work": [r["equal_work"].get(name) for r in per_rank]}
+                                  "equal_work": [r["equal_work"].get(key) for r in per_rank]}
         elif a in mk:
-            out["pairs"][name] = {"ratio": None, "reason": case.get("torch_missing", {}).get(
+            out["pairs"][key] = {"ratio": None, "reason": case.get("torch_missing", {}).get(
                 name, "torch has no such schedule (reference only)")}
     return out
 
@@ -260,10 +274,12 @@ def render(machine, status, results, out) -> str:
         label = (f"{c['stages']} {c['ranks']}r x {c['chunks']}mb"
                  + (f" d={c['dim']}" if c["stages"] == "mlp" else
                     f" F/B/W={c['f'] * 1e3:g}/{c['b'] * 1e3:g}/{c['w'] * 1e3:g}ms"))
-        for name in c["pairs"]:
-            ours = res["sides"].get(f"{name}|ours")
+        for name, side in [(n, o) for n in c["pairs"] for o in OURS]:
+            ours = res["sides"].get(f"{name}|{side}")
+            if ours is None:
+                continue
             theirs = res["sides"].get(f"{name}|torch")
-            pr = res["pairs"].get(name, {})
+            pr = res["pairs"].get(name if side == "ours" else f"{name}|{side}", {})
             o = ours["step_s"] if ours else None
             t = theirs["step_s"] if theirs else None
             r = pr.get("ratio")
@@ -276,7 +292,7 @@ def render(machine, status, results, out) -> str:
             ew_s = ("-" if not ew else
                     f"{max((e['loss_max_abs_diff'] or 0) for e in ew):.1e}, "
                     f"{max(e['grad_max_rel_diff'] for e in ew):.1e}")
-            row = [label, name,
+            row = [label, name if side == "ours" else f"{name} ({side})",
                    f"{o['median'] * 1e3:.2f} [{o['iqr'] * 1e3:.2f}]" if o else "-",
                    f"{t['median'] * 1e3:.2f} [{t['iqr'] * 1e3:.2f}]" if t else "-",
                    f"{r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}]" if r else
@@ -317,7 +333,7 @@ def render(machine, status, results, out) -> str:
         for name, pr in res["pairs"].items():
             if pr.get("ratio"):
                 r = pr["ratio"]
-                labels.append(f"{name}\n{c['stages']} {c['ranks']}r")
+                labels.append(f"{name.replace('|ours ', ' ')}\n{c['stages']} {c['ranks']}r")
                 med.append(r["median"])
                 lo.append(r["median"] - r["q1"])
                 hi.append(r["q3"] - r["median"])
@@ -331,18 +347,21 @@ def render(machine, status, results, out) -> str:
         ax1.set_ylabel("step time ours / torch (median, IQR)")
         ax1.legend(fontsize=7)
     ax1.set_title("ours / torch.distributed.pipelining", fontsize=9)
-    bl, bo, bt = [], [], []
+    bl, bo, bg, bt = [], [], [], []
     for res in results:
         c = res["case"]
         for name in c["pairs"]:
             o = res["sides"].get(f"{name}|ours")
+            og = res["sides"].get(f"{name}|ours on gloo")
             t = res["sides"].get(f"{name}|torch")
             bl.append(f"{name}\n{c['stages']} {c['ranks']}r")
             bo.append(o["step_s"]["median"] * 1e3 if o else 0)
+            bg.append(og["step_s"]["median"] * 1e3 if og else 0)
             bt.append(t["step_s"]["median"] * 1e3 if t else 0)
     xs = list(range(len(bl)))
-    ax2.bar([x - 0.2 for x in xs], bo, 0.4, label="ours", color="#228833")
-    ax2.bar([x + 0.2 for x in xs], bt, 0.4, label="torch", color="#ee6677")
+    ax2.bar([x - 0.27 for x in xs], bo, 0.27, label="ours (shared memory)", color="#228833")
+    ax2.bar(xs, bg, 0.27, label="ours on gloo", color="#4477aa")
+    ax2.bar([x + 0.27 for x in xs], bt, 0.27, label="torch (gloo)", color="#ee6677")
     ax2.set_xticks(xs)
     ax2.set_xticklabels(bl, fontsize=7)
     ax2.set_yscale("log")
@@ -376,6 +395,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats (default: 40 for mlp, 5 for sleep)")
+    p.add_argument("--transports", nargs="+", default=["auto", "group"],
+                   choices=["auto", "group"],
+                   help="our runtime's transports to run (auto: shared memory on one host; "
+                        "group: the process group's gloo, as torch)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -402,7 +425,8 @@ def main(argv=None) -> int:
     results = []
     for c in cases:
         c.update(pairs=[n for n in pairs if not (n == "dualpipe" and c["ranks"] % 2)],
-                 warmup=a.warmup, timeout=a.timeout, split_w=a.split_w, torch_missing=missing)
+                 warmup=a.warmup, timeout=a.timeout, split_w=a.split_w, torch_missing=missing,
+                 transports=list(a.transports))
         print(f"[vs_torch] {c['stages']}: {c['ranks']} ranks, {c['chunks']} micro-batches, "
               f"{c['warmup']} warm-up + {c['repeats']} timed repeats of {', '.join(c['pairs'])}",
               flush=True)
