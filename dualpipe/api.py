@@ -26,6 +26,16 @@ class DualPipe(PipelineRuntime):
             schedule's W passes without custom autograd code.
         lookahead: compute actions whose receives are posted ahead (default 2).
         record_timeline: keep per-action times of the last step (``.timeline``).
+        confirm_steps: every rank agrees a step succeeded before any returns from it
+            (one tiny all_gather per step; default True).
+        transport: how stage boundaries travel.  ``"auto"`` (default): shared memory
+            (:mod:`overlap.shm`) when the group is gloo, the stages are on CPU and every
+            rank is on this host, else the process group's backend (a private gloo
+            group, or two private NCCL communicators on GPUs); ``"shm"`` requires
+            shared memory (``ValueError`` on every rank if any cannot use it);
+            ``"group"`` always uses the process group's backend.  The environment
+            variable ``DUALPIPE_TRANSPORT`` overrides ``"auto"``.  The choice made is in
+            ``.transport`` (``"shm"``, ``"gloo"`` or ``"nccl"``).
 
     ``step(*inputs, num_chunks, criterion, labels, return_outputs)``: see
     :meth:`PipelineRuntime.step`.  Rank 0 passes the first half of the micro-batches

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import array
 import datetime
+import glob
 import mmap
 import os
 import tempfile
@@ -53,8 +54,9 @@ from .p2p import PeerAborted, PeerError, PeerLost, PeerTimeout
 __all__ = ["ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"]
 
 DEFAULT_RING_BYTES = 4 << 20   # per (sender, receiver) pair; larger messages stream through
-_RING_HEADER = 128             # csrc/cpu/dp_cpu.h kRingHeaderBytes: head @0, opens @32, tail @64
-_OPENS = 32
+_RING_HEADER = 128             # csrc/cpu/dp_cpu.h kRingHeaderBytes: head @0, tail @64
+_OPENS = 32                    # ends that have mapped the ring (the second one unlinks it)
+_BLOCKED = 40                  # > 0: the writer waits for space (the reader rings it)
 _GATHER_BYTES = 256            # largest all_gather payload per rank
 _ROW = 1024                    # per-rank board row: bell, sleepers, pid, two gather slots
 _BOARD_HEADER = 64             # magic @0, joined @8, aborted-by (rank + 1) @16
@@ -80,11 +82,18 @@ def _ext():
 
 def _map(path: str, size: int) -> tuple[tuple, int]:
     """Map ``path`` (created at ``size`` bytes if new) shared; return ((mmap, uint8 tensor
-    over it), its address).  Keep the first item alive while the address is used."""
+    over it), its address).  Keep the first item alive while the address is used.
+
+    The file's pages are reserved up front (``posix_fallocate``): on a full tmpfs that
+    fails here with ENOSPC instead of killing the process with SIGBUS at a later write."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot reserve {size} bytes for {path} ({e.strerror}); "
+                              "free space there, or use transport='group'") from e
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
@@ -99,10 +108,12 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _unlink_all(paths: set) -> None:
-    for p in list(paths):
-        _unlink(p)
-    paths.clear()
+def _unlink_all(patterns: tuple[str, ...]) -> None:
+    """Remove ring files still named (one whose other end never opened it, e.g. because
+    that process died)."""
+    for pattern in patterns:
+        for p in glob.glob(pattern):
+            _unlink(p)
 
 
 def _alive(pid: int) -> bool:
@@ -198,13 +209,16 @@ class ShmP2P:
         self._unexpected: dict[tuple, deque] = {}
         self._gathers = 0
         self._gather: ShmHandle | None = None
-        self._paths: set[str] = set()
         self._my_bell = self._row(rank)
         self._bells = [self._row(r) for r in range(world)]
         self._pids = [mods.load_acquire(self._row(r) + 8) for r in range(world)]
         self._closed = False
-        # names of ring files only this side has opened: removed at close or exit
-        weakref.finalize(self, _unlink_all, self._paths)
+        # ring files only one side has opened keep their names: this rank's (it is one
+        # end) are removed at close or exit; never other pairs', which may be in use
+        d = glob.escape(directory)
+        self._patterns = (os.path.join(d, f"dualpipe-{token}-{rank}-*"),
+                          os.path.join(d, f"dualpipe-{token}-*-{rank}"))
+        weakref.finalize(self, _unlink_all, self._patterns)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -238,6 +252,12 @@ class ShmP2P:
         else:
             try:
                 mods = _ext()
+                # rings to up to 3 peers per rank (pipeline neighbours, DualPipe's mirror)
+                need = 3 * world * (_RING_HEADER + ring_bytes)
+                st = os.statvfs(directory)
+                if st.f_bavail * st.f_frsize < need:
+                    raise ShmUnavailable(f"{directory} has {st.f_bavail * st.f_frsize >> 20} MiB "
+                                         f"free, the rings may need {need >> 20} MiB")
                 keep, base = _map(board_path, _BOARD_HEADER + world * _ROW)
                 row = base + _BOARD_HEADER + rank * _ROW
                 mods.store_release(row + 8, os.getpid())
@@ -274,10 +294,8 @@ class ShmP2P:
     def _ring(self, src: int, dst: int) -> _Ring:
         path = os.path.join(self.directory, f"dualpipe-{self.token}-{src}-{dst}")
         keep, addr = _map(path, _RING_HEADER + self.ring_bytes)
-        self._paths.add(path)
         if self._mods.fetch_add(addr + _OPENS, 1) == 1:  # both ends mapped: no name needed
             _unlink(path)
-            self._paths.discard(path)
         return _Ring(path, keep, addr, self.ring_bytes, dst if src == self.rank else src)
 
     def _outbound(self, peer: int) -> _Ring:
@@ -383,7 +401,7 @@ class ShmP2P:
                 if r != self.rank:
                     self._mods.bell_ring(self._bells[r])
         self._closed = True
-        _unlink_all(self._paths)
+        _unlink_all(self._patterns)
         self._sendq.clear()
         self._posted.clear()
         self._unexpected.clear()
@@ -394,8 +412,18 @@ class ShmP2P:
         off = addr - self._base
         return self._board[1][off: off + n]
 
-    def _push(self, ring: _Ring, q: deque) -> bool:
-        """Write queued messages to ``ring``; True if anything moved."""
+    def _push(self, ring: _Ring, q: deque) -> None:
+        """Write queued messages to ``ring`` and ring the reader if anything moved.  When
+        the ring is full, flag it so the reader rings back once it frees space (then look
+        once more: the reader may have freed it before seeing the flag)."""
+        moved = self._write(ring, q)
+        if q:
+            self._mods.fetch_add(ring.addr + _BLOCKED, 1)
+            moved = self._write(ring, q) or moved
+        if moved:
+            self._mods.bell_ring(self._bells[ring.peer])
+
+    def _write(self, ring: _Ring, q: deque) -> bool:
         write = self._mods.ring_write
         moved = False
         while q:
@@ -422,8 +450,6 @@ class ShmP2P:
             o.handle.done = True
             o.keep = None
             self._pending_sends -= 1
-        if moved:
-            self._mods.bell_ring(self._bells[ring.peer])
         return moved
 
     def _pull(self, ring: _Ring) -> None:
@@ -474,8 +500,12 @@ class ShmP2P:
                 if q is None:
                     q = self._unexpected[key] = deque()
                 q.append(cur.stash)
-        if moved:  # space freed: a writer waiting for it can go on
-            mods.bell_ring(self._bells[ring.peer])
+        if moved:  # space freed: wake the writer if it waits for space (seq_cst RMWs
+            # on the flag order this check after our tail update, see _push)
+            blocked = mods.fetch_add(ring.addr + _BLOCKED, 0)
+            if blocked:
+                mods.fetch_add(ring.addr + _BLOCKED, -blocked)
+                mods.bell_ring(self._bells[ring.peer])
 
     def _check_gather(self) -> None:
         h = self._gather
