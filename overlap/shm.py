@@ -108,12 +108,20 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _unlink_all(patterns: tuple[str, ...]) -> None:
-    """Remove ring files still named (one whose other end never opened it, e.g. because
-    that process died)."""
+def _cleanup(patterns: tuple[str, ...], out_rings: dict, mods, failed: bool) -> None:
+    """Remove the ring files of this rank's pairs that still have a name (the other end
+    never opened them, e.g. because its process died) -- except, unless the pipeline
+    failed, a ring this rank writes to that holds completed sends its reader has not
+    opened yet: the reader unlinks it when it opens it."""
+    keep = set()
+    if not failed:
+        for ring in out_rings.values():
+            if mods.load_acquire(ring.addr + _OPENS) == 1 and mods.ring_available(ring.addr):
+                keep.add(ring.path)
     for pattern in patterns:
         for p in glob.glob(pattern):
-            _unlink(p)
+            if p not in keep:
+                _unlink(p)
 
 
 def _alive(pid: int) -> bool:
@@ -218,7 +226,7 @@ class ShmP2P:
         d = glob.escape(directory)
         self._patterns = (os.path.join(d, f"dualpipe-{token}-{rank}-*"),
                           os.path.join(d, f"dualpipe-{token}-*-{rank}"))
-        weakref.finalize(self, _unlink_all, self._patterns)
+        weakref.finalize(self, _cleanup, self._patterns, self._out, mods, False)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -266,10 +274,15 @@ class ShmP2P:
                 reason = str(e) or type(e).__name__
                 mods = keep = None
         # phase 1: every rank has mapped the board (or says why not)
-        store.set(f"{key}/p1/{rank}", f"{mode}\n{reason}")
-        p1 = _gather_store(store, f"{key}/p1", world, to)
-        modes = [v.split("\n", 1)[0] for v in p1]
-        reasons = [(r, v.split("\n", 1)[1]) for r, v in enumerate(p1) if v.split("\n", 1)[1]]
+        store.set(f"{key}/p1/{rank}", f"{mode}\n{int(ring_bytes)}\n{reason}")
+        p1 = [v.split("\n", 2) for v in _gather_store(store, f"{key}/p1", world, to)]
+        modes = [v[0] for v in p1]
+        reasons = [(r, v[2]) for r, v in enumerate(p1) if v[2]]
+        sizes = [int(v[1]) for v in p1]
+        if len(set(sizes)) > 1 and "off" not in modes:
+            _unlink(board_path)
+            raise ShmUnavailable(f"the ranks passed different ring_bytes ({sizes}); pass the "
+                                 "same value on every rank")
         # phase 2: the board every rank mapped is one file (same host, same /dev/shm)
         same = ""
         if not reasons:
@@ -401,7 +414,7 @@ class ShmP2P:
                 if r != self.rank:
                     self._mods.bell_ring(self._bells[r])
         self._closed = True
-        _unlink_all(self._patterns)
+        _cleanup(self._patterns, self._out, self._mods, failed)
         self._sendq.clear()
         self._posted.clear()
         self._unexpected.clear()
