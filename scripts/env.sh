@@ -10,7 +10,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 STAMP="$VENV/.dualpipe-stamp"
-WANT="$(cat "$ROOT/setup.py" "$ROOT/scripts/env.sh" "$ROOT/requirements.txt" 2>/dev/null | sha1sum | cut -d' ' -f1)"
+# The extension's sources are part of the stamp: an edited csrc/ is rebuilt on the next run.
+WANT="$( { cat "$ROOT/setup.py" "$ROOT/scripts/env.sh" "$ROOT/requirements.txt"; \
+          find "$ROOT/csrc" -type f | LC_ALL=C sort | xargs cat; } 2>/dev/null | sha1sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing torch and test dependencies into $VENV" >&2
   if ! "$VPY" -c "import torch" 2>/dev/null; then
