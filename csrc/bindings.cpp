@@ -298,6 +298,16 @@ bool int_args(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want, const ch
 
 constexpr int64_t kReleaseGilBytes = 1 << 16;
 
+// Run a copy of nbytes, without the GIL when it is large enough to be worth it.
+template <typename Copy>
+int64_t copy_maybe_nogil(int64_t nbytes, Copy copy) {
+  if (nbytes < kReleaseGilBytes) return copy();
+  int64_t n;
+  Py_BEGIN_ALLOW_THREADS n = copy();
+  Py_END_ALLOW_THREADS
+  return n;
+}
+
 PyObject* py_shm_supported(PyObject*, PyObject* const*, Py_ssize_t) {
   return PyBool_FromLong(dp_cpu::shm_supported() ? 1 : 0);
 }
@@ -305,27 +315,15 @@ PyObject* py_shm_supported(PyObject*, PyObject* const*, Py_ssize_t) {
 PyObject* py_ring_write(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[5];
   if (!int_args(args, nargs, 5, "ring_write", a)) return nullptr;
-  int64_t n;
-  if (a[3] >= kReleaseGilBytes) {
-    Py_BEGIN_ALLOW_THREADS n = dp_cpu::ring_write(a[0], a[1], a[2], a[3], a[4] != 0);
-    Py_END_ALLOW_THREADS
-  } else {
-    n = dp_cpu::ring_write(a[0], a[1], a[2], a[3], a[4] != 0);
-  }
-  return PyLong_FromLongLong(n);
+  return PyLong_FromLongLong(
+      copy_maybe_nogil(a[3], [&] { return dp_cpu::ring_write(a[0], a[1], a[2], a[3], a[4] != 0); }));
 }
 
 PyObject* py_ring_read(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[4];
   if (!int_args(args, nargs, 4, "ring_read", a)) return nullptr;
-  int64_t n;
-  if (a[3] >= kReleaseGilBytes) {
-    Py_BEGIN_ALLOW_THREADS n = dp_cpu::ring_read(a[0], a[1], a[2], a[3]);
-    Py_END_ALLOW_THREADS
-  } else {
-    n = dp_cpu::ring_read(a[0], a[1], a[2], a[3]);
-  }
-  return PyLong_FromLongLong(n);
+  return PyLong_FromLongLong(
+      copy_maybe_nogil(a[3], [&] { return dp_cpu::ring_read(a[0], a[1], a[2], a[3]); }));
 }
 
 PyObject* py_ring_available(PyObject*, PyObject* const* args, Py_ssize_t nargs) {

@@ -181,15 +181,19 @@ def test_create_rejects_bad_arguments():
 def suite():
     res = run_ranks(sw.suite, 2, timeout=120)
     yield res
-    for r in res:   # leave nothing behind in the ring directory whatever happened
-        for tok in r.get("files_after_close", {}):
-            for d in ("/dev/shm", "/tmp"):
-                if os.path.isdir(d):
-                    for f in sw.files_with(d, tok):
-                        try:
-                            os.unlink(os.path.join(d, f))
-                        except OSError:
-                            pass
+    # leave nothing behind in the ring directory whatever happened
+    _remove_files([tok for r in res for tok in r.get("files_after_close", {})])
+
+
+def _remove_files(tokens):
+    for tok in tokens:
+        for d in ("/dev/shm", "/tmp"):
+            if os.path.isdir(d):
+                for f in sw.files_with(d, tok):
+                    try:
+                        os.unlink(os.path.join(d, f))
+                    except OSError:
+                        pass
 
 
 def _scenario(suite, name):
@@ -335,15 +339,8 @@ def test_completed_send_survives_a_normal_close(suite):
 def gk():
     res, errors = run_ranks(sw.gather_and_kill, 3, timeout=120, allow_errors=True)
     yield res, errors
-    toks = [r[k][1] for r in res if r for k in ("gather_where", "where_a", "where_b")]
-    for tok in toks:   # the killed rank's leftovers, if any
-        for d in ("/dev/shm", "/tmp"):
-            if os.path.isdir(d):
-                for f in sw.files_with(d, tok):
-                    try:
-                        os.unlink(os.path.join(d, f))
-                    except OSError:
-                        pass
+    # the killed rank's leftovers, if any
+    _remove_files([r[k][1] for r in res if r for k in ("gather_where", "where_a", "where_b")])
 
 
 def _gk_ok(gk):
