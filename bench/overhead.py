@@ -181,12 +181,12 @@ def _rank_main(rank: int, world: int, cfg: dict):
             prof = cProfile.Profile()
             for i in range(cfg["profile_steps"]):
                 common.timed(lambda: None)
-                if rank == 0:
+                if rank == cfg["profile_rank"]:
                     prof.enable()
                 sides[k]["run"]()
-                if rank == 0:
+                if rank == cfg["profile_rank"]:
                     prof.disable()
-            if rank == 0:
+            if rank == cfg["profile_rank"]:
                 buf = io.StringIO()
                 st = pstats.Stats(prof, stream=buf)
                 st.sort_stats("tottime").print_stats(18)
@@ -371,6 +371,7 @@ def main(argv=None) -> int:
                         "ahead; default: the runtime's default)")
     p.add_argument("--profile", action="store_true", help="cProfile rank 0 (extra steps)")
     p.add_argument("--profile-steps", type=int, default=20)
+    p.add_argument("--profile-rank", type=int, default=0, help="the rank --profile profiles")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -380,15 +381,15 @@ def main(argv=None) -> int:
     machine = common.machine_info("gloo", threads_per_rank=1)
     cfg = dict(ranks=a.ranks, chunks=a.chunks, schedules=a.schedules, warmup=a.warmup,
                repeats=a.repeats, profile=a.profile, profile_steps=a.profile_steps,
-               lookahead=a.lookahead,
+               lookahead=a.lookahead, profile_rank=a.profile_rank,
                timeout=a.timeout)
     t0 = time.perf_counter()
     print(f"[overhead] {a.ranks} ranks, {a.chunks} micro-batches, {', '.join(a.schedules)}: "
           f"{a.warmup} warm-up + {a.repeats} timed steps per side", flush=True)
     per_rank = run_ranks(_rank_main, a.ranks, cfg, threads=1, timeout=max(600.0, a.timeout * 4))
     res = analyse(cfg, per_rank)
-    res["own_python_s_per_step"] = per_rank[0]["own_python_s_per_step"]
-    profiles = per_rank[0]["profiles"]
+    res["own_python_s_per_step"] = per_rank[a.profile_rank]["own_python_s_per_step"]
+    profiles = per_rank[a.profile_rank]["profiles"]
     machine["load_avg_1_5_15_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     common.write_json(out / "overhead.json", {
         "benchmark": "overhead", "machine": machine, "torch_pipelining": status, "config": cfg,

@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=16, help="rows per micro-batch")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+    p.add_argument("--transport", choices=["auto", "shm", "group"], default="auto",
+                   help="how stages talk: auto = shared memory between CPU ranks of this host "
+                        "(else the process group's backend), shm = require it, group = the "
+                        "process group's gloo/NCCL (docs/transport.md)")
     p.add_argument("--out", default="out/demo", help="directory for the timeline PNG/trace")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds any rank may wait for another before failing")
@@ -86,7 +90,11 @@ def _rank_main(rank: int, world: int, cfg: dict):
     dev = torch.device("cuda", rank) if cfg["backend"] == "nccl" else torch.device("cpu")
     s = get_schedule(name, world, N)
     mods = [_make_stage(stage, dim).to(dev) for (_st, stage) in s.placement[rank]]
-    pipe = Pipeline(mods, schedule=name, timeout=cfg["timeout"])
+    pipe = Pipeline(mods, schedule=name, timeout=cfg["timeout"], transport=cfg["transport"])
+    if rank == 0:
+        print(f"[demo] stage boundaries travel over {pipe.transport}"
+              + (" (shared memory between the ranks of this host)" if pipe.transport == "shm"
+                 else ""), flush=True)
     opt = torch.optim.SGD(pipe.parameters(), lr=cfg["lr"])
     first = {}
     history = []
@@ -186,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     cfg = dict(schedule=args.schedule, ranks=args.ranks, chunks=chunks, steps=args.steps,
                dim=args.dim, micro_batch=args.micro_batch, lr=args.lr, backend=backend,
-               timeout=args.timeout)
+               timeout=args.timeout, transport=args.transport)
     device = "CUDA/NCCL, one GPU per rank" if backend == "nccl" else "CPU/gloo"
     print(f"[demo] {args.schedule}: {args.ranks} ranks ({device}), {chunks} micro-batches of "
           f"{args.micro_batch} rows, {_num_stages(args.schedule, args.ranks)} stages of dim "
