@@ -7,6 +7,7 @@
 * :mod:`overlap.fb` -- declare a stage as sub-stages (compute / async comm) and get an
   interleaved ``overlapped_forward_backward`` for DualPipe;
 * :mod:`overlap.p2p` -- asynchronous pipeline send/recv with a shape/dtype handshake;
+* :mod:`overlap.shm` -- the same interface over shared memory, for ranks on one host;
 * :mod:`overlap.partition` -- SM partitions between compute and communication;
 * :mod:`overlap.kernels` -- Triton kernels taking an SM budget (imports triton);
 * :func:`overlap.build_info` -- what the extension was built with.
@@ -35,9 +36,10 @@ _EXPORTS = {
              "extension_available", "extension_kind", "ExtensionUnavailableError"),
     "_build": ("build_info", "format_build_info"),
     "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerAborted"),
+    "shm": ("ShmP2P", "ShmHandle", "ShmUnavailable"),
 }
 # submodules importable as attributes; ``kernels`` imports triton, so only on use
-_SUBMODULES = ("streams", "timeline", "fb", "partition", "p2p", "adapters", "kernels")
+_SUBMODULES = ("streams", "timeline", "fb", "partition", "p2p", "shm", "adapters", "kernels")
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE) + list(_SUBMODULES)
