@@ -38,6 +38,7 @@ from __future__ import annotations
 import array
 import datetime
 import glob
+import logging
 import mmap
 import os
 import tempfile
@@ -52,6 +53,8 @@ import torch
 from .p2p import PeerAborted, PeerError, PeerLost, PeerTimeout
 
 __all__ = ["ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RING_BYTES = 4 << 20   # per (sender, receiver) pair; larger messages stream through
 _RING_HEADER = 128             # csrc/cpu/dp_cpu.h kRingHeaderBytes: head @0, tail @64
@@ -294,11 +297,12 @@ class ShmP2P:
         reasons += [(r, v) for r, v in enumerate(p2) if v]
         if not reasons:
             return cls(mods, keep, base, directory, token, rank, world, ring_bytes, abort)
+        why = "; ".join(f"rank {r}: {w}" for r, w in reasons)
         if "shm" in modes:
             asked = [r for r, m in enumerate(modes) if m == "shm"]
-            why = "; ".join(f"rank {r}: {w}" for r, w in reasons)
             raise ShmUnavailable(f"rank(s) {asked} asked for the shared-memory transport but it "
                                  f"cannot run ({why}); use the process group's transport")
+        log.info("shared-memory transport not used (%s): falling back on every rank", why)
         return None
 
     def _row(self, r: int) -> int:
