@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerError, PeerExited, PeerLost,
+                         PeerTimeout, TensorMeta, pack_meta, unpack_meta)
 from overlap.shm import ShmP2P, ShmUnavailable
-from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerError, PeerLost, PeerTimeout,
-                         TensorMeta, pack_meta, unpack_meta)
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
                         get_schedule, lower)
@@ -901,7 +901,8 @@ class PipelineRuntime(nn.Module):
             _ack(store, key)
             err: PipelineError = PipelineError(msg, rank, action)
         elif isinstance(e, PeerLost):
-            record = _read(store, key, wait=5.0)
+            # a peer that exited without reporting leaves no record to wait for
+            record = _read(store, key, wait=0.0 if isinstance(e, PeerExited) else 5.0)
             if record is not None:
                 msg = f"{record} (pipeline rank {rank} stopped at action {action})"
                 _ack(store, key)
@@ -981,7 +982,10 @@ def _read(store, key: str, wait: float) -> str | None:
     if store is None:
         return None
     try:
-        store.wait([key], datetime.timedelta(seconds=wait))
+        if wait > 0:
+            store.wait([key], datetime.timedelta(seconds=wait))
+        elif not store.check([key]):
+            return None
         return store.get(key).decode()
     except Exception:  # noqa: BLE001
         return None

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["TensorMeta", "pack_meta", "unpack_meta", "Handle", "P2P", "PeerError", "PeerTimeout",
-           "PeerLost", "PeerAborted", "META_LEN"]
+           "PeerLost", "PeerExited", "PeerAborted", "META_LEN"]
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
@@ -52,6 +52,11 @@ class PeerTimeout(PeerError):
 
 class PeerLost(PeerError):
     """The connection to a peer closed: it crashed, was killed or aborted."""
+
+
+class PeerExited(PeerLost):
+    """The peer's process is gone (or closed its transport) without reporting a failure:
+    no other rank will record one, so the waiting rank reports it at once."""
 
 
 class PeerAborted(PeerError):

@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .p2p import PeerAborted, PeerError, PeerLost, PeerTimeout
+from .p2p import PeerAborted, PeerError, PeerExited, PeerLost, PeerTimeout
 
 __all__ = ["ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"]
 
@@ -61,10 +61,12 @@ _RING_HEADER = 128             # csrc/cpu/dp_cpu.h kRingHeaderBytes: head @0, ta
 _OPENS = 32                    # ends that have mapped the ring (the second one unlinks it)
 _BLOCKED = 40                  # > 0: the writer waits for space (the reader rings it)
 _GATHER_BYTES = 256            # largest all_gather payload per rank
-_ROW = 1024                    # per-rank board row: bell, sleepers, pid, two gather slots
-_BOARD_HEADER = 64             # magic @0, joined @8, aborted-by (rank + 1) @16
+_ROW = 1024                    # per-rank board row: bell @0, sleepers @4, pid @8, process start
+                               # time @16, pid namespace @24, closed @32; gather slots @64
+_BOARD_HEADER = 64             # joined @8, stopped by (group rank + 1) @16, stop count @24
 _MAGIC = 0x44505348           # "DPSH"
 _CHECK_EVERY = 0.05            # s between liveness / abort-callback checks while blocked
+_HEADER = 24                   # message header: tag, bytes, layout (hash of each tensor's bytes)
 
 
 class ShmUnavailable(RuntimeError):
@@ -111,11 +113,14 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _cleanup(patterns: tuple[str, ...], out_rings: dict, mods, failed: bool) -> None:
+def _cleanup(patterns: tuple[str, ...], out_rings: dict, mods, failed: bool,
+             pid: int | None = None) -> None:
     """Remove the ring files of this rank's pairs that still have a name (the other end
     never opened them, e.g. because its process died) -- except, unless the pipeline
     failed, a ring this rank writes to that holds completed sends its reader has not
     opened yet: the reader unlinks it when it opens it."""
+    if pid is not None and pid != os.getpid():
+        return  # a forked child: the files belong to its parent
     keep = set()
     if not failed:
         for ring in out_rings.values():
@@ -127,17 +132,34 @@ def _cleanup(patterns: tuple[str, ...], out_rings: dict, mods, failed: bool) -> 
                 _unlink(p)
 
 
-def _alive(pid: int) -> bool:
-    """False once process ``pid`` has exited (zombies count as exited)."""
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, start time) of process ``pid`` from ``/proc``; None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except FileNotFoundError:
-        return False
-    except OSError:
+        return None
+    rest = stat[stat.rfind(b")") + 2:].split()
+    return rest[0], int(rest[19])
+
+
+def _identity() -> tuple[int, int]:
+    """(start time, pid namespace) of this process, (0, 0) where /proc cannot tell."""
+    try:
+        st = _proc_stat(os.getpid())
+        return (st[1] if st else 0), os.stat("/proc/self/ns/pid").st_ino
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    """False once process ``pid`` (started at ``start``) has exited; a zombie, or another
+    process that reused the pid, counts as exited."""
+    try:
+        st = _proc_stat(pid)
+    except (OSError, ValueError, IndexError):
         return True  # cannot tell: rely on the timeout
-    state = stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
+    return st is not None and st[0] not in (b"Z", b"X") and st[1] == start
 
 
 class ShmHandle:
@@ -177,10 +199,11 @@ class _Out:
 
 
 class _In:
-    __slots__ = ("tag", "handle", "segs", "i", "off", "stash", "claim")
+    __slots__ = ("tag", "handle", "segs", "i", "off", "stash", "claim", "layout")
 
-    def __init__(self, tag, handle, segs, stash):
+    def __init__(self, tag, handle, segs, stash, layout):
         self.tag, self.handle, self.segs, self.stash = tag, handle, segs, stash
+        self.layout = layout
         self.i = self.off = 0
         self.claim = None
 
@@ -191,7 +214,7 @@ class _Ring:
     def __init__(self, path, keep, addr, cap, peer):
         self.path, self.keep, self.addr, self.cap, self.peer = path, keep, addr, cap, peer
         self.cur = None
-        self.hdr = array.array("q", [0, 0])
+        self.hdr = array.array("q", [0, 0, 0])
         self.hdr_addr = self.hdr.buffer_info()[0]
 
 
@@ -201,7 +224,8 @@ class ShmP2P:
     The interface is :class:`overlap.p2p.P2P`'s (``isend``, ``irecv``, ``all_gather``,
     handles with ``wait(timeout, abort)``), with group ranks.  Build it with
     :meth:`create`; call :meth:`close` when done (``failed=True`` stops every peer's
-    pending waits at once)."""
+    pending waits at once).  One thread per process uses it (as the pipeline runtime
+    does): it is not thread-safe, unlike gloo's process groups."""
 
     def __init__(self, mods, board, board_addr: int, directory: str, token: str, rank: int,
                  world: int, ring_bytes: int, abort: Callable[[], str | None] | None):
@@ -223,13 +247,18 @@ class ShmP2P:
         self._my_bell = self._row(rank)
         self._bells = [self._row(r) for r in range(world)]
         self._pids = [mods.load_acquire(self._row(r) + 8) for r in range(world)]
+        self._starts = [mods.load_acquire(self._row(r) + 16) for r in range(world)]
+        ns = {mods.load_acquire(self._row(r) + 24) for r in range(world)}
+        # pids mean the same thing to every rank only inside one pid namespace
+        self._liveness = len(ns) == 1 and 0 not in ns and 0 not in self._starts
         self._closed = False
+        self._broken: str | None = None
         # ring files only one side has opened keep their names: this rank's (it is one
         # end) are removed at close or exit; never other pairs', which may be in use
         d = glob.escape(directory)
         self._patterns = (os.path.join(d, f"dualpipe-{token}-{rank}-*"),
                           os.path.join(d, f"dualpipe-{token}-*-{rank}"))
-        weakref.finalize(self, _cleanup, self._patterns, self._out, mods, False)
+        weakref.finalize(self, _cleanup, self._patterns, self._out, mods, False, os.getpid())
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -241,13 +270,16 @@ class ShmP2P:
         can), ``"shm"`` (required: raise :class:`ShmUnavailable` on every rank if any rank
         cannot) or ``"off"``.  Returns the transport, or ``None`` when the ranks agreed
         to fall back (the same answer on every rank)."""
+        usage = ""
         if mode not in ("auto", "shm", "off"):
-            raise ValueError(f"shared-memory transport mode must be 'auto', 'shm' or 'off', "
-                             f"got {mode!r}")
-        if ring_bytes < 4096:
-            raise ValueError(f"ring_bytes must be at least 4096, got {ring_bytes}")
+            usage = f"shared-memory transport mode must be 'auto', 'shm' or 'off', got {mode!r}"
+        elif ring_bytes < 4096:
+            usage = f"ring_bytes must be at least 4096, got {ring_bytes}"
         to = datetime.timedelta(seconds=float(timeout))
-        key = f"{prefix}/shm"
+        # every call on a prefix is a new agreement: the k-th call of each rank meets the
+        # k-th call of the others (calls are collective, in order), never old keys
+        gen = store.add(f"{prefix}/shm/calls/{rank}", 1)
+        key = f"{prefix}/shm/{gen}"
         if rank == 0:
             directory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access(
                 "/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -258,7 +290,9 @@ class ShmP2P:
         board_path = os.path.join(directory, f"dualpipe-{token}-board")
         mods = keep = None
         reason = ""
-        if mode == "off":
+        if usage:
+            reason = f"error: {usage}"
+        elif mode == "off":
             reason = "off"
         else:
             try:
@@ -271,10 +305,13 @@ class ShmP2P:
                                          f"free, the rings may need {need >> 20} MiB")
                 keep, base = _map(board_path, _BOARD_HEADER + world * _ROW)
                 row = base + _BOARD_HEADER + rank * _ROW
+                start, ns = _identity()
                 mods.store_release(row + 8, os.getpid())
+                mods.store_release(row + 16, start)
+                mods.store_release(row + 24, ns)
                 mods.fetch_add(base + 8, 1)
-            except (OSError, ShmUnavailable, ValueError) as e:
-                reason = str(e) or type(e).__name__
+            except Exception as e:  # noqa: BLE001 - any reason is published, never raised alone
+                reason = (str(e) or type(e).__name__).replace("\n", " ")
                 mods = keep = None
         # phase 1: every rank has mapped the board (or says why not)
         store.set(f"{key}/p1/{rank}", f"{mode}\n{int(ring_bytes)}\n{reason}")
@@ -282,6 +319,10 @@ class ShmP2P:
         modes = [v[0] for v in p1]
         reasons = [(r, v[2]) for r, v in enumerate(p1) if v[2]]
         sizes = [int(v[1]) for v in p1]
+        errors = [f"rank {r}: {w[len('error: '):]}" for r, w in reasons if w.startswith("error: ")]
+        if errors:
+            _unlink(board_path)
+            raise ValueError("ShmP2P.create: " + "; ".join(errors))
         if len(set(sizes)) > 1 and "off" not in modes:
             _unlink(board_path)
             raise ShmUnavailable(f"the ranks passed different ring_bytes ({sizes}); pass the "
@@ -331,20 +372,27 @@ class ShmP2P:
             self._inbound.append(ring)
         return ring
 
-    def _check_peer(self, peer: int) -> None:
+    def _check_usable(self, what: str, peer: int = -1) -> None:
+        if self._broken is not None:
+            raise PeerError(f"{what}: the shared-memory transport is unusable after an "
+                            f"earlier error ({self._broken})", peer, what)
         if self._closed:
-            raise PeerLost("the shared-memory transport is closed", peer, "")
+            raise PeerLost(f"{what}: the shared-memory transport is closed", peer, what)
+
+    def _check_peer(self, peer: int) -> None:
         if not 0 <= peer < self.world or peer == self.rank:
             raise ValueError(f"peer must be another rank in 0..{self.world - 1}, got {peer}")
 
     # ------------------------------------------------------------------ operations
     def isend(self, tensors: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0
               ) -> ShmHandle:
+        self._check_usable(what, peer)
         ring = self._outbound(peer)
         ts = [_flat(t.detach(), what) for t in tensors]
-        n = sum(t.nbytes for t in ts)
-        hdr = array.array("q", [tag, n])
-        segs = [(hdr.buffer_info()[0], 16)] + [(t.data_ptr(), t.nbytes) for t in ts if t.nbytes]
+        sizes = tuple(t.nbytes for t in ts)
+        hdr = array.array("q", [tag, sum(sizes), _layout(sizes)])
+        segs = [(hdr.buffer_info()[0], _HEADER)] + [(t.data_ptr(), n) for t, n in zip(ts, sizes)
+                                                    if n]
         h = ShmHandle(self, list(tensors), what, peer)
         out = _Out(h, segs, (hdr, ts))
         q = self._sendq[peer]
@@ -356,6 +404,7 @@ class ShmP2P:
 
     def irecv(self, buffers: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0
               ) -> ShmHandle:
+        self._check_usable(what, peer)
         ring = self._inbound_ring(peer)
         h = ShmHandle(self, list(buffers), what, peer)
         for b in buffers:
@@ -365,10 +414,11 @@ class ShmP2P:
                                  f"{'contiguous' if b.is_contiguous() else 'strided'}")
         h.segs = [(b.data_ptr(), b.nbytes) for b in buffers if b.nbytes]
         h.nbytes = sum(b.nbytes for b in buffers)
+        h.seq = _layout(tuple(b.nbytes for b in buffers))  # receives: the expected layout
         key = (peer, tag)
         early = self._unexpected.get(key)
         if early:
-            _fill(h, early.popleft())
+            self._fill(h, *early.popleft())
         elif ring.cur is not None and ring.cur.handle is None and ring.cur.tag == tag \
                 and ring.cur.claim is None:
             ring.cur.claim = h  # the message arriving now is this one
@@ -387,16 +437,16 @@ class ShmP2P:
         if t.nbytes > _GATHER_BYTES or t.device.type != "cpu":
             raise ValueError(f"{what}: the shared-memory all_gather takes CPU tensors of at "
                              f"most {_GATHER_BYTES} bytes, got {t.nbytes} on {t.device}")
+        self._check_usable(what)
         if self._gather is not None:
             raise RuntimeError(f"{what}: the previous all_gather "
                                f"({self._gather.what}) was never waited for")
-        if self._closed:
-            raise PeerLost(f"{what}: the shared-memory transport is closed", -1, what)
         self._gathers += 1
         k = self._gathers
         src = _flat(t.detach(), what)
         slot = self._row(self.rank) + 64 + (k % 2) * 320
         self._bytes(slot + 64, src.nbytes).copy_(src.reshape(-1).view(torch.uint8))
+        self._mods.store_release(slot + 8, src.nbytes)
         self._mods.store_release(slot, k)
         for r in range(self.world):
             if r != self.rank:
@@ -409,14 +459,21 @@ class ShmP2P:
 
     def close(self, failed: bool = False) -> None:
         """Release this rank's side.  ``failed=True`` marks the pipeline stopped, which
-        ends every peer's pending wait with :class:`PeerLost` at once."""
+        ends every peer's pending wait with :class:`PeerLost` at once (naming the first
+        rank that stopped it).  A normal close drops sends still queued (wait for their
+        handles first); a peer waiting for this rank gets :class:`PeerLost` within
+        ~50 ms; completed sends whose reader has not opened the ring yet stay readable."""
         if self._mods is None:
             return
+        mods = self._mods
         if failed:
-            self._mods.store_release(self._base + 16, self.rank + 1)
-            for r in range(self.world):
-                if r != self.rank:
-                    self._mods.bell_ring(self._bells[r])
+            if mods.fetch_add(self._base + 24, 1) == 0:  # the first rank to stop is named
+                mods.store_release(self._base + 16, self.rank + 1)
+        else:
+            mods.store_release(self._row(self.rank) + 32, 1)  # peers waiting on us stop
+        for r in range(self.world):
+            if r != self.rank:
+                mods.bell_ring(self._bells[r])
         self._closed = True
         _cleanup(self._patterns, self._out, self._mods, failed)
         self._sendq.clear()
@@ -476,22 +533,19 @@ class ShmP2P:
         while True:
             cur = ring.cur
             if cur is None:
-                if mods.ring_available(ring.addr) < 16:
+                if mods.ring_available(ring.addr) < _HEADER:
                     break
-                read(ring.addr, ring.cap, ring.hdr_addr, 16)
+                read(ring.addr, ring.cap, ring.hdr_addr, _HEADER)
                 moved = True
-                tag, n = ring.hdr[0], ring.hdr[1]
+                tag, n, layout = ring.hdr
                 q = self._posted.get((ring.peer, tag))
                 h = q.popleft() if q else None
                 if h is not None:
-                    if h.nbytes != n:
-                        raise PeerError(f"{h.what}: rank {ring.peer} sent {n} bytes where "
-                                        f"{h.nbytes} were expected (the ranks disagree on "
-                                        "shapes or dtypes)", ring.peer, h.what)
-                    cur = _In(tag, h, h.segs, None)
+                    self._check_layout(h, n, layout)
+                    cur = _In(tag, h, h.segs, None, layout)
                 else:
                     stash = torch.empty(n, dtype=torch.uint8)
-                    cur = _In(tag, None, [(stash.data_ptr(), n)] if n else [], stash)
+                    cur = _In(tag, None, [(stash.data_ptr(), n)] if n else [], stash, layout)
                 ring.cur = cur
             segs = cur.segs
             while cur.i < len(segs):
@@ -510,13 +564,13 @@ class ShmP2P:
             if cur.handle is not None:
                 cur.handle.done = True
             elif cur.claim is not None:
-                _fill(cur.claim, cur.stash)
+                self._fill(cur.claim, cur.stash, cur.layout)
             else:
                 key = (ring.peer, cur.tag)
                 q = self._unexpected.get(key)
                 if q is None:
                     q = self._unexpected[key] = deque()
-                q.append(cur.stash)
+                q.append((cur.stash, cur.layout))
         if moved:  # space freed: wake the writer if it waits for space (seq_cst RMWs
             # on the flag order this check after our tail update, see _push)
             blocked = mods.fetch_add(ring.addr + _BLOCKED, 0)
@@ -534,7 +588,13 @@ class ShmP2P:
                 return
         for r in range(self.world):
             out = h.tensors[r]
-            out.view(-1).view(torch.uint8).copy_(self._bytes(self._row(r) + off + 64, out.nbytes))
+            n = load(self._row(r) + off + 8)
+            if n != out.nbytes:
+                self._broken = (f"{h.what}: rank {r} gathered {n} bytes, this rank "
+                                f"{out.nbytes}")
+                raise PeerError(f"{self._broken} (the ranks disagree on shapes or dtypes)",
+                                r, h.what)
+            out.view(-1).view(torch.uint8).copy_(self._bytes(self._row(r) + off + 64, n))
         h.done = True
         self._gather = None
 
@@ -549,9 +609,17 @@ class ShmP2P:
             self._check_gather()
 
     def _wait(self, h: ShmHandle, timeout: datetime.timedelta, abort) -> None:
+        self._check_usable(h.what, h.peer)
+        try:
+            self._wait_loop(h, timeout, abort)
+        except BaseException as e:
+            if h is self._gather and self._broken is None:
+                # the ranks' gather counts no longer agree: later gathers cannot match
+                self._broken = f"{h.what} failed: {e}"
+            raise
+
+    def _wait_loop(self, h: ShmHandle, timeout: datetime.timedelta, abort) -> None:
         mods = self._mods
-        if mods is None or self._closed:
-            raise PeerLost(f"{h.what}: the shared-memory transport is closed", h.peer, h.what)
         limit = timeout.total_seconds()
         start = time.monotonic()
         next_check = start + _CHECK_EVERY
@@ -567,6 +635,9 @@ class ShmP2P:
                                "pipeline", stopped - 1, h.what)
             now = time.monotonic()
             if now - start >= limit:
+                self._progress()
+                if h.done:
+                    return
                 who = f"rank {h.peer}" if h.peer >= 0 else "some rank"
                 raise PeerTimeout(f"{h.what}: {who} did not answer within {limit:g} s",
                                   h.peer, h.what)
@@ -576,6 +647,26 @@ class ShmP2P:
             left = min(next_check, start + limit) - now
             mods.bell_wait(bell, seen, max(1, int(left * 1e6)))
 
+    def _check_layout(self, h: ShmHandle, n: int, layout: int) -> None:
+        if h.nbytes != n or h.seq != layout:
+            what = (f"{n} bytes where {h.nbytes} were expected" if h.nbytes != n else
+                    "tensors of other sizes than the receive's buffers")
+            # the payload is not consumed: nothing after it can be read in order
+            self._broken = f"{h.what}: rank {h.peer} sent {what}"
+            raise PeerError(f"{self._broken} (the ranks disagree on shapes or dtypes)",
+                            h.peer, h.what)
+
+    def _fill(self, h: ShmHandle, stash: torch.Tensor, layout: int) -> None:
+        """Complete receive ``h`` from a message that arrived before it was posted."""
+        self._check_layout(h, stash.numel(), layout)
+        off = 0
+        for b in h.tensors:
+            n = b.nbytes
+            if n:
+                b.view(-1).view(torch.uint8).copy_(stash[off: off + n])
+            off += n
+        h.done = True
+
     def _check_failures(self, h: ShmHandle, abort) -> None:
         for cb in (abort, self._abort_cb):
             if cb is not None:
@@ -583,30 +674,31 @@ class ShmP2P:
                 if msg is not None:
                     raise PeerAborted(msg, h.peer, h.what)
         peers = (h.peer,) if h.peer >= 0 else tuple(r for r in range(self.world) if r != self.rank)
+        load = self._mods.load_acquire
         for r in peers:
-            if not _alive(self._pids[r]):
-                raise PeerLost(f"{h.what}: rank {r} (pid {self._pids[r]}) exited", r, h.what)
+            gone = None
+            if load(self._row(r) + 32):
+                gone = "closed the transport"
+            elif self._liveness and not _alive(self._pids[r], self._starts[r]):
+                gone = f"(pid {self._pids[r]}) exited"
+            if gone is not None:
+                self._progress()  # what it sent before going still counts
+                if h.done:
+                    return
+                raise PeerExited(f"{h.what}: rank {r} {gone}", r, h.what)
 
 
 def _flat(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.device.type != "cpu":
         raise ValueError(f"{what}: the shared-memory transport moves CPU tensors, got one on "
                          f"{t.device}")
-    return t.contiguous()
+    return t.resolve_conj().resolve_neg().contiguous()
 
 
-def _fill(h: ShmHandle, stash: torch.Tensor) -> None:
-    """Complete receive ``h`` from a message that arrived before it was posted."""
-    if stash.numel() != h.nbytes:
-        raise PeerError(f"{h.what}: rank {h.peer} sent {stash.numel()} bytes where {h.nbytes} "
-                        "were expected (the ranks disagree on shapes or dtypes)", h.peer, h.what)
-    off = 0
-    for b in h.tensors:
-        n = b.nbytes
-        if n:
-            b.view(-1).view(torch.uint8).copy_(stash[off: off + n])
-        off += n
-    h.done = True
+def _layout(sizes: tuple) -> int:
+    """A message's layout: a hash of its tensors' byte sizes (ints hash the same in every
+    process), so a receive into differently split buffers is refused."""
+    return hash(sizes) & 0x7FFFFFFFFFFFFFFF
 
 
 def _gather_store(store, key: str, world: int, to: datetime.timedelta) -> list[str]:

@@ -118,7 +118,8 @@ def _close(store, name: str, t, rank: int, world: int, **kw) -> list[str]:
 
 def _where(store, prefix: str) -> tuple[str, str]:
     """(directory, token) create() agreed on for ``prefix`` (also when it returned None)."""
-    directory, token = store.get(f"{prefix}/shm/where").decode().split("\n")
+    # the first create() on a prefix agrees under generation 1
+    directory, token = store.get(f"{prefix}/shm/1/where").decode().split("\n")
     return directory, token
 
 
@@ -390,8 +391,56 @@ def sc_sent_then_closed(store, rank, world):
     return out
 
 
+def sc_review(store, rank, world):
+    """Findings of the review: a layout mismatch (same bytes, other split) is refused and
+    leaves the transport unusable; gathers of different sizes are refused; conjugated
+    tensors arrive resolved; a peer that closes normally is noticed; the stop flag names
+    the first rank that stopped."""
+    out = {}
+    t = _make(store, "rev1", rank, world)
+    out["where"] = [(t.directory, t.token)]
+    a, b = torch.arange(2.0), torch.arange(10.0, 14.0)
+    if rank == 0:
+        t.isend([a, b], 1, "split", tag=1).wait(TO)
+        z = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+        t.isend([z.conj()], 1, "conj", tag=2).wait(TO)
+    else:
+        out["conj"] = _outcome(lambda: t.irecv([torch.empty(2, dtype=torch.complex64)], 0,
+                                               "conj", tag=2).wait(TO))
+        out["layout"] = _outcome(lambda: t.irecv([torch.empty(4), torch.empty(2)], 0,
+                                                 "split", tag=1).wait(TO))
+        out["after"] = _outcome(lambda: t.irecv([torch.empty(1)], 0, "next", tag=3))
+    _barrier(store, "rev1/done", rank, world)
+    t.close()
+    t = _make(store, "rev2", rank, world)
+    out["where"].append((t.directory, t.token))
+    out["gather"] = _outcome(lambda: t.all_gather(torch.zeros(2 + 3 * rank), world,
+                                                  "uneven").wait(TO))
+    _barrier(store, "rev2/done", rank, world)
+    t.close()
+    t = _make(store, "rev3", rank, world)
+    out["where"].append((t.directory, t.token))
+    if rank == 0:
+        out["peer_closed"] = _outcome(lambda: t.irecv([torch.empty(1)], 1, "never", tag=0)
+                                      .wait(datetime.timedelta(seconds=30)))
+    else:
+        time.sleep(0.2)
+        t.close()
+    _barrier(store, "rev3/done", rank, world)
+    t.close()
+    t = _make(store, "rev4", rank, world)
+    out["where"].append((t.directory, t.token))
+    if rank == 1:
+        t.close(failed=True)
+    _barrier(store, "rev4/first", rank, world)
+    if rank == 0:
+        t.close(failed=True)
+        out["stopped_by"] = t._mods.load_acquire(t._base + 16) - 1
+    return out
+
+
 SCENARIOS = ("mixed", "stream", "order", "mismatch", "timeout", "stop", "abort", "create",
-             "ring_disagree", "sent_then_closed")
+             "ring_disagree", "sent_then_closed", "review")
 
 
 def suite(rank: int, world: int) -> dict:

@@ -170,10 +170,18 @@ def test_bell_wait_timeout_immediate_and_wakeup(region):
 
 # ================================================================ create() argument checks
 def test_create_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="'auto', 'shm' or 'off'"):
-        ShmP2P.create(None, "x", 0, 2, mode="fast")
-    with pytest.raises(ValueError, match="at least 4096"):
-        ShmP2P.create(None, "x", 0, 2, ring_bytes=4095)
+    """A usage error is published through the store (so the other ranks raise too instead
+    of waiting out their timeout) and raised as ValueError; a 1-rank group here."""
+    import torch.distributed as dist
+    store = dist.HashStore()
+    with pytest.raises(ValueError, match="rank 0: .*'auto', 'shm' or 'off'"):
+        ShmP2P.create(store, "x", 0, 1, mode="fast", timeout=5)
+    with pytest.raises(ValueError, match="rank 0: ring_bytes must be at least 4096"):
+        ShmP2P.create(store, "x", 0, 1, ring_bytes=4095, timeout=5)
+    # the same prefix again is a new agreement, not the old keys
+    t = ShmP2P.create(store, "x", 0, 1, timeout=5)
+    assert t is not None
+    t.close()
 
 
 # ================================================================ 2 ranks
@@ -334,6 +342,22 @@ def test_completed_send_survives_a_normal_close(suite):
     assert_same(ok(v1["recv"], "receive after the sender closed"), sw.small_payload(1100))
 
 
+def test_review_findings(suite):
+    v0, v1 = _scenario(suite, "review")
+    z = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    assert_same(ok(v1["conj"], "conj"), [z.conj().resolve_conj()])
+    o = v1["layout"]   # 6 floats as [2, 4] received into [4, 2]: refused, not re-split
+    assert o["kind"] == "PeerError" and "other sizes" in o["msg"], o
+    o = v1["after"]    # the payload was not consumed: the transport refuses to go on
+    assert o["kind"] == "PeerError" and "unusable" in o["msg"], o
+    for v in (v0, v1):  # 8 and 20 bytes gathered: refused on every rank
+        assert v["gather"]["kind"] == "PeerError" and "bytes" in v["gather"]["msg"], v["gather"]
+    o = v0["peer_closed"]
+    assert o["kind"] == "PeerExited" and "closed the transport" in o["msg"], o
+    assert o["elapsed"] < 2.0, o
+    assert v0["stopped_by"] == 1   # rank 1 stopped first; rank 0's later stop keeps it named
+
+
 # ================================================================ 3 ranks
 @pytest.fixture(scope="module")
 def gk():
@@ -366,7 +390,8 @@ def test_all_gather_repeated(gk):
 def test_killed_peer_is_noticed_quickly(gk):
     for rank, r in enumerate(_gk_ok(gk)):
         o = r["killed"]
-        assert o["kind"] == "PeerLost", (rank, o)
+        # PeerExited (a PeerLost): the process is gone without a failure record
+        assert o["kind"] == "PeerExited", (rank, o)
         assert "rank 2" in o["msg"] and o["peer"] == 2, (rank, o["msg"])
         assert o["wall"] - r["killed_at"] < 2.0, (rank, o["wall"] - r["killed_at"])
         assert o["elapsed"] < 2.0, (rank, o["elapsed"])   # the timeout was 30 s
