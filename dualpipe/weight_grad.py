@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
+from torch.autograd import Variable
 
 __all__ = ["WeightGradStore", "split_linear_weight_grads", "unsplit_linear_weight_grads"]
 
@@ -85,13 +86,18 @@ class _LinearDeferW(torch.autograd.Function):
         @torch.no_grad()
         def weight_grad():
             g2 = gy.reshape(-1, gy.shape[-1])
+            leaves, grads = [], []
             if need_w:
-                gw = g2.t() @ x.reshape(-1, x.shape[-1])
-                weight.grad = gw if weight.grad is None else weight.grad + gw
+                leaves.append(weight)
+                grads.append(g2.t() @ x.reshape(-1, x.shape[-1]))
             if need_b:
-                gb = g2.sum(0)
-                b = ctx.bias
-                b.grad = gb if b.grad is None else b.grad + gb
+                leaves.append(ctx.bias)
+                grads.append(g2.sum(0))
+            # accumulate through autograd's own accumulator (8 us instead of 3 for a
+            # plain `.grad +=`), so hooks on the parameters' gradient accumulation --
+            # register_hook, register_post_accumulate_grad_hook, DDP/FSDP-style
+            # accumulator hooks -- see the deferred gradients as they see any other
+            _accumulate(tuple(leaves), tuple(grads))
 
         if WeightGradStore.enabled and (need_w or need_b):
             WeightGradStore.put(weight_grad)
@@ -102,6 +108,12 @@ class _LinearDeferW(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _accumulate(leaves: tuple, grads: tuple) -> None:
+    Variable._execution_engine.run_backward(
+        leaves, grads, keep_graph=False, create_graph=False, inputs=(),
+        allow_unreachable=True, accumulate_grad=True)
+
+
 def _deferred_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _LinearDeferW.apply(x, self.weight, self.bias)
 
@@ -109,9 +121,11 @@ def _deferred_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def split_linear_weight_grads(module: nn.Module) -> int:
     """Make every ``nn.Linear`` in ``module`` defer its weight gradient to the W pass
     when the runtime runs an input-gradient-only backward.  The gradients are the same
-    products accumulated into ``.grad`` (equal to autograd's within float rounding);
-    they are assigned directly, so hooks registered on a parameter's gradient
-    accumulation do not see deferred gradients.  Returns how many layers changed."""
+    products, accumulated into ``.grad`` by autograd's accumulator (equal to autograd's
+    within float rounding), so hooks on a parameter's gradient accumulation run for
+    deferred gradients too, once per deferred W.  (During the input-gradient-only
+    backward autograd also calls those hooks once with no gradient, as for any custom
+    Function that returns None for a parameter.)  Returns how many layers changed."""
     n = 0
     for m in module.modules():
         if type(m) is nn.Linear and "forward" not in m.__dict__:
