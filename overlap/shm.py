@@ -283,7 +283,7 @@ class ShmP2P:
         if rank == 0:
             directory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access(
                 "/dev/shm", os.W_OK) else tempfile.gettempdir()
-            token = f"{os.getuid()}-{uuid.uuid4().hex[:16]}"
+            token = f"{getattr(os, 'getuid', lambda: 0)()}-{uuid.uuid4().hex[:16]}"
             store.set(f"{key}/where", f"{directory}\n{token}")
         store.wait([f"{key}/where"], to)
         directory, token = store.get(f"{key}/where").decode().split("\n")
