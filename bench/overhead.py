@@ -216,6 +216,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
         # bare compute of this rank: every stage forward + backward once per micro-batch
         compute = nf * bare["f"] + nb * bare["b"]
         out["sides"][f"{name}|{label}"] = {
+            "transport": getattr(sd["obj"], "transport", "gloo (torch)"),
             "samples": samples[k], "parts": sd["parts"], "compute_s": compute,
             "parts_torch_order": sd.get("parts_torch_order"), "w_split": split}
     return out

@@ -189,7 +189,9 @@ def _rank_main(rank: int, world: int, cfg: dict):
                  default=0.0)
         eq[name if side == "ours" else f"{name}|{side}"] = {"loss_max_abs_diff": ld, "grad_max_rel_diff": gd,
                     "n_grads": sum(1 for p in a["grads"] if p is not None)}
-    return {"times": {f"{k[0]}|{k[1]}": v for k, v in times.items()},
+    return {"transports": {f"{k[0]}|{k[1]}": getattr(obj, "transport", "gloo (torch)")
+                           for k, (_fn, obj) in runners.items()},
+            "times": {f"{k[0]}|{k[1]}": v for k, v in times.items()},
             "stats": {f"{k[0]}|{k[1]}": v for k, v in stats.items()}, "equal_work": eq}
 
 
@@ -307,9 +309,10 @@ def render(machine, status, results, out) -> str:
            "(barrier to end of step) / compute = inside compute actions (ours: "
            "`last_stats.busy` less the send posting done inside them; torch: "
            "`forward_one_chunk`, `backward_one_chunk`, `backward_weight_one_chunk` and the "
-           "loss) / post = enqueueing transfers (ours: `overlap.p2p.P2P.isend/irecv`; "
-           "torch: `schedules._batch_p2p`) / wait = blocked on transfers (ours: "
-           "`overlap.p2p.Handle.wait`, i.e. receives, the step handshake, the send drain; "
+           "loss) / post = enqueueing transfers (ours: `isend/irecv` of `overlap.p2p.P2P` "
+           "or `overlap.shm.ShmP2P`; torch: `schedules._batch_p2p`) / wait = blocked on "
+           "transfers (ours: `Handle.wait` of either, i.e. receives, the step handshake, "
+           "the send drain; "
            "torch: `schedules._wait_batch_p2p`) / other = the rest (scheduling, "
            "bookkeeping, argument handling).", ""]
     h2 = ["case", "schedule", "side", "per rank: wall / compute / post / wait / other ms"]
