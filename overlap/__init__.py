@@ -35,8 +35,9 @@ _EXPORTS = {
     "_ext": ("sm_copy_", "gather_rows", "scatter_add_rows_", "smid_probe",
              "extension_available", "extension_kind", "ExtensionUnavailableError"),
     "_build": ("build_info", "format_build_info"),
-    "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerAborted"),
-    "shm": ("ShmP2P", "ShmHandle", "ShmUnavailable"),
+    "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerExited",
+            "PeerAborted"),
+    "shm": ("ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"),
 }
 # submodules importable as attributes; ``kernels`` imports triton, so only on use
 _SUBMODULES = ("streams", "timeline", "fb", "partition", "p2p", "shm", "adapters", "kernels")

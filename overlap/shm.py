@@ -1,14 +1,15 @@
 """Shared-memory point-to-point transport for pipeline ranks on one host (CPU tensors).
 
-gloo on loopback costs ~85 us per message one way on a small VM, most of it thread
-hand-offs and socket wake-ups inside gloo (``python -m bench.overhead`` shows the c10d
+gloo on loopback costs ~110 us per message one way on a small VM
+(``python -m bench.p2p_latency``), most of it thread hand-offs and socket wake-ups inside gloo (``python -m bench.overhead`` shows the c10d
 calls dominating both our runtime and torch's).  When every rank of a pipeline runs on
 the same host, :class:`ShmP2P` moves the same messages through shared memory instead:
 
 * one single-producer single-consumer byte ring per (sender, receiver) pair, created
   on first use in ``/dev/shm`` (unlinked as soon as both ends have mapped it);
-* a message is a 16-byte header ``(tag, nbytes)`` plus the bytes of all its tensors
-  (several tensors travel as one message); messages larger than the ring stream
+* a message is a 24-byte header ``(tag, nbytes, layout)`` plus the bytes of all its
+  tensors (several tensors travel as one message; ``layout`` hashes each tensor's size
+  so a receive split differently is refused); messages larger than the ring stream
   through it;
 * receives match messages by (peer, tag) in order, like gloo's; a message that arrives
   before its receive is posted is kept aside and copied when the receive is posted;
