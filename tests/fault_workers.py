@@ -170,3 +170,17 @@ def silent_peer(rank: int, world: int, mode: str):
                 os._exit(3)
         p.module[0].l1 = Die()
     return _outcome(lambda: _step(p, s, rank, 8))
+
+
+def transport_choice(rank: int, world: int):
+    """transport= misuse: an unknown name, and ranks asking for different transports
+    ("shm" required on rank 0, "group" elsewhere): every rank must raise ValueError, none
+    may hang; afterwards a pipeline with agreeing arguments works."""
+    out = {}
+    out["unknown"] = _outcome(lambda: build("dualpipev", rank, world, 4, timeout=10,
+                                            transport="fast"))
+    out["disagree"] = _outcome(lambda: build("dualpipev", rank, world, 4, timeout=10,
+                                             transport="shm" if rank == 0 else "group"))
+    p, s = build("dualpipev", rank, world, 4, timeout=10, transport="shm")
+    out["then"] = (_outcome(lambda: _step(p, s, rank, 4)), p.transport)
+    return out

@@ -81,3 +81,15 @@ def test_silent_or_dead_peer_is_reported_not_hung(mode, transport):
             assert "handshake" in msg
         if mode == "hang":
             assert "did not answer within 2 s" in msg, msg
+
+
+def test_transport_misuse_raises_on_every_rank():
+    res = run_ranks(fw.transport_choice, 2, timeout=120)
+    for rank, r in enumerate(res):
+        typ, msg, _ = r["unknown"]
+        assert typ == "ValueError" and "transport must be one of" in msg and "'fast'" in msg, r
+        typ, msg, took = r["disagree"]
+        assert typ == "ValueError" and "rank(s) [0] asked for the shared-memory transport" in msg, \
+            (rank, r["disagree"])
+        assert took < 15, took
+        assert r["then"] == (("ok", "", r["then"][0][2]), "shm"), r["then"]
