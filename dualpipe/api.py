@@ -34,8 +34,10 @@ class DualPipe(PipelineRuntime):
             group, or two private NCCL communicators on GPUs); ``"shm"`` requires
             shared memory (``ValueError`` on every rank if any cannot use it);
             ``"group"`` always uses the process group's backend.  The environment
-            variable ``DUALPIPE_TRANSPORT`` overrides ``"auto"``.  The choice made is in
-            ``.transport`` (``"shm"``, ``"gloo"`` or ``"nccl"``).
+            variable ``DUALPIPE_TRANSPORT`` overrides ``"auto"``, and
+            ``DUALPIPE_SHM_RING_BYTES`` sizes the shared-memory rings (default 4 MiB per
+            rank pair; see docs/transport.md).  The choice made is in ``.transport``
+            (``"shm"``, ``"gloo"`` or ``"nccl"``).
 
     ``step(*inputs, num_chunks, criterion, labels, return_outputs)``: see
     :meth:`PipelineRuntime.step`.  Rank 0 passes the first half of the micro-batches

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerError, PeerExited, PeerLost,
                          PeerTimeout, TensorMeta, pack_meta, unpack_meta)
-from overlap.shm import ShmP2P, ShmUnavailable
+from overlap.shm import DEFAULT_RING_BYTES, ShmP2P, ShmUnavailable
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
                         get_schedule, lower)
@@ -51,6 +51,16 @@ _SCHEDULE_IDS = {"dualpipe": 1, "dualpipev": 2, "1f1b": 3, "zb1p": 4}
 _TAG_F, _TAG_B, _TAG_META = 1, 2, 3
 # transport= values -> overlap.shm.ShmP2P.create modes
 _TRANSPORTS = {"auto": "auto", "shm": "shm", "group": "off"}
+
+
+def _ring_bytes() -> int:
+    """Shared-memory ring size per rank pair: $DUALPIPE_SHM_RING_BYTES or the default."""
+    v = os.environ.get("DUALPIPE_SHM_RING_BYTES", "")
+    try:
+        return int(v) if v else DEFAULT_RING_BYTES
+    except ValueError:
+        raise ValueError(f"DUALPIPE_SHM_RING_BYTES must be an integer number of bytes, "
+                         f"got {v!r}") from None
 _HS_LEN = 12
 
 _p2p_shapes: list[tuple[int, ...]] | None = None
@@ -307,7 +317,7 @@ class PipelineRuntime(nn.Module):
             try:
                 shm = ShmP2P.create(self._store, self._prefix, self.group.rank(),
                                     self.num_ranks, mode=_TRANSPORTS[mode], timeout=timeout,
-                                    abort=self._failure_record)
+                                    abort=self._failure_record, ring_bytes=_ring_bytes())
             except ShmUnavailable as e:
                 raise ValueError(str(e)) from e
         if shm is not None:
@@ -728,8 +738,11 @@ class PipelineRuntime(nn.Module):
 
         text = "start of step"
         op_i = 0
+        poll = p2p.poll if isinstance(p2p, ShmP2P) else None
         try:
             for (kind, c, m, c2, m2, need, sends, post_upto, text) in plan.ops:
+                if poll is not None:
+                    poll()  # keep large messages streaming between compute actions
                 if post_upto > posted:
                     post_until(post_upto)
                 for idx in need:

@@ -458,6 +458,22 @@ class ShmP2P:
         self._check_gather()
         return h
 
+    def poll(self) -> None:
+        """Move what can move without waiting: queued sends into their rings, and data
+        from rings whose writer waits for space.  The runtime calls it between compute
+        actions, so a message larger than its ring keeps streaming while both ranks
+        compute instead of only while one of them waits."""
+        if self._closed or self._broken is not None:
+            return
+        if self._pending_sends:
+            for peer, q in self._sendq.items():
+                if q:
+                    self._push(self._out[peer], q)
+        load = self._mods.load_acquire
+        for ring in self._inbound:
+            if load(ring.addr + _BLOCKED):
+                self._pull(ring)
+
     def close(self, failed: bool = False) -> None:
         """Release this rank's side.  ``failed=True`` marks the pipeline stopped, which
         ends every peer's pending wait with :class:`PeerLost` at once (naming the first

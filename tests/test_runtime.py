@@ -126,6 +126,18 @@ def test_on_the_process_groups_gloo(name, world):
                         dict(chunks=lo, transport="group", train=False, return_outputs=True)])
 
 
+def test_messages_larger_than_the_shared_memory_ring():
+    from tests.workers import big_activations
+    res = run_ranks(big_activations, 2, timeout=180)
+    for rank, r in enumerate(res):
+        assert r["group"]["transport"] == "gloo" and r["shm"]["transport"] == "shm"
+        if rank == 0:
+            assert r["shm"]["loss"] is not None
+            assert torch.equal(r["shm"]["loss"], r["group"]["loss"])
+        for a, b in zip(r["shm"]["grads"], r["group"]["grads"]):
+            assert torch.equal(a, b), f"rank {rank}: gradients differ between transports"
+
+
 def test_data_by_pipeline_mesh_with_rank_mapping():
     from tests.workers import mesh_dp_pp
     N = 4

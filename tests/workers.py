@@ -96,3 +96,33 @@ def mesh_dp_pp(rank: int, world: int, num_chunks: int):
     torch.distributed.all_reduce(t, group=mesh.get_group("dp"))
     return {"dp": dp, "pp_rank": pp_rank, "loss": loss, "loss_slice": loss_slice,
             "grads": grads, "dp_sum": float(t)}
+
+
+def big_activations(rank: int, world: int):
+    """DualPipeV with 16 KiB activations through 4 KiB shared-memory rings (every message
+    streams through its ring while both ranks compute) against the same pipeline on gloo:
+    losses and gradients must be bitwise equal (same operations in the same order)."""
+    import os
+
+    import torch.nn as nn
+
+    from dualpipe import DualPipeV
+    from dualpipe.schedules import get_schedule
+    os.environ["DUALPIPE_SHM_RING_BYTES"] = "4096"
+    N, rows, dim = 8, 4, 1024
+    s = get_schedule("dualpipev", world, N)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(N * rows, dim, generator=g), torch.randn(N * rows, dim, generator=g)
+    out = {}
+    for transport in ("group", "shm"):
+        mods = []
+        for _st, stage in s.placement[rank]:
+            torch.manual_seed(100 + stage)
+            mods.append(nn.Sequential(nn.Linear(dim, dim), nn.Tanh()))
+        p = DualPipeV(mods, transport=transport, timeout=60)
+        loss, _ = p.step(*((x,) if rank == 0 else ()), num_chunks=N,
+                         criterion=(lambda o, t: ((o - t) ** 2).mean()) if rank == 0 else None,
+                         labels=(y,) if rank == 0 else ())
+        out[transport] = {"transport": p.transport, "loss": loss,
+                          "grads": [q.grad.clone() for q in p.parameters()]}
+    return out
