@@ -336,9 +336,10 @@ def test_ring_bytes_disagreement_is_refused_or_harmless(suite):
 def test_completed_send_survives_a_normal_close(suite):
     v0, v1 = _scenario(suite, "sent_then_closed")
     ok(v0["send"], "send")
-    # the ring holding the completed send keeps its name until its reader opens it
-    assert [f.rsplit("-", 2)[1:] for f in v0["files_closed"]] == [["0", "1"]], v0["files_closed"]
-    assert v1["files_closed"] == v0["files_closed"]
+    # the ring holding the completed send keeps its name until its reader opens it (rank
+    # 1 lists the files before its receive opens the ring; rank 0's own listing races
+    # with that receive, which then unlinks the file, so it is not checked)
+    assert [f.rsplit("-", 2)[1:] for f in v1["files_closed"]] == [["0", "1"]], v1["files_closed"]
     assert_same(ok(v1["recv"], "receive after the sender closed"), sw.small_payload(1100))
 
 
