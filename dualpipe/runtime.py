@@ -738,7 +738,7 @@ class PipelineRuntime(nn.Module):
 
         text = "start of step"
         op_i = 0
-        poll = p2p.poll if isinstance(p2p, ShmP2P) else None
+        poll = p2p.poll  # None when the transport needs no driving between actions
         try:
             for (kind, c, m, c2, m2, need, sends, post_upto, text) in plan.ops:
                 if poll is not None:
@@ -939,8 +939,8 @@ class PipelineRuntime(nn.Module):
         return err
 
     def _teardown(self) -> None:
-        if isinstance(self._p2p, ShmP2P):
-            self._p2p.close(failed=True)  # every peer's pending wait ends at once
+        if self._p2p is not None:
+            self._p2p.close(failed=True)  # shm: every peer's pending wait ends at once
         pgs, self._p2p, self._pg = self._pg, None, None
         self.group = None
         for pg in (pgs if isinstance(pgs, tuple) else (pgs,)):

@@ -177,6 +177,10 @@ class P2P:
     blocks a send in the other direction.
     """
 
+    # nothing to drive between compute actions: the backend's threads move the data
+    # (overlap.shm.ShmP2P.poll is the counterpart that has work to do)
+    poll = None
+
     def __init__(self, group: dist.ProcessGroup | None = None, backend=None,
                  rank: int | None = None):
         self.backend = backend
@@ -213,6 +217,10 @@ class P2P:
             g, src = self.group, self._global[peer]
             works = [dist.irecv(t, src, group=g, tag=tag) for t in buffers]
         return Handle(works, list(buffers), what, peer)
+
+    def close(self, failed: bool = False) -> None:
+        """Nothing to release here: the owner of the backend drops it (for gloo that
+        closes the connections, which ends every peer's pending transfer)."""
 
     def all_gather(self, t: torch.Tensor, world: int, what: str) -> Handle:
         """Every rank's ``t``, in group-rank order."""

@@ -166,13 +166,14 @@ def _alive(pid: int, start: int) -> bool:
 class ShmHandle:
     """A pending send, receive or all_gather; ``wait()`` returns the tensors."""
 
-    __slots__ = ("p2p", "tensors", "what", "peer", "done", "segs", "nbytes", "seq")
+    __slots__ = ("p2p", "tensors", "what", "peer", "done", "segs", "nbytes", "layout", "seq")
 
     def __init__(self, p2p: "ShmP2P", tensors, what: str, peer: int):
         self.p2p, self.tensors, self.what, self.peer = p2p, tensors, what, peer
         self.done = False
         self.segs: list = []   # receives: (address, bytes) of each buffer
         self.nbytes = 0        # receives: bytes expected
+        self.layout = 0        # receives: the expected layout (see _layout)
         self.seq = 0           # all_gather: its sequence number
 
     def is_completed(self) -> bool:
@@ -245,7 +246,6 @@ class ShmP2P:
         self._unexpected: dict[tuple, deque] = {}
         self._gathers = 0
         self._gather: ShmHandle | None = None
-        self._my_bell = self._row(rank)
         self._bells = [self._row(r) for r in range(world)]
         self._pids = [mods.load_acquire(self._row(r) + 8) for r in range(world)]
         self._starts = [mods.load_acquire(self._row(r) + 16) for r in range(world)]
@@ -415,7 +415,7 @@ class ShmP2P:
                                  f"{'contiguous' if b.is_contiguous() else 'strided'}")
         h.segs = [(b.data_ptr(), b.nbytes) for b in buffers if b.nbytes]
         h.nbytes = sum(b.nbytes for b in buffers)
-        h.seq = _layout(tuple(b.nbytes for b in buffers))  # receives: the expected layout
+        h.layout = _layout(tuple(b.nbytes for b in buffers))
         key = (peer, tag)
         early = self._unexpected.get(key)
         if early:
@@ -465,10 +465,7 @@ class ShmP2P:
         compute instead of only while one of them waits."""
         if self._closed or self._broken is not None:
             return
-        if self._pending_sends:
-            for peer, q in self._sendq.items():
-                if q:
-                    self._push(self._out[peer], q)
+        self._push_queued()
         load = self._mods.load_acquire
         for ring in self._inbound:
             if load(ring.addr + _BLOCKED):
@@ -615,11 +612,14 @@ class ShmP2P:
         h.done = True
         self._gather = None
 
-    def _progress(self) -> None:
+    def _push_queued(self) -> None:
         if self._pending_sends:
             for peer, q in self._sendq.items():
                 if q:
                     self._push(self._out[peer], q)
+
+    def _progress(self) -> None:
+        self._push_queued()
         for ring in self._inbound:
             self._pull(ring)
         if self._gather is not None:
@@ -640,7 +640,7 @@ class ShmP2P:
         limit = timeout.total_seconds()
         start = time.monotonic()
         next_check = start + _CHECK_EVERY
-        bell = self._my_bell
+        bell = self._bells[self.rank]
         while True:
             seen = mods.bell_value(bell)
             self._progress()
@@ -665,7 +665,7 @@ class ShmP2P:
             mods.bell_wait(bell, seen, max(1, int(left * 1e6)))
 
     def _check_layout(self, h: ShmHandle, n: int, layout: int) -> None:
-        if h.nbytes != n or h.seq != layout:
+        if h.nbytes != n or h.layout != layout:
             what = (f"{n} bytes where {h.nbytes} were expected" if h.nbytes != n else
                     "tensors of other sizes than the receive's buffers")
             # the payload is not consumed: nothing after it can be read in order
