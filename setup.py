@@ -1,18 +1,24 @@
-"""Build and install dualpipe, overlap and the Triton kernels (as ``overlap.kernels``).
+"""Build the C++/CUDA extension of dualpipe-overlap; the rest is declared in pyproject.toml.
 
-Install without build isolation so the installed torch is used (the extension is
-compiled against it)::
+Build without build isolation so the installed torch is used (the extension is compiled
+against it)::
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation .         # into your environment (torch installed first)
+    python setup.py build_ext --inplace        # in a checkout (what ./run does)
 
-The C++/CUDA extension ``overlap._C`` (ops in ``torch.ops.dualpipe_ext``) is built here:
+The extension ``overlap._C`` (ops in ``torch.ops.dualpipe_ext``) is:
 
 * a CUDA build (csrc/cuda/*.cu + csrc/cpu + csrc/bindings.cpp) when the installed torch
   has CUDA (``torch.version.cuda``) and nvcc is found (``$CUDA_HOME/bin/nvcc`` or PATH);
 * a CPU build (csrc/cpu + csrc/bindings.cpp) otherwise: on CPU-only torch, when nvcc
-  is missing (a warning, never a failure) or when ``DUALPIPE_NO_CUDA=1``;
+  is missing (a warning; ``python -m dualpipe --version`` says so later) or when
+  ``DUALPIPE_NO_CUDA=1``;
 * nothing with ``DUALPIPE_NO_EXT=1``; dualpipe/overlap then run on their pure-torch
   fallbacks.
+
+Without torch importable (plain ``pip install .`` builds in an isolated environment that
+has none) the build stops with a message saying what to run instead: an install that
+silently lacks its extension is worse than one that fails.
 
 Other knobs: ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs' archs, else ``9.0``),
 ``DUALPIPE_EXT_OPTIONAL=1`` (a compile error warns and installs without the extension
@@ -81,9 +87,14 @@ def _extension_build():
         import torch
         from torch.utils import cpp_extension
     except ImportError as exc:
-        _warn(f"torch is not importable ({exc}); install torch first and use "
-              "--no-build-isolation. Installing without the extension.")
-        return [], {}
+        raise SystemExit(
+            f"[dualpipe-overlap setup] ERROR: torch is not importable here ({exc}), and the "
+            "C++/CUDA extension is compiled against the installed torch. Install torch "
+            "first, then build without build isolation:\n"
+            "    pip install --no-build-isolation .\n"
+            "(plain `pip install .` builds in an isolated environment without torch). To "
+            "install without the extension (pure-torch fallbacks, no shared-memory "
+            "transport, no CUDA kernels) set DUALPIPE_NO_EXT=1.") from None
 
     cpu_sources = ["csrc/bindings.cpp", "csrc/cpu/sm_ops.cpp", "csrc/cpu/shm.cpp"]
     cuda_sources = [os.path.join("csrc", "cuda", f) for f in
@@ -143,24 +154,8 @@ def _extension_build():
 
 def main() -> None:
     ext_modules, cmdclass = _extension_build()
-    setup(
-        name="dualpipe-overlap",
-        version="0.1.0",
-        description="Bidirectional pipeline parallelism (DualPipe/DualPipeV) with "
-                    "computation/communication overlap primitives",
-        python_requires=">=3.10",
-        packages=["dualpipe", "overlap", "overlap.kernels"],
-        package_dir={"overlap.kernels": "kernels"},
-        install_requires=["numpy"],
-        extras_require={
-            "draw": ["matplotlib"],
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
-            "triton": ["triton"],
-        },
-        entry_points={"console_scripts": ["dualpipe=dualpipe.__main__:main"]},
-        ext_modules=ext_modules,
-        cmdclass=cmdclass,
-    )
+    # name, version, packages, dependencies and extras: pyproject.toml
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
 
 
 # pip's build backend executes this file as __main__; tests import it to check the

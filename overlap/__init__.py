@@ -19,7 +19,44 @@ no device); the names below are re-exported lazily.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import os
+import sys
 from typing import Any
+
+
+def _map_checkout_kernels() -> None:
+    """Make ``overlap.kernels`` importable from a source checkout.
+
+    The Triton kernels sit in the checkout's top-level ``kernels/`` folder; an install maps
+    them to ``overlap/kernels`` (pyproject.toml ``package-dir``).  Run from a checkout (the
+    ``./run`` commands put it on ``PYTHONPATH`` instead of installing it), the same name is
+    mapped onto that folder here, so both import the same modules.  Installed copies have
+    ``overlap/kernels`` and are left alone."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    src = os.path.join(root, "kernels")
+    init = os.path.join(src, "__init__.py")
+    if os.path.isdir(os.path.join(here, "kernels")) or not (
+            os.path.isfile(init) and os.path.isfile(os.path.join(root, "pyproject.toml"))):
+        return
+    name = f"{__name__}.kernels"
+
+    class _CheckoutKernels(importlib.abc.MetaPathFinder):
+        dualpipe_checkout = src
+
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != name:
+                return None
+            return importlib.util.spec_from_file_location(name, init,
+                                                          submodule_search_locations=[src])
+
+    if not any(getattr(f, "dualpipe_checkout", None) == src for f in sys.meta_path):
+        sys.meta_path.insert(0, _CheckoutKernels())
+
+
+_map_checkout_kernels()
 
 _EXPORTS = {
     "streams": ("HostStream", "StreamEvent", "StreamPair", "priority_range", "resolve_device"),

@@ -1,27 +1,25 @@
-# Sourced by ./run: create .venv and install what the project needs, once.
-# Re-runs are cheap: a stamp file records what was installed.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
-PY="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating $VENV" >&2
-  "$PY" -m venv "$VENV"
+# Source this file from bash to use the project's interpreter in your own shell:
+#
+#   source scripts/env.sh      # then: python examples/moe_block.py, python -m bench.bubble, ...
+#
+# It runs scripts/setup.sh in a child shell (your shell's options are left alone), then
+# exports DUALPIPE_PYTHON, puts a `python` for that interpreter first on PATH and this
+# checkout on PYTHONPATH.  A failed setup returns 1 and changes nothing.
+_dp_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if _dp_out="$(bash "$_dp_root/scripts/setup.sh")"; then
+  DUALPIPE_PYTHON="$(printf '%s\n' "$_dp_out" | sed -n 's/^DUALPIPE_PYTHON=//p')"
+  export DUALPIPE_PYTHON
+  case ":${PYTHONPATH:-}:" in
+    *":$_dp_root:"*) ;;
+    *) export PYTHONPATH="$_dp_root${PYTHONPATH:+:$PYTHONPATH}" ;;
+  esac
+  case ":$PATH:" in
+    *":$_dp_root/build/bin:"*) ;;
+    *) export PATH="$_dp_root/build/bin:$PATH" ;;
+  esac
+  unset _dp_out _dp_root
+else
+  unset _dp_out _dp_root
+  echo "[setup] failed (see above); nothing was changed in this shell" >&2
+  return 1 2>/dev/null || exit 1
 fi
-VPY="$VENV/bin/python"
-STAMP="$VENV/.dualpipe-stamp"
-# The extension's sources are part of the stamp: an edited csrc/ is rebuilt on the next run.
-WANT="$( { cat "$ROOT/setup.py" "$ROOT/scripts/env.sh" "$ROOT/requirements.txt"; \
-          find "$ROOT/csrc" -type f | LC_ALL=C sort | xargs cat; } 2>/dev/null | sha1sum | cut -d' ' -f1)"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[setup] installing torch and test dependencies into $VENV" >&2
-  if ! "$VPY" -c "import torch" 2>/dev/null; then
-    # A CPU build of torch; on a machine whose python already has torch, reuse that.
-    "$VPY" -m pip install -q torch==2.13.0 || "$VPY" -m pip install -q "torch>=2.6,<2.15"
-  fi
-  "$VPY" -m pip install -q -r "$ROOT/requirements.txt"
-  echo "[setup] building and installing the package (extension included)" >&2
-  "$VPY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
-  echo "$WANT" > "$STAMP"
-fi
-export PATH="$VENV/bin:$PATH"

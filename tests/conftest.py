@@ -4,7 +4,10 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / "shared" / "golden"
+# The published DualPipe/DualPipeV orders, recorded from deepseek-ai/DualPipe: test data kept
+# in the repo (tests/test_schedules.py checks the copy against ../shared/golden when present).
+GOLDEN = ROOT / "tests" / "golden"
+SHARED_GOLDEN = ROOT.parent / "shared" / "golden"
 
 
 def pytest_addoption(parser):
@@ -29,5 +32,5 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def golden_dir():
     if not GOLDEN.is_dir():
-        pytest.fail(f"golden schedules not found at {GOLDEN}: the repo expects ../shared beside it")
+        pytest.fail(f"golden schedules not found at {GOLDEN}: they are part of the repository")
     return GOLDEN

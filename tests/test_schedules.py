@@ -19,6 +19,19 @@ def test_matches_published_order(golden_dir, case):
         assert ours == theirs, f"rank {r} differs\nours:   {ours}\ntheirs: {theirs}"
 
 
+def test_golden_copy_matches_shared():
+    """tests/golden is a copy of the recorded published orders; where the shared originals
+    sit beside the checkout, the copy must not have drifted from them."""
+    from tests.conftest import GOLDEN, SHARED_GOLDEN
+    if not SHARED_GOLDEN.is_dir():
+        pytest.skip(f"no {SHARED_GOLDEN} beside this checkout to compare the copy with")
+    theirs = sorted(p.name for p in SHARED_GOLDEN.iterdir() if p.is_file())
+    assert sorted(p.name for p in GOLDEN.iterdir() if p.is_file()) == theirs
+    for name in theirs:
+        assert (GOLDEN / name).read_bytes() == (SHARED_GOLDEN / name).read_bytes(), name
+    assert sorted(f"{c}.json" for c in GOLDEN_CASES) == [n for n in theirs if n.endswith(".json")]
+
+
 def _grid():
     for name in SCHEDULES:
         ranks = [1, 2, 3, 4, 5, 8] if name == "dualpipev" else [2, 4, 6, 8, 10]
