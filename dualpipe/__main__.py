@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from .draw import MissingDrawDependency
 from .schedules import SCHEDULES, get_schedule
 from .simulate import Costs, simulate
 
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "demo":
             return _demo.run(a)
     except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except MissingDrawDependency as e:  # matplotlib, for PNGs
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1

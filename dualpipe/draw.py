@@ -36,7 +36,20 @@ from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, 
                         parse_action)
 from .simulate import Interval
 
-__all__ = ["draw", "to_png", "to_chrome_trace", "SUFFIXES"]
+__all__ = ["draw", "to_png", "to_chrome_trace", "SUFFIXES", "MissingDrawDependency"]
+
+
+class MissingDrawDependency(ImportError):
+    """A PNG was asked for and matplotlib is not installed (traces need nothing)."""
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingDrawDependency(
+            f"drawing a PNG needs matplotlib ({exc}): pip install 'dualpipe-overlap[draw]' "
+            "(or pip install matplotlib); a .json Chrome/Perfetto trace needs nothing") from exc
 
 #: The file suffixes :func:`draw` accepts.
 SUFFIXES = (".png", ".json")
@@ -317,12 +330,14 @@ def to_png(intervals: Sequence[Interval], schedule: Schedule, path: str | os.Pat
     (span minus busy).  ``title`` defaults to
     ``"<schedule> — <ranks> ranks × <chunks> micro-batches"``; ``time_unit`` labels
     the time axis.  Raises ``ValueError`` when there is nothing to draw or an interval
-    does not belong to ``schedule``.
+    does not belong to ``schedule``, :class:`MissingDrawDependency` (an ``ImportError``)
+    without matplotlib.
     """
     if not intervals:
         raise ValueError("no intervals to draw: simulate the schedule or record a timeline first")
     intervals = _normalise(intervals)
     _check(intervals, schedule)
+    _require_matplotlib()
 
     # An explicit Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg

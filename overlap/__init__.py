@@ -71,7 +71,7 @@ _EXPORTS = {
                   "nccl_process_group_options", "nccl_cta_env", "apply_nccl_cta_env"),
     "_ext": ("sm_copy_", "gather_rows", "scatter_add_rows_", "smid_probe",
              "extension_available", "extension_kind", "ExtensionUnavailableError"),
-    "_build": ("build_info", "format_build_info"),
+    "_build": ("build_info", "build_hint", "format_build_info"),
     "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerExited",
             "PeerAborted"),
     "shm": ("ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"),

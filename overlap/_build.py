@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_info", "format_build_info"]
+__all__ = ["build_info", "build_hint", "format_build_info"]
 
 
 def _triton_version() -> Optional[str]:
@@ -69,7 +69,26 @@ def build_info() -> Dict[str, object]:
     }
 
 
+def build_hint(info: Dict[str, object]) -> Optional[str]:
+    """What to do when the build lacks something the installed torch could use, else None."""
+    if info["extension"] == "none":
+        return ("the extension is not loaded, so the shared-memory transport and the CUDA "
+                "kernels are off (pure-torch fallbacks). In a checkout: ./run setup (builds it "
+                "in place); installed: pip install --no-build-isolation . with torch already "
+                "installed")
+    if info["extension"] == "cpu" and info["torch_cuda"]:
+        return (f"torch has CUDA {info['torch_cuda']} but the extension is a CPU build (nvcc "
+                "was not found when it was built, or DUALPIPE_NO_CUDA was set): set CUDA_HOME "
+                "to a CUDA toolkit and rebuild (DUALPIPE_REBUILD=1 ./run setup)")
+    return None
+
+
 def format_build_info(info: Optional[Dict[str, object]] = None) -> str:
-    """One ``key: value`` line per entry, for CLIs."""
+    """One ``key: value`` line per entry, for CLIs, and a ``hint:`` line when
+    :func:`build_hint` has one."""
     info = build_info() if info is None else info
-    return "\n".join(f"{key}: {value}" for key, value in info.items())
+    lines = [f"{key}: {value}" for key, value in info.items()]
+    hint = build_hint(info)
+    if hint:
+        lines.append(f"hint: {hint}")
+    return "\n".join(lines)

@@ -46,8 +46,22 @@ __all__ = [
 ]
 
 _MODULE_NAME = "overlap._C"
-_REBUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the repository "
-                 "(see setup.py for DUALPIPE_NO_EXT / DUALPIPE_NO_CUDA)")
+_REBUILD_HINT = ("build it in the checkout with `./run setup` (in place), or install with "
+                 "`pip install --no-build-isolation .` (see setup.py for DUALPIPE_NO_EXT / "
+                 "DUALPIPE_NO_CUDA)")
+
+
+def _checkout_note() -> str:
+    """Where ``overlap`` was imported from a source checkout, say so: run from the
+    checkout's root (``python -m bench...``), it shadows an installed copy and needs its
+    own in-place build."""
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(os.path.dirname(here), "pyproject.toml")):
+        return (f"; `overlap` was imported from the source checkout {os.path.dirname(here)} "
+                "(which shadows any installed copy): build it there in place with `./run "
+                "setup` or `python setup.py build_ext --inplace`")
+    return ""
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None}
@@ -75,7 +89,7 @@ def load_extension() -> Optional[ModuleType]:
         try:
             module = importlib.import_module(_MODULE_NAME)
         except ImportError as exc:
-            error = f"{_MODULE_NAME} is not importable ({exc})"
+            error = f"{_MODULE_NAME} is not importable ({exc}){_checkout_note()}"
         if module is not None:
             built_for = getattr(module, "TORCH_VERSION", "")
             if built_for and built_for != torch.__version__:

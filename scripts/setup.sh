@@ -119,6 +119,12 @@ if [ "${DUALPIPE_REBUILD:-}" = 1 ] || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" !
     say "installing the test dependencies into $VENV (requirements.txt)"
     "$PY" -m pip install -q -r "$ROOT/requirements.txt" "setuptools>=64" \
       || die "could not install requirements.txt into $VENV"
+    # earlier versions of this script pip-installed the checkout (editable); its import
+    # hook would shadow PYTHONPATH for some names, so it goes
+    if "$PY" -c 'import importlib.metadata as m; m.version("dualpipe-overlap")' 2>/dev/null; then
+      say "removing the editable install of dualpipe-overlap an earlier setup made in $VENV"
+      "$PY" -m pip uninstall -q -y dualpipe-overlap || die "could not uninstall dualpipe-overlap from $VENV"
+    fi
   else
     miss="$(missing_deps)"
     if [ -n "$miss" ]; then

@@ -1,0 +1,217 @@
+"""Setting the project up as users do: ./run on an interpreter that already has torch
+(offline), scripts/env.sh in a user's shell, a wheel installed outside the checkout, and
+plain `pip install .` without torch.
+
+Each test works on a copy of the checkout (tracked and untracked-not-ignored files: what a
+clone has), so the copy's own build and setup are what is tested.  The clean route (a new
+.venv with torch from the package index) is what CI itself runs (`.ci/run`); its old-pip
+variant is the slow test at the end.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _checkout_files() -> list[str]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=ROOT, capture_output=True, check=True, timeout=60).stdout
+        return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: skip built things
+        skip = {".venv", "build", ".git", "out", ".pytest_cache", ".hypothesis", "__pycache__"}
+        return [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
+                and p.suffix not in (".so", ".pyc")]
+
+
+def copy_checkout(dest: pathlib.Path) -> pathlib.Path:
+    for rel in _checkout_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    return dest
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment of a machine with no package index: any pip install fails at once.
+    The outer checkout is taken off PYTHONPATH so only the copy can be imported."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DUALPIPE_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_EXTRA_INDEX_URL="",
+               PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_CONFIG_FILE=os.devnull,
+               PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra)
+    return env
+
+
+def run(cmd, cwd, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def explain(p: subprocess.CompletedProcess) -> str:
+    return f"exit {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def asis(tmp_path_factory):
+    """A copy set up with ./run on this interpreter (it has torch and the test
+    dependencies: a GPU image, a conda env) and no package index."""
+    repo = copy_checkout(tmp_path_factory.mktemp("asis") / "repo")
+    env = offline_env(PYTHON=sys.executable)
+    t0 = time.monotonic()
+    p = run(["./run", "setup"], repo, env)
+    assert p.returncode == 0, explain(p)
+    return repo, env, p, time.monotonic() - t0
+
+
+def test_preinstalled_torch_is_used_as_it_is_offline(asis):
+    repo, env, p, _ = asis
+    assert "as it is" in p.stderr, p.stderr
+    assert "extension: cpu build" in p.stderr or "extension: cuda build" in p.stderr, p.stderr
+    assert not (repo / ".venv").exists(), "a .venv was made although the Python has torch"
+    assert list((repo / "overlap").glob("_C*.so")), "the extension was not built in place"
+    # the copy, its extension and its kernels are what gets imported
+    q = run(["./run", "python", "-c",
+             "import torch, overlap, overlap._C, overlap.kernels, dualpipe, sys;"
+             "print(overlap.__file__); print(overlap.kernels.__file__); print(sys.executable)"],
+            repo, env)
+    assert q.returncode == 0, explain(q)
+    lines = q.stdout.split()
+    assert lines[0].startswith(str(repo)) and lines[1].startswith(str(repo)), q.stdout
+    assert lines[2] == sys.executable
+
+
+def test_second_setup_is_cheap_and_builds_nothing(asis):
+    repo, env, _, first = asis
+    so = sorted((repo / "overlap").glob("_C*.so"))
+    mtime = so[0].stat().st_mtime
+    t0 = time.monotonic()
+    p = run(["./run", "setup"], repo, env)
+    assert p.returncode == 0, explain(p)
+    assert "building" not in p.stderr, p.stderr
+    assert so[0].stat().st_mtime == mtime
+    # a second setup only probes (one interpreter start); it must stay well below a build
+    assert time.monotonic() - t0 < max(first, 5.0), (time.monotonic() - t0, first)
+
+
+def test_offline_test_and_demo_commands_work(asis, tmp_path):
+    repo, env, _, _ = asis
+    p = run(["./run", "test", "tests/test_schedules.py", "-k", "published or golden",
+             "-p", "no:cacheprovider"], repo, env)
+    assert p.returncode == 0, explain(p)
+    assert "5 passed" in p.stdout, p.stdout
+    out = tmp_path / "demo"
+    d = run(["./run", "demo", "--schedule", "dualpipev", "--ranks", "2", "--steps", "3",
+             "--out", str(out)], repo, env, timeout=300)
+    assert d.returncode == 0, explain(d)
+    assert "bit-identical" in d.stdout and "falling" in d.stdout, d.stdout
+    assert (out / "summary.json").is_file()
+
+
+def test_edited_sources_are_rebuilt(asis):
+    repo, env, _, _ = asis
+    src = repo / "csrc" / "cpu" / "sm_ops.cpp"
+    src.write_text(src.read_text() + "\n// edited\n")
+    p = run(["./run", "setup"], repo, env)
+    assert p.returncode == 0, explain(p)
+    assert "building the extension" in p.stderr, p.stderr
+
+
+def test_env_sh_leaves_the_users_shell_alone(asis):
+    repo, env, _, _ = asis
+    script = ('set +euo pipefail; source scripts/env.sh >/dev/null 2>&1; rc=$?; '
+              'echo "rc=$rc opts=$- $(set -o | grep pipefail)"; '
+              'echo "py=$DUALPIPE_PYTHON"; python -c "import overlap; print(overlap.__file__)"')
+    p = run(["bash", "-c", script], repo, env)
+    assert p.returncode == 0, explain(p)
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("rc=0"), p.stdout
+    opts = first.split("opts=")[1].split()[0]
+    assert "e" not in opts and "u" not in opts and "off" in first, first
+    assert str(repo) in p.stdout.splitlines()[-1]
+    # a failing setup returns 1 to the sourcing shell instead of ending it
+    bad = run(["bash", "-c", "source scripts/env.sh; echo survived rc=$?"], repo,
+              {**env, "PYTHON": "/nonexistent/python3"})
+    assert "survived rc=1" in bad.stdout, explain(bad)
+    assert "PYTHON=/nonexistent/python3 is not an executable" in bad.stderr
+
+
+def test_run_without_a_command_prints_usage(asis):
+    repo, env, _, _ = asis
+    p = run(["./run"], repo, env, timeout=30)
+    assert p.returncode == 2 and "usage:" in p.stderr and "gpu-check" in p.stderr, explain(p)
+
+
+def test_wheel_built_without_isolation_works_outside_the_checkout(tmp_path):
+    """`pip install --no-build-isolation .`: the wheel carries the extension and the
+    kernels as overlap.kernels, and works from any directory."""
+    repo = copy_checkout(tmp_path / "repo")
+    env = offline_env()
+    w = run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+             "-w", str(tmp_path / "wheels"), str(repo)], tmp_path, env, timeout=600)
+    assert w.returncode == 0, explain(w)
+    wheels = list((tmp_path / "wheels").glob("dualpipe_overlap-*.whl"))
+    assert len(wheels) == 1, wheels
+    site = tmp_path / "site"
+    i = run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+             str(wheels[0])], tmp_path, env)
+    assert i.returncode == 0, explain(i)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import overlap, overlap.kernels, dualpipe; from overlap import build_info;"
+            "i = build_info(); print(overlap.__file__); print(overlap.kernels.__file__);"
+            "print(i['extension'], i['extension_error'])")
+    q = run([sys.executable, "-c", code], elsewhere, {**env, "PYTHONPATH": str(site)})
+    assert q.returncode == 0, explain(q)
+    lines = q.stdout.splitlines()
+    assert lines[0].startswith(str(site)) and lines[1].startswith(str(site / "overlap")), q.stdout
+    assert lines[2].split()[0] in ("cpu", "cuda"), q.stdout
+    v = run([sys.executable, "-m", "dualpipe", "--version"], elsewhere,
+            {**env, "PYTHONPATH": str(site)})
+    assert v.returncode == 0 and "hint:" not in v.stdout, explain(v)
+
+
+def test_build_without_torch_stops_and_says_what_to_run(tmp_path):
+    """Plain `pip install .` builds in an isolated environment without torch: the build
+    must stop with the command to use, not install without the extension."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', 'bdist_wheel'];"
+            f"runpy.run_path({str(ROOT / 'setup.py')!r}, run_name='__main__')")
+    p = run([sys.executable, "-c", code], tmp_path, offline_env())
+    assert p.returncode != 0, explain(p)
+    assert "pip install --no-build-isolation ." in p.stderr and "DUALPIPE_NO_EXT=1" in p.stderr, \
+        explain(p)
+    # with the explicit opt-out it goes on (without building anything)
+    ok = run([sys.executable, "-c", code.replace("'bdist_wheel'", "'--name'")], ROOT,
+             offline_env(DUALPIPE_NO_EXT="1"))
+    assert ok.returncode == 0 and "dualpipe-overlap" in ok.stdout, explain(ok)
+
+
+@pytest.mark.slow
+def test_clean_venv_with_an_old_pip(tmp_path):
+    """The clean route with a .venv whose pip predates PEP 660 editable installs (the
+    one that used to skip the extension silently): setup builds it or fails saying why."""
+    base = getattr(sys, "_base_executable", None) or shutil.which("python3")
+    repo = copy_checkout(tmp_path / "repo")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DUALPIPE_") and k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHON")}
+    p = run([base, "-m", "venv", str(repo / ".venv")], repo, env)
+    assert p.returncode == 0, explain(p)
+    vpy = str(repo / ".venv" / "bin" / "python")
+    p = run([vpy, "-m", "pip", "install", "-q", "pip==21.3.1"], repo, env, timeout=600)
+    if p.returncode != 0:
+        pytest.skip(f"pip 21.3.1 is not installable here: {p.stderr[-300:]}")
+    s = run(["./run", "setup"], repo, env, timeout=1200)
+    assert s.returncode == 0, explain(s)
+    assert "extension: cpu build" in s.stderr or "extension: cuda build" in s.stderr, s.stderr
+    t = run(["./run", "test", "tests/test_ext.py", "-p", "no:cacheprovider"], repo, env,
+            timeout=600)
+    assert t.returncode == 0, explain(t)
