@@ -68,13 +68,17 @@ fi
 
 # Test and demo dependencies: import name -> pip requirement (requirements.txt is the list
 # the new .venv gets; an interpreter used as it is only gets what it lacks).
-DEPS="numpy:numpy matplotlib:matplotlib pytest:pytest pytest_benchmark:pytest-benchmark pytest_timeout:pytest-timeout hypothesis:hypothesis"
+DEPS="matplotlib:matplotlib pytest:pytest pytest_benchmark:pytest-benchmark pytest_timeout:pytest-timeout hypothesis:hypothesis"
 
 missing_deps() {  # prints the pip names of DEPS that "$PY" cannot import
   "$PY" - $DEPS <<'EOF'
 import importlib.util, sys
-print(" ".join(req for mod, req in (d.split(":") for d in sys.argv[1:])
-               if importlib.util.find_spec(mod) is None))
+def have(mod):
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except Exception:  # a broken or blocked package counts as missing
+        return False
+print(" ".join(req for mod, req in (d.split(":") for d in sys.argv[1:]) if not have(mod)))
 EOF
 }
 
@@ -130,7 +134,9 @@ if [ "${DUALPIPE_REBUILD:-}" = 1 ] || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" !
     if [ -n "$miss" ]; then
       say "$PY lacks: $miss; installing them with pip"
       # shellcheck disable=SC2086
-      "$PY" -m pip install -q $miss || die "could not install $miss into $PY (offline?): install them yourself, or unset PYTHON to use a .venv"
+      "$PY" -m pip install -q $miss || true
+      still="$(missing_deps)"
+      [ -z "$still" ] || say "WARNING: $still still not importable in $PY (offline?): the tests and commands that need them fail until you install them (or unset PYTHON to use a .venv); going on"
     fi
     "$PY" -c 'import triton' 2>/dev/null || say "note: triton is not importable in $PY: the Triton kernels (overlap.kernels) and their tests are skipped"
   fi

@@ -126,6 +126,28 @@ def test_edited_sources_are_rebuilt(asis):
     assert "building the extension" in p.stderr, p.stderr
 
 
+def test_a_missing_test_dependency_offline_warns_and_setup_goes_on(asis, tmp_path):
+    """An interpreter used as it is, offline, without one test dependency: setup says
+    so and still builds and checks the extension (a GPU window is not lost to it)."""
+    repo, env, _, _ = asis
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'hypothesis':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, _Hide())\n")
+    for stamp in (repo / "build").glob("setup-*.stamp"):
+        stamp.unlink()
+    p = run(["./run", "setup"], repo, {**env, "PYTHONPATH": str(block)})
+    assert p.returncode == 0, explain(p)
+    assert "lacks: hypothesis" in p.stderr and "WARNING: hypothesis still not importable" in p.stderr, \
+        p.stderr
+    assert "extension: cpu build" in p.stderr or "extension: cuda build" in p.stderr, p.stderr
+
+
 def test_env_sh_leaves_the_users_shell_alone(asis):
     repo, env, _, _ = asis
     script = ('set +euo pipefail; source scripts/env.sh >/dev/null 2>&1; rc=$?; '
