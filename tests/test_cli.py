@@ -110,3 +110,25 @@ def test_draw_writes(suffix, capsys, tmp_path):
     else:
         trace = json.loads(out.read_text())
         assert any(e["ph"] == "X" for e in trace["traceEvents"])
+
+
+def test_draw_png_without_matplotlib_says_which_extra(tmp_path, monkeypatch, capsys):
+    """No traceback: the message names the extra to install, and a trace still works."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    from dualpipe.__main__ import main
+    args = ["draw", "--schedule", "1f1b", "--ranks", "2", "--chunks", "2", "-o"]
+    assert main(args + [str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "dualpipe-overlap[draw]" in err and "matplotlib" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+    assert main(args + [str(tmp_path / "x.json")]) == 0
+    assert (tmp_path / "x.json").is_file()
