@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .runtime import PipelineRuntime
+from .training import reduce_dualpipe_grads  # noqa: F401 - re-exported, its home is training
 
 __all__ = ["DualPipe", "DualPipeV", "Pipeline", "reduce_dualpipe_grads"]
 
@@ -67,49 +68,3 @@ class Pipeline(PipelineRuntime):
     def __init__(self, modules, batch_dim: int = 0, process_group=None, rank_mapping=None, *,
                  schedule: str, **kw):
         super().__init__(modules, batch_dim, process_group, rank_mapping, schedule=schedule, **kw)
-
-
-def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
-    """Make both copies of every DualPipe stage hold the stage's full gradient.
-
-    In DualPipe stage ``s`` lives on rank ``s`` (chunk 0, forward direction) and on
-    rank ``P-1-s`` (chunk 1, reverse direction); each copy accumulates the gradient of
-    the micro-batches it ran.  Call this on every rank after ``step()`` and before the
-    optimizer step: each rank swaps its two chunks' gradients with its partner rank
-    and adds, so both copies get ``g_forward + g_reverse`` (bitwise equal on both
-    sides; floating-point addition is commutative) and stay identical after identical
-    optimizer updates.  A no-op for schedules without duplicated stages.
-    """
-    if pipe.schedule_name != "dualpipe":
-        return
-    import torch
-
-    partner = pipe.num_ranks - 1 - pipe.rank
-    mine, theirs = [], []
-    for c in (0, 1):
-        params = list(pipe.module[c].parameters())
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params]) if params else \
-            torch.zeros(0, device=pipe.device)
-        mine.append(flat)
-        theirs.append(torch.empty_like(flat))
-    # my chunk c holds the stage that the partner holds as chunk 1-c
-    g = pipe._to_group[partner]
-
-    def swap(p2p):
-        recv = p2p.irecv([theirs[1], theirs[0]], g, "gradients of the duplicated stages", tag=4)
-        send = p2p.isend(mine, g, "gradients of the duplicated stages", tag=4)
-        recv.wait(pipe.timeout)
-        send.wait(pipe.timeout)
-
-    pipe._exchange("reduce_dualpipe_grads", swap)
-    for c in (0, 1):
-        params = list(pipe.module[c].parameters())
-        total = mine[c] + theirs[c]
-        off = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(total[off: off + n].view_as(p))
-            off += n

@@ -364,6 +364,9 @@ class PipelineRuntime(nn.Module):
         self._meta_recv: dict[tuple, list[TensorMeta]] = {}
         self._times: list[tuple] = []
         self.last_stats = StepStats()
+        #: training/inference steps completed on this rank (dualpipe.training checks that
+        #: gradients exist and were reduced for the last one)
+        self.steps_done = 0
         self._t0 = 0.0
 
     # ------------------------------------------------------------------ helpers
@@ -836,6 +839,7 @@ class PipelineRuntime(nn.Module):
                     o = gather(kept_outputs[c], self.batch_dim)
                     outs_out = o[0] if len(o) == 1 else o
         wall = clock() - t_start
+        self.steps_done += 1
         self.last_stats = StepStats(wall=wall, busy=busy, wait=wait_total,
                                     peak_activations=peak, num_compute=len(plan.ops))
         if record:

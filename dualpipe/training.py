@@ -1,0 +1,247 @@
+"""What a training loop puts around a pipeline: gradient reduction, clipping, data parallel.
+
+Per step, on every rank of the pipeline::
+
+    loss, _ = pipe.step(*inputs, num_chunks=N, criterion=crit, labels=labels)
+    dualpipe.reduce_dualpipe_grads(pipe)              # DualPipe: add the two copies of a stage
+    dualpipe.all_reduce_grads(pipe, dp_group)         # data parallel: average over replicas
+    norm = dualpipe.clip_grad_norm_(pipe, max_norm)   # the whole model's norm, every rank
+    optimizer.step(); optimizer.zero_grad()
+
+Every function here is collective over the pipeline (and, where one is passed, the data
+parallel group): call it on every rank, in the same order.  Waits on other pipeline ranks
+use the pipeline's own transport and its ``timeout``, and a failure there stops every
+rank as a failure in ``step()`` does.
+
+Stage facts come from the schedule: :func:`local_stages` says which stage each of this
+rank's modules is and whether it is the stage's primary copy (DualPipe holds every stage
+on two ranks; each is counted once).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from .runtime import PipelineRuntime
+from .schedules import get_schedule
+
+__all__ = ["LocalStage", "local_stages", "clip_grad_norm_", "all_reduce_grads",
+           "reduce_dualpipe_grads"]
+
+
+class LocalStage(NamedTuple):
+    """One of this rank's stage modules: ``pipe.module[chunk]`` is stage ``stage``;
+    ``primary`` is False for the second copy of a stage another rank also holds."""
+
+    chunk: int
+    stage: int
+    primary: bool
+
+
+def local_stages(pipe: PipelineRuntime) -> list[LocalStage]:
+    """This rank's stages in chunk order (the placement does not depend on the number
+    of micro-batches; ``2 * num_ranks`` is valid for every schedule)."""
+    _check_pipe(pipe, "local_stages")
+    s = get_schedule(pipe.schedule_name, pipe.num_ranks, 2 * pipe.num_ranks)
+    first_stream: dict[int, int] = {}
+    for chunks in s.placement:
+        for stream, stage in chunks:
+            first_stream[stage] = min(stream, first_stream.get(stage, stream))
+    return [LocalStage(c, stage, stream == first_stream[stage])
+            for c, (stream, stage) in enumerate(s.placement[pipe.rank])]
+
+
+def num_stages(pipe: PipelineRuntime) -> int:
+    """Distinct stages of the whole pipeline (DualPipe: ``P``; DualPipeV: ``2R``)."""
+    s = get_schedule(pipe.schedule_name, pipe.num_ranks, 2 * pipe.num_ranks)
+    return len({stage for chunks in s.placement for _st, stage in chunks})
+
+
+def _check_pipe(pipe, what: str) -> None:
+    if not isinstance(pipe, PipelineRuntime):
+        raise TypeError(f"{what} takes the pipeline (DualPipe, DualPipeV or Pipeline), got "
+                        f"{type(pipe).__name__}")
+
+
+def _check_stepped(pipe: PipelineRuntime, what: str) -> None:
+    if pipe.steps_done == 0:
+        raise RuntimeError(f"{what} before any step(): there are no gradients yet; call it "
+                           "after pipe.step(...) and before optimizer.step()")
+
+
+def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
+    """Make both copies of every DualPipe stage hold the stage's full gradient.
+
+    In DualPipe stage ``s`` lives on rank ``s`` (chunk 0, forward direction) and on
+    rank ``P-1-s`` (chunk 1, reverse direction); each copy accumulates the gradient of
+    the micro-batches it ran.  Call this on every rank after ``step()`` (after the last
+    one, when accumulating over several) and before the optimizer step: each rank swaps
+    its two chunks' gradients with its partner rank and adds, so both copies get
+    ``g_forward + g_reverse`` (bitwise equal on both sides; floating-point addition is
+    commutative) and stay identical after identical optimizer updates.  A parameter
+    without a gradient on both copies keeps ``None``.  A no-op for schedules without
+    duplicated stages.  Calling it twice for one step would add the partner's share
+    twice: that raises ``RuntimeError``.
+    """
+    _check_pipe(pipe, "reduce_dualpipe_grads")
+    if pipe.schedule_name != "dualpipe":
+        return
+    _check_stepped(pipe, "reduce_dualpipe_grads")
+    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe._p2p is not None:
+        raise RuntimeError("reduce_dualpipe_grads was already called after this step; calling "
+                           "it again would add the partner rank's gradients twice")
+    partner = pipe.num_ranks - 1 - pipe.rank
+    mine, theirs, have = [], [], []
+    for c in (0, 1):
+        params = list(pipe.module[c].parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads]) if params else \
+            torch.zeros(0, device=pipe.device)
+        mine.append(flat)
+        theirs.append(torch.empty_like(flat))
+        have.append(torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
+                                 device=pipe.device))
+    have_theirs = [torch.empty_like(h) for h in have]
+    # my chunk c holds the stage that the partner holds as chunk 1-c
+    g = pipe._to_group[partner]
+
+    def swap(p2p):
+        what = "gradients of the duplicated stages"
+        recv = p2p.irecv([theirs[1], theirs[0], have_theirs[1], have_theirs[0]], g, what, tag=4)
+        send = p2p.isend(mine + have, g, what, tag=4)
+        recv.wait(pipe.timeout)
+        send.wait(pipe.timeout)
+
+    pipe._exchange("reduce_dualpipe_grads", swap)
+    for c in (0, 1):
+        params = list(pipe.module[c].parameters())
+        total = mine[c] + theirs[c]
+        off = 0
+        for i, p in enumerate(params):
+            n = p.numel()
+            if p.grad is None and not have_theirs[c][i]:
+                off += n
+                continue  # no copy has a gradient: None, as in a single process
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(total[off: off + n].view_as(p))
+            off += n
+    pipe._reduced_at_step = pipe.steps_done
+
+
+def _grads(pipe: PipelineRuntime, primary_only: bool) -> list[torch.Tensor]:
+    out = []
+    for st in local_stages(pipe):
+        if primary_only and not st.primary:
+            continue
+        out += [p.grad for p in pipe.module[st.chunk].parameters() if p.grad is not None]
+    return out
+
+
+def clip_grad_norm_(pipe: PipelineRuntime, max_norm: float, norm_type: float = 2.0, *,
+                    error_if_nonfinite: bool = False) -> torch.Tensor:
+    """Clip the gradients of the whole pipelined model to a global norm; return the norm.
+
+    The norm is over every stage of the model, each counted once (a DualPipe stage's
+    two copies hold the same gradient after :func:`reduce_dualpipe_grads`, which must
+    come first), so it equals ``torch.nn.utils.clip_grad_norm_`` on the single-process
+    model up to floating-point rounding (here the per-rank partial sums are added in
+    float64).  All of this rank's gradients (both copies) are scaled by
+    ``min(1, max_norm / (norm + 1e-6))``, as torch does.
+
+    With data parallelism, average the gradients first (:func:`all_reduce_grads`): the
+    replicas then hold the same gradients and compute the same norm, so no data-parallel
+    group is involved here.
+
+    Args:
+        pipe: the pipeline, after ``step()`` (and :func:`reduce_dualpipe_grads` for
+            DualPipe).
+        max_norm: the largest norm allowed, > 0.
+        norm_type: the p of the p-norm (> 0), or ``math.inf``.
+        error_if_nonfinite: raise ``RuntimeError`` (on every rank) when the norm is NaN
+            or infinite instead of scaling by it.
+    Returns:
+        the total norm before clipping, a float32 scalar tensor on the stages' device,
+        equal on every rank.
+    """
+    _check_pipe(pipe, "clip_grad_norm_")
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    if not norm_type > 0:
+        raise ValueError(f"norm_type must be > 0 or math.inf, got {norm_type}")
+    _check_stepped(pipe, "clip_grad_norm_")
+    if pipe.schedule_name == "dualpipe" and getattr(pipe, "_reduced_at_step", None) != \
+            pipe.steps_done:
+        raise RuntimeError("DualPipe: call dualpipe.reduce_dualpipe_grads(pipe) before "
+                           "clip_grad_norm_, so each stage's gradient is whole (its two "
+                           "copies each hold part of it after step())")
+    grads = _grads(pipe, primary_only=True)
+    inf = math.isinf(norm_type)
+    local = torch.zeros(1, dtype=torch.float64, device=pipe.device)
+    for g in grads:
+        g64 = g.detach().to(torch.float64).abs()
+        local = torch.maximum(local, g64.max().reshape(1)) if inf else \
+            local + g64.pow(norm_type).sum().reshape(1)
+    parts = pipe._exchange("clip_grad_norm_", lambda p2p: p2p.all_gather(
+        local, pipe.num_ranks, "gradient norms").wait(pipe.timeout))
+    stacked = torch.cat([t.reshape(1) for t in parts])
+    total64 = stacked.max() if inf else stacked.sum().pow(1.0 / norm_type)
+    total = total64.to(torch.float32)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total gradient norm (order {norm_type}) is non-finite "
+                           f"({total.item()}); pass error_if_nonfinite=False to scale anyway")
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in _grads(pipe, primary_only=False):
+        g.detach().mul_(coef.to(g.dtype))
+    return total
+
+
+def all_reduce_grads(pipe: PipelineRuntime, group: dist.ProcessGroup, *,
+                     average: bool = True) -> None:
+    """Data parallel: all-reduce this rank's stage gradients over ``group``.
+
+    ``group`` holds the ranks that run the same pipeline rank on different data (for a
+    ``DeviceMesh``, ``mesh.get_group("dp")``).  Every one of them must call this, after
+    ``step()`` (and :func:`reduce_dualpipe_grads`, in either order), before clipping and
+    the optimizer step; gradients are flattened into one buffer per dtype and reduced
+    with one collective each, then averaged (``average=True``) or summed.  A parameter
+    without a gradient on every replica keeps ``None``; one with a gradient on some
+    replicas is reduced with zeros for the others.
+
+    The collective runs on ``group`` and waits as long as that group's own timeout
+    (``init_process_group(timeout=...)`` / ``new_group(timeout=...)``).
+
+    Stage modules wrapped in ``DistributedDataParallel`` are refused at pipeline
+    construction: DDP reduces inside every backward, which the pipeline runs once per
+    micro-batch (and splits into input- and weight-gradient parts).
+    """
+    _check_pipe(pipe, "all_reduce_grads")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"all_reduce_grads needs the data-parallel ProcessGroup, got "
+                        f"{type(group).__name__}")
+    _check_stepped(pipe, "all_reduce_grads")
+    params = [p for p in pipe.parameters()]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                       device=pipe.device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p, h in zip(params, has.tolist()):
+        if h:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+    n = group.size()
+    for ps in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        dist.all_reduce(flat, group=group)
+        if average:
+            flat.div_(n)
+        off = 0
+        for p in ps:
+            k = p.numel()
+            p.grad.copy_(flat[off: off + k].view_as(p))
+            off += k

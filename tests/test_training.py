@@ -1,0 +1,113 @@
+"""Around the optimizer: clip_grad_norm_ and data parallel x pipeline, multi-process on
+gloo, against torch.nn.utils.clip_grad_norm_ on the single-process model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.models import MB, Stage, cosine_distance, criterion, make_batch
+from tests.mp import run_ranks
+from tests.training_workers import clip_norms, dp_pp
+
+
+def _num_stages(name, ranks):
+    return 2 * ranks if name == "dualpipev" else ranks
+
+
+def _reference(num_stages: int, N: int, batches):
+    """Single process: every micro-batch of every batch in ``batches`` (step ids of
+    make_batch), gradients summed, then divided by the number of batches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stages = [Stage(s) for s in range(num_stages)]
+        losses = []
+        for b in batches:
+            (x,), (y,) = make_batch(b, N, False)
+            out = []
+            for i in range(N):
+                h = x[i * MB:(i + 1) * MB]
+                for st in stages:
+                    h = st(h)
+                loss = criterion(h, y[i * MB:(i + 1) * MB])
+                loss.backward()
+                out.append(loss.detach())
+            losses.append(torch.stack(out))
+        for st in stages:
+            for q in st.parameters():
+                q.grad /= len(batches)
+        return stages, losses
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _summed(results, key="grads"):
+    """{stage: {param: grad}} from the primary copy of every stage (after
+    reduce_dualpipe_grads both DualPipe copies must be equal: checked here too)."""
+    out = {}
+    for res in results:
+        for stage, copies in res[key].items():
+            for g in copies:
+                if stage in out:
+                    for n, t in g.items():
+                        assert torch.equal(out[stage][n], t), f"copies of stage {stage} {n} differ"
+                else:
+                    out[stage] = g
+    return out
+
+
+def _compare_grads(got, stages):
+    for i, st in enumerate(stages):
+        for n, q in st.named_parameters():
+            d = cosine_distance(got[i][n], q.grad)
+            assert d < 1e-13, f"stage {i} {n}: cosine distance {d}"
+            torch.testing.assert_close(got[i][n], q.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,ranks,N", [("dualpipe", 4, 8), ("dualpipev", 2, 4),
+                                          ("1f1b", 2, 4)])
+def test_clip_grad_norm_equals_torch_on_the_single_process_model(name, ranks, N):
+    results = run_ranks(clip_norms, ranks, name, N, timeout=240)
+    stages, _ = _reference(_num_stages(name, ranks), N, [0])
+    params = [q for st in stages for q in st.parameters()]
+    ref = [torch.nn.utils.clip_grad_norm_(params, 1e9, math.inf),
+           torch.nn.utils.clip_grad_norm_(params, 1e9, 1.0),
+           torch.nn.utils.clip_grad_norm_(params, 0.05)]
+    assert ref[2] > 0.05, "the test must actually clip"
+    for res in results:
+        for got, want in zip(res["norms"], ref):
+            assert got.dtype == torch.float32 and got.shape == ()
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        assert torch.equal(res["norms"][2], results[0]["norms"][2]), "ranks disagree on the norm"
+    _compare_grads(_summed(results), stages)
+    for rank, res in enumerate(results):
+        e = res["errors"]
+        assert e["clip before step"].startswith("RuntimeError") and "before any step" in \
+            e["clip before step"], e
+        assert e["bad max_norm"].startswith("ValueError"), e
+        if name == "dualpipe":
+            assert "reduce_dualpipe_grads(pipe) before" in e["clip before reduce"], e
+            assert "already called" in e["reduce twice"], e
+
+
+@pytest.mark.parametrize("name,dp,pp,N", [("dualpipe", 2, 2, 4), ("dualpipev", 2, 4, 8)])
+def test_data_parallel_times_pipeline_equals_the_full_batch(name, dp, pp, N):
+    """Each replica trains on its own batch; after all_reduce_grads (average) every
+    stage's gradient is the single-process gradient of the full batch / dp, and the
+    clipped norm is torch's on that model."""
+    results = run_ranks(dp_pp, dp * pp, name, dp, N, timeout=300)
+    stages, ref_losses = _reference(_num_stages(name, pp), N, list(range(dp)))
+    norm = torch.nn.utils.clip_grad_norm_([q for st in stages for q in st.parameters()], 0.05)
+    seen = 0
+    for res in results:
+        if res["loss_slice"] is not None:
+            a, b = res["loss_slice"]
+            assert torch.equal(res["loss"], ref_losses[res["replica"]][a:b])
+            seen += b - a
+        torch.testing.assert_close(res["norm"], norm, rtol=1e-6, atol=0)
+        assert "before any step" in res["errors"]["all_reduce before step"]
+    assert seen == dp * N
+    for d in range(dp):  # every replica ends with the same (averaged, clipped) gradients
+        _compare_grads(_summed([r for r in results if r["replica"] == d]), stages)

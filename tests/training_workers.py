@@ -1,0 +1,68 @@
+"""Rank functions for tests/test_training.py (module level: spawned ranks import them)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from tests.models import MB, criterion, make_batch
+from tests.workers import build, rank_io
+
+
+def _outcome(fn):
+    try:
+        fn()
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return f"{type(e).__name__}: {e}"
+
+
+def _stage_grads(p, s, rank):
+    out = {}
+    for c, (_st, stage) in enumerate(s.placement[rank]):
+        out.setdefault(stage, []).append({n: q.grad.clone() for n, q in
+                                          p.module[c].named_parameters() if q.grad is not None})
+    return out
+
+
+def clip_norms(rank: int, world: int, name: str, N: int):
+    """step, reduce, then three clips (inf and 1 with no clipping, 2 with clipping);
+    before that, every misuse that must raise on every rank."""
+    from dualpipe import clip_grad_norm_, reduce_dualpipe_grads
+    p, s = build(name, rank, world, N, timeout=60)
+    errors = {"clip before step": _outcome(lambda: clip_grad_norm_(p, 1.0))}
+    xs, ys = make_batch(0, N, False)
+    inputs, labels, _ = rank_io(s, rank, xs, ys)
+    p.step(*inputs, num_chunks=N, criterion=criterion if labels else None, labels=labels)
+    if name == "dualpipe":
+        errors["clip before reduce"] = _outcome(lambda: clip_grad_norm_(p, 1.0))
+    errors["bad max_norm"] = _outcome(lambda: clip_grad_norm_(p, 0.0))
+    reduce_dualpipe_grads(p)
+    if name == "dualpipe":
+        errors["reduce twice"] = _outcome(lambda: reduce_dualpipe_grads(p))
+    norms = [clip_grad_norm_(p, 1e9, math.inf), clip_grad_norm_(p, 1e9, 1.0),
+             clip_grad_norm_(p, 0.05)]
+    return {"errors": errors, "norms": norms, "grads": _stage_grads(p, s, rank)}
+
+
+def dp_pp(rank: int, world: int, name: str, dp: int, N: int):
+    """dp replicas of a pipeline of world/dp ranks; replica d trains on its own
+    batch (step d of tests.models.make_batch); gradients averaged over the replicas,
+    then clipped."""
+    from dualpipe import all_reduce_grads, clip_grad_norm_, reduce_dualpipe_grads
+    pp = world // dp
+    d, r = divmod(rank, pp)
+    pp_groups = [dist.new_group(list(range(k * pp, (k + 1) * pp))) for k in range(dp)]
+    dp_groups = [dist.new_group(list(range(j, world, pp))) for j in range(pp)]
+    p, s = build(name, r, pp, N, timeout=60, process_group=pp_groups[d])
+    errors = {"all_reduce before step": _outcome(lambda: all_reduce_grads(p, dp_groups[r]))}
+    xs, ys = make_batch(d, N, False)
+    inputs, labels, loss_slice = rank_io(s, r, xs, ys)
+    loss, _ = p.step(*inputs, num_chunks=N, criterion=criterion if labels else None,
+                     labels=labels)
+    reduce_dualpipe_grads(p)
+    all_reduce_grads(p, dp_groups[r])
+    norm = clip_grad_norm_(p, 0.05)
+    return {"replica": d, "pp_rank": r, "loss": loss, "loss_slice": loss_slice, "norm": norm,
+            "errors": errors, "grads": _stage_grads(p, s, r)}
