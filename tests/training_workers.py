@@ -66,3 +66,53 @@ def dp_pp(rank: int, world: int, name: str, dp: int, N: int):
     norm = clip_grad_norm_(p, 0.05)
     return {"replica": d, "pp_rank": r, "loss": loss, "loss_slice": loss_slice, "norm": norm,
             "errors": errors, "grads": _stage_grads(p, s, r)}
+
+
+def _train_steps(p, s, rank, opt, N, steps):
+    from dualpipe import reduce_dualpipe_grads
+    losses = []
+    for step in steps:
+        xs, ys = make_batch(step, N, False)
+        inputs, labels, _ = rank_io(s, rank, xs, ys)
+        loss, _ = p.step(*inputs, num_chunks=N, criterion=criterion if labels else None,
+                         labels=labels)
+        reduce_dualpipe_grads(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss)
+    return losses
+
+
+def _weights(p, s, rank):
+    return {stage: {n: q.detach().clone() for n, q in p.module[c].state_dict().items()}
+            for c, (_st, stage) in enumerate(s.placement[rank])}
+
+
+def checkpoint_round(rank: int, world: int, name: str, N: int, path: str, mode: str):
+    """mode "save": 2 steps, save, 2 more steps (the uninterrupted run).  mode "load":
+    differently initialised stages and a fresh optimizer, load, the same 2 more steps.
+    mode "wrong": load a checkpoint of another stage count, then show the pipe works."""
+    from dualpipe import DualPipe, DualPipeV, Pipeline, checkpoint
+    from dualpipe.schedules import get_schedule
+    from tests.models import Stage
+    s = get_schedule(name, world, N)
+    shift = 0 if mode == "save" else 50
+    mods = [Stage(stage + shift) for (_st, stage) in s.placement[rank]]
+    cls = {"dualpipe": DualPipe, "dualpipev": DualPipeV}.get(name)
+    p = cls(mods, timeout=60) if cls else Pipeline(mods[0], schedule=name, timeout=60)
+    opt = torch.optim.Adam(p.parameters(), lr=0.01 if mode == "save" else 0.5, betas=(0.8, 0.95))
+    out = {"loss_slice": rank_io(s, rank, *make_batch(0, N, False))[2]}
+    if mode == "save":
+        _train_steps(p, s, rank, opt, N, [0, 1])
+        checkpoint.save(p, path, opt)
+        out["saved"] = _weights(p, s, rank)
+        out["losses"] = _train_steps(p, s, rank, opt, N, [2, 3])
+    elif mode == "load":
+        checkpoint.load(p, path, opt)
+        out["loaded"] = _weights(p, s, rank)
+        out["lr"] = [g["lr"] for g in opt.param_groups]
+        out["losses"] = _train_steps(p, s, rank, opt, N, [2, 3])
+    else:
+        out["error"] = _outcome(lambda: checkpoint.load(p, path, opt))
+        out["after"] = _train_steps(p, s, rank, opt, N, [0])
+    return out

@@ -1,0 +1,118 @@
+"""dualpipe.checkpoint: stage-keyed DCP checkpoints across layouts, against the
+uninterrupted run (same layout: bit for bit) and the single-process model."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from dualpipe import checkpoint
+from tests.models import MB, Stage, criterion, make_batch
+from tests.mp import run_ranks
+from tests.training_workers import checkpoint_round
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """DualPipe on 4 ranks (4 stages, each on two ranks): 2 steps, save, 2 more."""
+    path = str(tmp_path_factory.mktemp("ckpt") / "step2")
+    res = run_ranks(checkpoint_round, 4, "dualpipe", N, path, "save", timeout=240)
+    weights = {}
+    for r in res:
+        for stage, w in r["saved"].items():
+            if stage in weights:  # the two copies of a DualPipe stage are identical
+                assert all(torch.equal(weights[stage][k], v) for k, v in w.items())
+            weights[stage] = w
+    losses = torch.zeros(2, N)
+    for r in res:
+        if r["loss_slice"] is not None:
+            a, b = r["loss_slice"]
+            for i, l in enumerate(r["losses"]):
+                losses[i, a:b] = l
+    return path, weights, losses
+
+
+def _losses(res):
+    out = torch.full((2, N), float("nan"))
+    for r in res:
+        if r["loss_slice"] is not None:
+            a, b = r["loss_slice"]
+            for i, l in enumerate(r["losses"]):
+                out[i, a:b] = l
+    assert not out.isnan().any()
+    return out
+
+
+def _check_weights(res, weights):
+    seen = set()
+    for r in res:
+        for stage, w in r["loaded"].items():
+            assert sorted(w) == sorted(weights[stage])
+            for k, v in w.items():
+                assert torch.equal(v, weights[stage][k]), f"stage {stage} {k} not restored"
+            seen.add(stage)
+    assert seen == set(weights)
+
+
+def test_each_stage_is_saved_once(saved):
+    path, weights, _ = saved
+    md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    model = sorted(k for k in md if k.startswith("model."))
+    assert model == sorted(f"model.stage{s}.{n}" for s, w in weights.items() for n in w)
+    optim = [k for k in md if k.startswith("optim.")]
+    # Adam: step, exp_avg, exp_avg_sq and the group's hyper-parameters per parameter
+    assert len(optim) == 4 * len(model)
+
+
+def test_same_layout_continues_bit_identically(saved):
+    path, weights, losses = saved
+    res = run_ranks(checkpoint_round, 4, "dualpipe", N, path, "load", timeout=240)
+    _check_weights(res, weights)
+    assert all(lr == [0.01] for lr in (r["lr"] for r in res)), "hyper-parameters not restored"
+    assert torch.equal(_losses(res), losses)
+
+
+def test_dualpipev_on_two_ranks_loads_the_dualpipe_checkpoint(saved):
+    path, weights, losses = saved
+    res = run_ranks(checkpoint_round, 2, "dualpipev", N, path, "load", timeout=240)
+    _check_weights(res, weights)
+    # exact weights and optimizer state; the gradients are summed in another order
+    torch.testing.assert_close(_losses(res), losses, rtol=1e-5, atol=1e-7)
+
+
+def test_the_single_process_model_loads_it_and_continues(saved):
+    path, weights, losses = saved
+    stages = [Stage(s + 50) for s in range(4)]
+    opt = torch.optim.Adam([q for st in stages for q in st.parameters()], lr=0.5)
+    checkpoint.load_stages(path, stages, opt)
+    for s, st in enumerate(stages):
+        for k, v in st.state_dict().items():
+            assert torch.equal(v, weights[s][k])
+    got = torch.zeros(2, N)
+    for i, step in enumerate((2, 3)):
+        (x,), (y,) = make_batch(step, N, False)
+        for m in range(N):
+            h = x[m * MB:(m + 1) * MB]
+            for st in stages:
+                h = st(h)
+            loss = criterion(h, y[m * MB:(m + 1) * MB])
+            loss.backward()
+            got[i, m] = loss.detach()
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(got, losses, rtol=1e-5, atol=1e-7)
+
+
+def test_another_stage_count_is_refused_on_every_rank(saved):
+    path, _, _ = saved
+    res = run_ranks(checkpoint_round, 2, "dualpipe", 4, path, "wrong", timeout=240)
+    for r in res:
+        assert r["error"].startswith("ValueError") and "4 stages" in r["error"] and \
+            "has 2" in r["error"], r["error"]
+        assert len(r["after"]) == 1  # the pipeline still trains
+    with pytest.raises(ValueError, match="4 stages, 2 were given"):
+        checkpoint.load_stages(path, [Stage(0), Stage(1)])
+    with pytest.raises(ValueError, match="no checkpoint"):
+        checkpoint.load_stages(path + "-missing", [Stage(0)])
