@@ -74,7 +74,12 @@ class _LinearDeferW(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.bias = bias  # a leaf parameter: holding it creates no reference cycle
+        # the parameters themselves (leaves: no reference cycle) receive the deferred
+        # gradients; the saved ``weight`` may be an alias of the parameter (activation
+        # checkpointing recomputes saved tensors), and once the graph is freed an alias
+        # accumulates into its own ``.grad``, losing the gradient
+        ctx.weight = weight
+        ctx.bias = bias
         return Fn.linear(x, weight, bias)
 
     @staticmethod
@@ -88,7 +93,7 @@ class _LinearDeferW(torch.autograd.Function):
             g2 = gy.reshape(-1, gy.shape[-1])
             leaves, grads = [], []
             if need_w:
-                leaves.append(weight)
+                leaves.append(ctx.weight)
                 grads.append(g2.t() @ x.reshape(-1, x.shape[-1]))
             if need_b:
                 leaves.append(ctx.bias)

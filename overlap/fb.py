@@ -234,6 +234,11 @@ class SubStage:
     ``kind="compute"``: ``fn(*xs)`` returns a tensor or a tuple of tensors, computed on
     the compute stream with autograd; ``split_weight_grad=True`` runs its
     weight-gradient closures (see :func:`defer_weight_grad`) in a separate ``W`` step.
+    ``recompute=True`` is activation checkpointing of the sub-stage: the forward keeps
+    only its inputs (``torch.utils.checkpoint``, non-reentrant: RNG and autocast state
+    are restored) and the sub-stage's own ``B`` step runs it again before its backward,
+    so in an overlapped pair the recompute takes the ``B`` step's place in the
+    interleaving and hides the other side's communication like any compute step.
 
     ``kind="comm"``: ``fn(*xs)`` *starts* a communication and returns a
     :class:`CommHandle` for its outputs; ``backward(*grads)`` receives one gradient per
@@ -250,6 +255,7 @@ class SubStage:
     fn: Callable[..., Any]
     backward: Callable[..., CommHandle] | None = None
     split_weight_grad: bool = False
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or ":" in self.name:
@@ -267,11 +273,15 @@ class SubStage:
             raise TypeError(f"comm sub-stage {self.name!r}: backward must be callable or None")
         if self.kind == COMM and self.split_weight_grad:
             raise ValueError(f"comm sub-stage {self.name!r} has no weight gradient to split")
+        if self.kind == COMM and self.recompute:
+            raise ValueError(f"comm sub-stage {self.name!r}: only compute sub-stages can be "
+                             "recomputed (a communication's result is kept)")
 
 
-def compute(name: str, fn: Callable[..., Any], *, split_weight_grad: bool = False) -> SubStage:
-    """A compute sub-stage (see :class:`SubStage`)."""
-    return SubStage(name, COMPUTE, fn, None, split_weight_grad)
+def compute(name: str, fn: Callable[..., Any], *, split_weight_grad: bool = False,
+            recompute: bool = False) -> SubStage:
+    """A compute sub-stage (see :class:`SubStage`); ``recompute=True`` checkpoints it."""
+    return SubStage(name, COMPUTE, fn, None, split_weight_grad, bool(recompute))
 
 
 def comm(name: str, start: Callable[..., CommHandle],
@@ -765,7 +775,12 @@ class _ForwardRun:
         if st.kind == COMPUTE:
             ins = _cut(self.xs, self.needs) if self.grad else self.xs
             with _span(self.tl, label):
-                outs = _as_tensors(st.fn(*ins), f"the output of compute sub-stage {st.name!r}")
+                if self.grad and st.recompute:
+                    from torch.utils.checkpoint import checkpoint
+                    out = checkpoint(st.fn, *ins, use_reentrant=False)
+                else:
+                    out = st.fn(*ins)
+                outs = _as_tensors(out, f"the output of compute sub-stage {st.name!r}")
             if self.grad:
                 seg.ins = tuple(t if t.requires_grad else None for t in ins)
                 seg.roots = tuple(_root(o) if o.requires_grad else None for o in outs)

@@ -36,18 +36,23 @@ class LinearW(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
+        ctx.param = w  # the parameter itself gets the gradient (see wgrad)
         return x @ w.t()
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
+        param = ctx.param
 
+        @torch.no_grad()
         def wgrad():
+            # into the parameter object, not the saved ``w``: under activation
+            # checkpointing the saved tensor is an alias, whose .grad is its own
             gw = g.flatten(0, -2).t() @ x.flatten(0, -2)
-            if w.grad is None:
-                w.grad = gw
+            if param.grad is None:
+                param.grad = gw
             else:
-                w.grad += gw
+                param.grad += gw
 
         defer_weight_grad(wgrad)
         return g @ w, None
@@ -69,18 +74,20 @@ class Toy(SubStageModule):
     """attn -> dispatch -> mlp -> combine; the 'all-to-alls' are row permutations run on a
     background thread (exact data movement, like an all-to-all)."""
 
-    def __init__(self, split=True, delay=0.0):
+    def __init__(self, split=True, delay=0.0, recompute=False):
         super().__init__()
         g = torch.Generator().manual_seed(1)
         self.wa = nn.Parameter(torch.randn(H, H, generator=g) / 4)
         self.wm = nn.Parameter(torch.randn(H, H, generator=g) / 4)
         self.split = split
         self.delay = delay
+        self.recompute = recompute
         self.calls = []
+        self.tag = ""  # prefixed to recorded calls (two toys sharing one calls list)
 
     def _a2a(self, name):
         def run(x):
-            self.calls.append(name)
+            self.calls.append(self.tag + name)
 
             def work():
                 if self.delay:
@@ -91,14 +98,16 @@ class Toy(SubStageModule):
 
     def _c(self, name, fn):
         def run(x):
-            self.calls.append(name)
+            self.calls.append(self.tag + name)
             return fn(self, x)
         return run
 
     def substages(self):
-        return [compute("attn", self._c("F:attn", attn_fn), split_weight_grad=self.split),
+        return [compute("attn", self._c("F:attn", attn_fn), split_weight_grad=self.split,
+                        recompute=self.recompute),
                 comm("dispatch", self._a2a("F:dispatch"), self._a2a("B:dispatch")),
-                compute("mlp", self._c("F:mlp", mlp_fn), split_weight_grad=self.split),
+                compute("mlp", self._c("F:mlp", mlp_fn), split_weight_grad=self.split,
+                        recompute=self.recompute),
                 comm("combine", self._a2a("F:combine"), self._a2a("B:combine"))]
 
 
@@ -255,6 +264,44 @@ def test_recorded_order_follows_interleaving():
     calls = sorted(toy0.calls + toy1.calls, key=lambda c: DEEPSEEK.index(c))
     assert [c for c in DEEPSEEK if c in calls] == calls
     assert [iv.action for iv in tl.intervals(lanes=[FB_WINDOW_LANE])] == ["F&B"]
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split-W", "whole-B"])
+def test_recomputed_substages_match_and_recompute_at_their_b_step(split):
+    """Activation checkpointing inside the overlapped pair: numbers bitwise equal to the
+    uncheckpointed pair, each recompute runs at its sub-stage's B step (so it sits
+    between the forward's steps, e.g. while F:dispatch is in flight), once."""
+    (x0, _), (x1, _) = data(1), data(2)
+    g1 = torch.randn(8, H, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for recompute in (False, True):
+        toy0, toy1 = Toy(split, recompute=recompute), Toy(split, recompute=recompute)
+        shared = []
+        toy0.calls = toy1.calls = shared
+        toy0.tag, toy1.tag = "0.", "1."
+        in1 = leaf(x1)
+        out1 = toy1(in1)
+        shared.clear()
+        outs0, _ = overlapped_forward_backward(toy0, (leaf(x0),), None, [], toy1, None, [out1],
+                                               [g1])
+        results[recompute] = (list(shared), outs0[0], grads(toy1), in1.grad)
+    calls, out, g, gin = results[True]
+    plain_calls, plain_out, plain_g, plain_gin = results[False]
+    assert torch.equal(out, plain_out) and torch.equal(gin, plain_gin)
+    assert_bitwise(g, plain_g)
+    # the same calls as without recompute, plus module1's two compute sub-stages again,
+    # each right where its B step is in DeepSeek's order
+    assert plain_calls == ["1.B:combine", "0.F:attn", "0.F:dispatch", "1.B:dispatch", "0.F:mlp",
+                           "0.F:combine"]
+    assert calls == ["1.B:combine", "0.F:attn", "1.F:mlp", "0.F:dispatch", "1.B:dispatch",
+                     "0.F:mlp", "1.F:attn", "0.F:combine"]
+    # a plain (non-overlapped) backward recomputes too, with the same numbers
+    t_plain, t_re = Toy(split), Toy(split, recompute=True)
+    for t in (t_plain, t_re):
+        mse(t(leaf(x0)), x1).backward()
+    assert_bitwise(grads(t_re), grads(t_plain))
+    with pytest.raises(ValueError, match="only compute sub-stages can be recomputed"):
+        SubStage("c", "comm", lambda x: x, None, False, True)
 
 
 def test_explicit_order_is_used_and_checked():
