@@ -66,6 +66,7 @@ __all__ = [
     "nccl_cta_env",
     "apply_nccl_cta_env",
     "nccl_process_group_options",
+    "nccl_max_ctas_of",
 ]
 
 BACKENDS = ("auto", "green_ctx", "torch_green_ctx", "priority", "cpu")
@@ -409,15 +410,22 @@ class SMPartition:
         return StreamPair(self.device, comm, compute, getattr(comm, "priority", 0),
                           getattr(compute, "priority", 0))
 
+    @property
+    def nccl_max_ctas(self) -> int:
+        """NCCL's CTA cap for this partition: ``min(comm_sms, 64)`` (one CTA per channel
+        occupies about one SM; NCCL allows at most 64)."""
+        return min(self.comm_sms, NCCL_MAX_CTAS_LIMIT)
+
     def nccl_options(self, *, min_ctas: Optional[int] = None, high_priority_stream: bool = True):
-        """``ProcessGroupNCCL.Options`` capping NCCL at ``comm_sms`` CTAs (max 64).
+        """``ProcessGroupNCCL.Options`` capping NCCL at :attr:`nccl_max_ctas` CTAs.
 
         Pass the result as ``pg_options`` to ``torch.distributed.new_group`` /
-        ``init_process_group`` for the communication group. See
-        :func:`nccl_process_group_options`.
+        ``init_process_group`` for the communication group; the DualPipe runtime takes
+        the partition itself (``DualPipe(..., nccl_max_ctas=part)``) for its private
+        communicators. See :func:`nccl_process_group_options` for what the cap does and
+        does not confine.
         """
-        return nccl_process_group_options(max_ctas=min(self.comm_sms, NCCL_MAX_CTAS_LIMIT),
-                                          min_ctas=min_ctas,
+        return nccl_process_group_options(max_ctas=self.nccl_max_ctas, min_ctas=min_ctas,
                                           high_priority_stream=high_priority_stream)
 
     def describe(self) -> Dict[str, object]:
@@ -512,6 +520,22 @@ def _check_ctas(max_ctas: Optional[int], min_ctas: Optional[int]) -> None:
                                        f"(NCCL's cap), got {value!r}")
     if max_ctas is not None and min_ctas is not None and min_ctas > max_ctas:
         raise PartitionConfigError(f"min_ctas={min_ctas} exceeds max_ctas={max_ctas}")
+
+
+def nccl_max_ctas_of(value) -> Optional[int]:
+    """The NCCL CTA cap a caller asked for: ``None`` (NCCL's default, or
+    ``$NCCL_MAX_CTAS``), an int in ``[1, 64]``, or an :class:`SMPartition` (its
+    :attr:`~SMPartition.nccl_max_ctas`).
+
+    Raises:
+        PartitionConfigError: anything else (the message says what to pass).
+    """
+    if value is None:
+        return None
+    if isinstance(value, SMPartition):
+        return value.nccl_max_ctas
+    _check_ctas(value, None)
+    return value
 
 
 def nccl_cta_env(max_ctas: Optional[int] = None, min_ctas: Optional[int] = None) -> Dict[str, str]:
