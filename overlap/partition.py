@@ -2,9 +2,17 @@
 
 :class:`SMPartition` gives a *compute* stream and a *communication* stream whose kernels
 run on separate SM sets, plus the SM budgets to size kernels with: ``comm_sms`` for
-communication kernels (and NCCL's CTA cap, :meth:`SMPartition.nccl_options`) and
-``compute_sms`` for the persistent Triton kernels (``overlap.kernels``), whose grid is
-``min(compute_sms, tiles)``.
+communication kernels and ``compute_sms`` for the persistent Triton kernels
+(``overlap.kernels``), whose grid is ``min(compute_sms, tiles)``.
+
+What a partition confines: kernels launched on its streams.  NCCL launches the kernels
+of asynchronous operations (``async_op=True``, ``isend``/``irecv``, the DualPipe
+runtime's transfers) on ProcessGroupNCCL's internal stream, outside any green context:
+they are *not* confined to the communication SMs.  For them the partition gives a CTA
+cap (:attr:`SMPartition.nccl_max_ctas`, :meth:`SMPartition.nccl_options`), which bounds
+how many SMs they occupy at once, not which.  Synchronous collectives issued under
+``with part.comm():`` run on the comm stream from torch 2.8 on.  See
+docs/sm_partition.md, "NCCL's SM use: what is confined".
 
 Backends, tried in this order by ``backend="auto"`` (the first that works wins):
 
@@ -199,8 +207,8 @@ class SMPartition:
     Use as a context manager or call :meth:`close` to release green contexts::
 
         with SMPartition(comm_sms=20) as part:
-            with part.comm():          # comm kernels / NCCL on the comm SMs
-                ...
+            with part.comm():          # kernels launched here run on the comm SMs
+                ...                    # (async NCCL does not: cap it, nccl_options())
             with part.compute():       # GEMMs sized with part.compute_sms
                 ...
     """
@@ -578,7 +586,10 @@ def nccl_process_group_options(max_ctas: Optional[int] = None, min_ctas: Optiona
 
     Sets ``options.config.max_ctas`` / ``min_ctas`` (NCCL's ``ncclConfig_t.maxCTAs`` /
     ``minCTAs``, per communicator, NCCL >= 2.17) and ``is_high_priority_stream`` (NCCL
-    kernels on a high-priority stream). Use it for the communication process group::
+    kernels on a high-priority stream). The cap bounds how many CTAs (about one SM each)
+    every kernel of the communicator occupies; it does not choose the SMs: kernels of
+    asynchronous operations run on ProcessGroupNCCL's internal stream, outside any green
+    context. Use it for the communication process group::
 
         opts = nccl_process_group_options(max_ctas=part.comm_sms)
         comm_group = torch.distributed.new_group(ranks, backend="nccl", pg_options=opts)
