@@ -75,6 +75,9 @@ __all__ = [
     "apply_nccl_cta_env",
     "nccl_process_group_options",
     "nccl_max_ctas_of",
+    "GREEN_CTX_EXTRA_SMS",
+    "ProbeCheck",
+    "check_probe",
 ]
 
 BACKENDS = ("auto", "green_ctx", "torch_green_ctx", "priority", "cpu")
@@ -83,6 +86,11 @@ ROUNDINGS = ("up", "down", "exact")
 NCCL_MAX_CTAS_LIMIT = 64
 #: What the CPU twin models unless told otherwise: an H800/H200-sized Hopper.
 CPU_MODEL_SMS = 132
+#: SMs green-context work may use beyond its partition: on compute capability 9.x, once
+#: a module with dynamic parallelism (CDP) is loaded, kernels under green contexts "may
+#: use and share an additional set of 2 SMs" (CUDA driver API, Green Contexts). The
+#: probe checks allow them (each side up to its count + 2, the sides sharing up to 2).
+GREEN_CTX_EXTRA_SMS = 2
 
 
 class PartitionError(RuntimeError):
@@ -160,6 +168,81 @@ def round_comm_sms(requested: int, total_sms: int, granularity: SMGranularity,
             f"{total_sms} SMs for compute, fewer than the minimum partition of {low}; "
             f"lower comm_sms to at most {(total_sms - low) // step * step}")
     return sms
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeCheck:
+    """What the SM-id probe saw on each side of a partition, and whether that fits.
+
+    ``comm`` / ``compute``: SM ids (``%smid``) reached by kernels on each stream;
+    ``sm_id_limit``: ``%nsmid``, the bound of valid ids (ids need not be contiguous, so
+    it may exceed the SM count); ``extra_sms``: the extra, shared SMs green-context work
+    may use (:data:`GREEN_CTX_EXTRA_SMS`); ``problems``: one line per violation (empty:
+    the partition holds).
+    """
+
+    comm: frozenset
+    compute: frozenset
+    sm_id_limit: int
+    comm_sms: int
+    compute_sms: int
+    enforced: str
+    extra_sms: int
+    problems: Tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def shared(self) -> frozenset:
+        """SM ids both sides reached."""
+        return self.comm & self.compute
+
+    def describe(self) -> Dict[str, object]:
+        """Plain data for logs and result files."""
+        return {"comm": sorted(self.comm), "compute": sorted(self.compute),
+                "shared": sorted(self.shared), "sm_id_limit": self.sm_id_limit,
+                "comm_sms": self.comm_sms, "compute_sms": self.compute_sms,
+                "enforced": self.enforced, "extra_sms": self.extra_sms,
+                "ok": self.ok, "problems": list(self.problems)}
+
+
+def check_probe(seen: Dict[str, set], *, comm_sms: int, compute_sms: int, sm_id_limit: int,
+                enforced: str, extra_sms: int = GREEN_CTX_EXTRA_SMS) -> ProbeCheck:
+    """Check SM-id probe results (:meth:`SMPartition.probe`) against a partition.
+
+    Every id must lie in ``[0, sm_id_limit)`` (``%nsmid``; ids are not assumed to be
+    contiguous nor below the SM count) and each side must have reached some SM. A
+    hardware-confined side (``enforced`` ``"comm"`` or ``"both"``) may reach at most its
+    SM count plus ``extra_sms``; with ``"both"`` the two sides may share at most
+    ``extra_sms`` SMs: CUDA lets green-context work use an additional, shared set of 2
+    SMs once a module with dynamic parallelism is loaded (:data:`GREEN_CTX_EXTRA_SMS`),
+    which a probe cannot tell apart from a leak of at most that size.
+    """
+    comm, compute = frozenset(seen.get("comm", ())), frozenset(seen.get("compute", ()))
+    problems = []
+    note = (f" (green-context work may use {extra_sms} extra, shared SMs once a module "
+            "with dynamic parallelism is loaded; more than that is a leak)")
+    for side, ids in (("comm", comm), ("compute", compute)):
+        if not ids:
+            problems.append(f"{side}: the probe reached no SM")
+        bad = sorted(i for i in ids if not 0 <= i < sm_id_limit)
+        if bad:
+            problems.append(f"{side}: SM ids {bad} outside [0, %nsmid={sm_id_limit})")
+    if enforced in ("comm", "both") and len(comm) > comm_sms + extra_sms:
+        problems.append(f"comm: reached {len(comm)} SMs, more than its {comm_sms} + "
+                        f"{extra_sms}{note}")
+    if enforced == "both":
+        if len(compute) > compute_sms + extra_sms:
+            problems.append(f"compute: reached {len(compute)} SMs, more than its "
+                            f"{compute_sms} + {extra_sms}{note}")
+        shared = sorted(comm & compute)
+        if len(shared) > extra_sms:
+            problems.append(f"the two sides share {len(shared)} SMs {shared}, more than "
+                            f"{extra_sms}{note}")
+    return ProbeCheck(comm, compute, int(sm_id_limit), comm_sms, compute_sms, enforced,
+                      extra_sms, tuple(problems))
 
 
 def _resolve_device(device) -> torch.device:
@@ -459,9 +542,11 @@ class SMPartition:
 
         Launches ``blocks_per_sm * total_sms`` spinning blocks on each stream (so either
         side alone could cover the whole GPU) and waits for both. On a working
-        ``green_ctx`` partition ``len(result["comm"]) <= comm_sms``,
-        ``len(result["compute"]) <= compute_sms`` and the two sets are disjoint.
-        CUDA build of the extension only.
+        ``green_ctx`` partition each side reaches at most its SM count and the two sets
+        are disjoint, up to the 2 extra, shared SMs CUDA allows once a module with
+        dynamic parallelism is loaded (:func:`check_probe`, :meth:`verify`). Ids lie in
+        ``[0, %nsmid)`` (:func:`overlap._ext.sm_id_limit`), not necessarily below the SM
+        count. CUDA build of the extension only.
         """
         from overlap import _ext
 
@@ -483,6 +568,15 @@ class SMPartition:
         self._comm_stream.synchronize()
         self._compute_stream.synchronize()
         return {side: set(t.cpu().tolist()) for side, t in ids.items()}
+
+    def verify(self, *, blocks_per_sm: int = 4, spin_cycles: int = 200_000) -> ProbeCheck:
+        """:meth:`probe` both sides and :func:`check_probe` the result against this
+        partition's counts, with ids validated against the device's ``%nsmid``."""
+        from overlap import _ext
+
+        seen = self.probe(blocks_per_sm=blocks_per_sm, spin_cycles=spin_cycles)
+        return check_probe(seen, comm_sms=self.comm_sms, compute_sms=self.compute_sms,
+                           sm_id_limit=_ext.sm_id_limit(self.device), enforced=self.enforced)
 
     def close(self) -> None:
         """Release the green contexts and streams (idempotent). Pending work on the two
