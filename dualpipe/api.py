@@ -25,7 +25,8 @@ class DualPipe(PipelineRuntime):
         split_linear_weight_grads: defer ``nn.Linear`` weight gradients to the
             schedule's W passes without custom autograd code.
         lookahead: compute actions whose receives are posted ahead (default 2).
-        record_timeline: keep per-action times of the last step (``.timeline``).
+        record_timeline: keep per-action times of the last step (``.timeline``);
+            ``.last_stats`` is measured either way (on CUDA with CUDA events).
         confirm_steps: every rank agrees a step succeeded before any returns from it
             (one tiny all_gather per step; default True).
         transport: how stage boundaries travel.  ``"auto"`` (default): shared memory

@@ -641,6 +641,11 @@ class PipelineRuntime(nn.Module):
         # one clock (see the class docstring): the host's on CPU; on CUDA every interval
         # is a pair of events on the current stream, read when the stats are accessed
         device_clock = self._ev_start is not None
+        # NCCL: a failure elsewhere need not end this host-side wait (an aborted peer's
+        # transfers just never arrive), so poll the failure record; gloo's receives end
+        # when the failing rank drops its connections (and report completion only once
+        # waited for, so they cannot be polled)
+        meta_abort = self._failure_record if self.transport == "nccl" else None
         if device_clock:
             take = iter(self._take_events(2 * (len(plan.ops) + len(plan.recvs)) + 1)).__next__
             spans: list[tuple] = []
@@ -689,7 +694,8 @@ class PipelineRuntime(nn.Module):
                 kind, c, m, peer = recvs[posted]
                 h = meta_handles.pop(c, None) if kind == F else None
                 if h is not None:  # the host needs the shapes to allocate the buffers
-                    meta_recv[meta_key(c)] = unpack_meta(h.wait(timeout, host=True)[0])
+                    meta_recv[meta_key(c)] = unpack_meta(
+                        h.wait(timeout, meta_abort, host=True)[0])
                 before = posted
                 post_until(idx + 1)
                 if posted == before and h is None:
