@@ -493,7 +493,7 @@ class PipelineRuntime(nn.Module):
         t_start = time.perf_counter()
         if self._ev_start is not None:  # CUDA: the device clock's origin for this step
             self._pending = None
-            self._ev_start.record()
+            self._ev_start.record(torch.cuda.current_stream(self.device))
         forward_only = not torch.is_grad_enabled()
         err = None
         try:
@@ -646,7 +646,8 @@ class PipelineRuntime(nn.Module):
         # when the failing rank drops its connections (and report completion only once
         # waited for, so they cannot be polled)
         meta_abort = self._failure_record if self.transport == "nccl" else None
-        if device_clock:
+        if device_clock:  # the stream the stages' kernels go to (the device's current one)
+            stream = torch.cuda.current_stream(self.device)
             take = iter(self._take_events(2 * (len(plan.ops) + len(plan.recvs)) + 1)).__next__
             spans: list[tuple] = []
         clock = time.perf_counter
@@ -707,10 +708,10 @@ class PipelineRuntime(nn.Module):
             # it has been waited for, so the probe would be one more call per receive
             if device_clock:  # NCCL: the wait is the stream's stall between two events
                 e0 = take()
-                e0.record()
+                e0.record(stream)
                 tensors = h.wait(timeout)
                 e1 = take()
-                e1.record()
+                e1.record(stream)
                 spans.append((e0, e1, text, "wait"))
                 return tensors
             t0 = clock()
@@ -861,7 +862,7 @@ class PipelineRuntime(nn.Module):
                         out_grads[rc][rm] = tensors
                 if device_clock:
                     e0 = take()
-                    e0.record()
+                    e0.record(stream)
                 else:
                     t0 = clock()
                 if kind == F:
@@ -895,7 +896,7 @@ class PipelineRuntime(nn.Module):
                         fn()
                 if device_clock:
                     e1 = take()
-                    e1.record()
+                    e1.record(stream)
                     spans.append((e0, e1, text, "compute"))
                 else:
                     t1 = clock()
@@ -942,7 +943,7 @@ class PipelineRuntime(nn.Module):
                     outs_out = o[0] if len(o) == 1 else o
         if device_clock:
             end = take()
-            end.record()
+            end.record(stream)
             self._pending = _DeviceStep(self._ev_start, end, spans, record, peak,
                                         len(plan.ops))
         else:

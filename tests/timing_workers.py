@@ -22,6 +22,8 @@ class FakeEvent:
         self.t = None
 
     def record(self, stream=None) -> None:
+        if stream != "the current stream":
+            raise AssertionError(f"event recorded on {stream!r}, not the device's current stream")
         self.t = time.perf_counter()
 
     def synchronize(self) -> None:
@@ -39,6 +41,7 @@ def device_clock_steps(rank: int, world: int, record_timeline: bool = True):
     Returns per step: whether figures were pending and unsynchronized after step(), the
     synchronizations that reading them took, the stats and the timeline."""
     torch.cuda.Event = FakeEvent  # the runtime makes its timing events through this name
+    torch.cuda.current_stream = lambda device=None: "the current stream"  # recorded on
     N = 4
     p, s = build("dualpipev", rank, world, N, timeout=60, record_timeline=record_timeline,
                  transport="group")
