@@ -1,8 +1,13 @@
-"""overlap.p2p: metadata packing and the one-direction-per-backend routing."""
+"""overlap.p2p: metadata packing, the one-direction-per-backend routing, and the wait
+policy of Handle (stream-ordered on NCCL, host-blocking with a timeout on gloo)."""
+import datetime
+import time
+
 import pytest
 import torch
 
-from overlap.p2p import META_LEN, P2P, TensorMeta, pack_meta, unpack_meta
+from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerLost, PeerTimeout, TensorMeta,
+                         pack_meta, unpack_meta)
 
 
 def test_meta_roundtrip():
@@ -60,11 +65,6 @@ def test_directional_backends_carry_one_direction_each():
 # path: Work.wait() without a timeout (the current stream waits), no polling.  Only
 # wait(host=True) polls is_completed() with a deadline.  A host-ordered handle (gloo)
 # waits with the timeout, as it always did.
-
-import datetime  # noqa: E402
-import time  # noqa: E402
-
-from overlap.p2p import Handle, PeerAborted, PeerLost, PeerTimeout  # noqa: E402
 
 TO = datetime.timedelta(seconds=5)
 
