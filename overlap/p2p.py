@@ -21,6 +21,7 @@ docs/transport.md, "Waiting on NCCL transfers").
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from typing import NamedTuple, Sequence
@@ -193,14 +194,21 @@ class Handle:
         return self.tensors
 
     def _wait_host(self, timeout: datetime.timedelta, abort) -> list[torch.Tensor]:
-        """Stream-ordered handle, the host must know: poll with the deadline, copy out."""
-        if not self.done:
-            self._poll(timeout, abort)
+        """Stream-ordered handle, the host must know: poll with the deadline, copy out.
+        (Polled even after an earlier stream-ordered wait: that one only ordered a
+        stream, it does not mean the transfer has finished.)"""
+        self._poll(timeout, abort)  # returns at once when the transfer is complete
         device = next((t.device for t in self.tensors if t.is_cuda), None)
-        if device is None:
-            return self.wait(timeout)
-        with torch.cuda.stream(torch.cuda.Stream(device=device)):
-            self.wait(timeout)  # complete already: orders only this private stream
+        with torch.cuda.stream(torch.cuda.Stream(device=device)) if device is not None \
+                else contextlib.nullcontext():
+            for w in self.works:  # complete: orders only this (private) stream after it
+                try:
+                    w.wait()
+                except RuntimeError as e:
+                    raise _peer_error(e, self, timeout) from e
+            self.done = True
+            if device is None:
+                return self.tensors
             return [t.to("cpu") for t in self.tensors]  # synchronizes that stream only
 
     def _poll(self, timeout: datetime.timedelta, abort) -> None:

@@ -186,3 +186,12 @@ def test_p2p_makes_nccl_cuda_transfers_stream_ordered():
     assert not nccl.isend([torch.zeros(1)], 2, "c").stream_ordered  # CPU tensor: host-ordered
     gloo = P2P(backend=(up, down), rank=1)  # not a ProcessGroupNCCL: host-ordered
     assert not gloo.isend([_FakeCudaTensor()], 2, "d").stream_ordered
+
+
+def test_host_wait_after_a_stream_ordered_wait_still_polls():
+    # the earlier wait only ordered a stream; the host must still see the transfer finish
+    w = FakeWork(polls=2, host_blocking_forbidden=True)
+    h = Handle([w], [torch.zeros(1)], "shapes for F0.0", 1, stream_ordered=True)
+    h.wait(TO)
+    h.wait(TO, host=True)
+    assert w.calls == [("wait", (), {})] + [("is_completed",)] * 3 + [("wait", (), {})]
