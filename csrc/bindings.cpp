@@ -4,7 +4,7 @@
 // Only argument checks that protect memory safety live here; policy (SM budgets,
 // rounding, CSR construction, bounds checks that need a device sync, fallbacks) is in
 // Python (overlap/_ext.py, overlap/partition.py). The module object itself carries
-// build facts (WITH_CUDA, CUDA_ARCHS, TORCH_VERSION) read by overlap/build_info.py.
+// build facts (WITH_CUDA, CUDA_ARCHS, TORCH_VERSION) read by overlap/_build.py.
 #include <Python.h>
 
 #include <ATen/Parallel.h>
@@ -20,6 +20,7 @@
 
 #ifdef DUALPIPE_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/dp_api.h"
@@ -211,7 +212,25 @@ void smid_probe_cuda(at::Tensor out, int64_t spin_cycles) {
              "smid_probe_");
 }
 
+void nsmid_cuda(at::Tensor out) {
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.numel() >= 1,
+              "nsmid_: out must be a contiguous int32 tensor with at least one entry");
+  const c10::cuda::CUDAGuard guard(out.device());
+  check_cuda(dp_nsmid(out.data_ptr<int32_t>(), current_stream()), "nsmid_");
+}
+
+// The green-context entry points take a device ordinal: validate it, and make it current
+// for the call with torch's guard (which restores the caller's device afterwards and
+// keeps torch's view of the current device right; the CUDA side restores it too).
+c10::DeviceIndex checked_device(int64_t device, const char* what) {
+  const int64_t count = c10::cuda::device_count();
+  TORCH_CHECK(device >= 0 && device < count, "dualpipe_ext.", what, ": device ", device,
+              " is not a CUDA device ordinal in [0, ", count, ")");
+  return static_cast<c10::DeviceIndex>(device);
+}
+
 std::vector<int64_t> green_ctx_query(int64_t device) {
+  const c10::cuda::CUDAGuard guard(checked_device(device, "green_ctx_query"));
   int sms = 0, min_partition = 0, alignment = 0;
   check_cuda(dp_green_ctx_query(static_cast<int>(device), &sms, &min_partition, &alignment), "green_ctx_query");
   return {sms, min_partition, alignment};
@@ -219,6 +238,7 @@ std::vector<int64_t> green_ctx_query(int64_t device) {
 
 std::vector<int64_t> green_ctx_create(int64_t device, int64_t comm_sms, int64_t comm_priority,
                                       int64_t compute_priority) {
+  const c10::cuda::CUDAGuard guard(checked_device(device, "green_ctx_create"));
   void* handle = nullptr;
   void* comm_stream = nullptr;
   void* compute_stream = nullptr;
@@ -255,6 +275,7 @@ TORCH_LIBRARY(dualpipe_ext, m) {
   m.def("scatter_add_rows_csr_(Tensor(a!) out, Tensor src, Tensor order, Tensor offsets, "
         "int num_blocks) -> ()");
   m.def("smid_probe_(Tensor(a!) out, int spin_cycles) -> ()");
+  m.def("nsmid_(Tensor(a!) out) -> ()");
   // No tensor arguments: catch-all kernels.
   m.def("green_ctx_query(int device) -> int[]", &green_ctx_query);
   m.def("green_ctx_create(int device, int comm_sms, int comm_priority, int compute_priority) -> int[]",
@@ -274,6 +295,7 @@ TORCH_LIBRARY_IMPL(dualpipe_ext, CUDA, m) {
   m.impl("gather_rows", &gather_rows_cuda);
   m.impl("scatter_add_rows_csr_", &scatter_add_rows_csr_cuda);
   m.impl("smid_probe_", &smid_probe_cuda);
+  m.impl("nsmid_", &nsmid_cuda);
 }
 #endif
 

@@ -26,7 +26,8 @@ class DualPipe(PipelineRuntime):
         split_linear_weight_grads: defer ``nn.Linear`` weight gradients to the
             schedule's W passes without custom autograd code.
         lookahead: compute actions whose receives are posted ahead (default 2).
-        record_timeline: keep per-action times of the last step (``.timeline``).
+        record_timeline: keep per-action times of the last step (``.timeline``);
+            ``.last_stats`` is measured either way (on CUDA with CUDA events).
         confirm_steps: every rank agrees a step succeeded before any returns from it
             (one tiny all_gather per step; default True).
         transport: how stage boundaries travel.  ``"auto"`` (default): shared memory
@@ -39,6 +40,22 @@ class DualPipe(PipelineRuntime):
             ``DUALPIPE_SHM_RING_BYTES`` sizes the shared-memory rings (default 4 MiB per
             rank pair; see docs/transport.md).  The choice made is in ``.transport``
             (``"shm"``, ``"gloo"`` or ``"nccl"``).
+        nccl_max_ctas: NCCL's CTA cap (about one SM per CTA) for the pipeline's two
+            private NCCL communicators: an int in ``[1, 64]`` or an
+            :class:`overlap.partition.SMPartition` (its ``min(comm_sms, 64)``).  ``None``
+            (default) leaves NCCL's default or ``$NCCL_MAX_CTAS``.  It caps how many SMs
+            the transfers' kernels occupy; it does not place them on the partition's
+            communication SMs (they run on ProcessGroupNCCL's own stream, see
+            docs/sm_partition.md).  Validated everywhere, ignored (logged) when the
+            transport is not NCCL.
+
+    Waits on NCCL transfers are stream-ordered (the current CUDA stream waits, the host
+    does not); ``timeout`` then bounds the waits where the host must know (the step
+    handshake, shape messages, the end-of-step agreement, which queues behind every
+    transfer the step waited for); the communicators' own watchdog (``2 * timeout``, a
+    backstop) the rest.  ``last_stats`` / ``timeline`` are on the device clock on CUDA
+    (see :class:`dualpipe.runtime.PipelineRuntime`).  ``close()`` releases the transports
+    (NCCL communicators shut down); garbage collection does it too.
 
     ``step(*inputs, num_chunks, criterion, labels, return_outputs)``: see
     :meth:`PipelineRuntime.step`.  Rank 0 passes the first half of the micro-batches

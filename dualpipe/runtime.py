@@ -16,6 +16,7 @@ what crosses a boundary are sent once per boundary and input signature, and cach
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
@@ -23,6 +24,7 @@ import os
 import time
 import traceback
 import warnings
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -98,7 +100,13 @@ class PipelineTimeout(PipelineError):
 
 @dataclass
 class StepStats:
-    """Measured figures of the last step on this rank (seconds)."""
+    """Measured figures of the last step on this rank (seconds).
+
+    ``wall``: the step's duration; ``busy``: the sum of its compute actions (F, B, I,
+    W, F&B); ``wait``: the sum of its waits on receives; ``idle = wall - busy``.  One
+    clock for all three and for :attr:`PipelineRuntime.timeline`: the host clock on CPU,
+    the device clock on CUDA (see :class:`PipelineRuntime`).
+    """
 
     wall: float = 0.0
     busy: float = 0.0
@@ -228,6 +236,25 @@ class PipelineRuntime(nn.Module):
 
     Users normally construct :class:`dualpipe.DualPipe`, :class:`dualpipe.DualPipeV` or
     :class:`dualpipe.Pipeline`; see those for the arguments.
+
+    Timing (:attr:`last_stats`, :attr:`timeline`) uses one clock per device.  On CPU it
+    is the host clock (``time.perf_counter``), seconds from the start of ``step()``.  On
+    CUDA it is the *device* clock: every interval, compute and wait alike, is a pair of
+    CUDA events recorded on the current stream, in seconds from an event recorded when
+    ``step()`` began.  A compute interval is what the stream spent on the action's
+    kernels; a wait interval is how long the stream stalled at a receive (waits on NCCL
+    transfers are stream-ordered, so the host does not wait there at all and a host
+    clock would measure nothing); ``wall`` runs to an event recorded after the step's
+    last send was waited for.  The device clock, not host times next to device times,
+    because with stream-ordered waits the host runs ahead of the device and the two
+    clocks no longer describe the same moments: a mix of both made ``idle`` and the
+    overlap metrics meaningless.  The events are read lazily, when :attr:`last_stats`
+    or :attr:`timeline` is first accessed after a step (that access synchronizes with
+    the step's last event); a step that nobody inspects costs two event records per
+    action and no synchronization.  The origin is when the device reached ``step()``:
+    on an idle device (e.g. after ``torch.cuda.synchronize()``) that is the host's call
+    within launch latency.  Work that a stage runs on other streams is seen only as far
+    as the current stream waits for it.
     """
 
     schedule_name: str = ""
@@ -238,8 +265,12 @@ class PipelineRuntime(nn.Module):
                  schedule: str | None = None, timeout: float = 300.0,
                  split_linear_weight_grads: bool = False, lookahead: int = 2,
                  record_timeline: bool = True, confirm_steps: bool = True,
-                 transport: str = "auto") -> None:
+                 transport: str = "auto", nccl_max_ctas=None) -> None:
         super().__init__()
+        self._p2p = None
+        self._pg = None
+        self._groups_finalizer = None
+        self._stopped: str | None = None
         name = schedule or self.schedule_name
         if name not in _SCHEDULE_IDS:
             raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(_SCHEDULE_IDS)}")
@@ -286,7 +317,8 @@ class PipelineRuntime(nn.Module):
         backend = dist.get_backend(self.group)
         self.user_group = self.group
         self._store = _group_store(self.group)
-        self._pg = None
+        from overlap.partition import nccl_max_ctas_of
+        max_ctas = nccl_max_ctas_of(nccl_max_ctas)  # validated on every backend
         # Private transports over the same ranks carry the pipeline's traffic: shared
         # memory when every rank is on this host (overlap.shm), else a private backend.  On a
         # failure the runtime drops them, which closes their connections so every rank
@@ -310,6 +342,12 @@ class PipelineRuntime(nn.Module):
             raise ValueError(f"transport='shm' moves CPU tensors between processes of one "
                              f"host; this pipeline uses {backend} with stages on "
                              f"{self.device}: use transport='auto' or 'group'")
+        if backend == "nccl" and self.device.type != "cuda":
+            raise ValueError("the process group uses NCCL but the stage modules are on "
+                             f"{self.device}; move them to the rank's GPU")
+        if backend == "gloo" and self.device.type == "cuda":
+            raise ValueError("gloo cannot send CUDA tensors between ranks: use an NCCL "
+                             "process group for modules on GPUs")
         shm = None
         if backend == "gloo" and self.device.type == "cpu" and self._store is not None:
             # collective: every rank agrees on shared memory (all on one host, extension
@@ -328,20 +366,16 @@ class PipelineRuntime(nn.Module):
                                              self.group.rank(), self.num_ranks, to)
         elif backend == "nccl":  # unverified: no GPU has run this path yet
             self.transport = "nccl"
-            def nccl(direction: str):
-                opts = dist.ProcessGroupNCCL.Options()
-                opts.is_high_priority_stream = True
-                opts._timeout = to
-                return dist.ProcessGroupNCCL(
-                    dist.PrefixStore(f"{self._prefix}/{direction}", self._store),
-                    self.group.rank(), self.num_ranks, opts)
-            self._pg = (nccl("up"), nccl("down"))
-        if backend == "nccl" and self.device.type != "cuda":
-            raise ValueError("the process group uses NCCL but the stage modules are on "
-                             f"{self.device}; move them to the rank's GPU")
-        if backend == "gloo" and self.device.type == "cuda":
-            raise ValueError("gloo cannot send CUDA tensors between ranks: use an NCCL "
-                             "process group for modules on GPUs")
+            # the communicators' watchdog is a backstop behind the host-side deadlines
+            # (overlap.p2p.Handle): twice the timeout, so that a hang is reported as a
+            # PipelineTimeout on every rank, not by the watchdog tearing a process down
+            self._own_nccl_groups(_nccl_groups(self._store, self._prefix, self.group.rank(),
+                                               self.num_ranks, 2 * to, max_ctas))
+        else:  # another backend: the user's group carries the traffic itself
+            self.transport = str(backend)
+        if max_ctas is not None and self.transport != "nccl":
+            log.info("nccl_max_ctas=%d ignored: this pipeline's transport is %s, not NCCL",
+                     max_ctas, self.transport)
         self.overlapped_forward_backward = (
             len(modules) == 2 and type(modules[0]) is type(modules[1])
             and hasattr(type(modules[0]), "overlapped_forward_backward"))
@@ -363,17 +397,19 @@ class PipelineRuntime(nn.Module):
         self._meta_sent: dict[tuple, list[TensorMeta]] = {}
         self._meta_recv: dict[tuple, list[TensorMeta]] = {}
         self._times: list[tuple] = []
-        self.last_stats = StepStats()
+        self._last_stats = StepStats()
         #: training/inference steps completed on this rank (dualpipe.training checks that
         #: gradients exist and were reduced for the last one)
         self.steps_done = 0
-        self._t0 = 0.0
+        self._pending: _DeviceStep | None = None  # CUDA: events of the last step, unread
+        self._events: list = []
+        self._ev_start = torch.cuda.Event(enable_timing=True) \
+            if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------ helpers
     def _schedule(self, num_chunks: int) -> Schedule:
-        if self.group is None:
-            raise RuntimeError("this pipeline stopped after a failure (see the earlier "
-                               "PipelineError); build a new DualPipe/DualPipeV to go on")
+        if self._stopped is not None:
+            raise RuntimeError(self._stopped)
         return get_schedule(self.schedule_name, self.num_ranks, num_chunks)
 
     def _plan(self, s: Schedule, forward_only: bool) -> _Plan:
@@ -386,8 +422,52 @@ class PipelineRuntime(nn.Module):
     @property
     def timeline(self) -> list[Interval]:
         """The last step's intervals on this rank, seconds from the step's start
-        (lane ``compute`` for F/B/I/W/F&B, lane ``wait`` for waits on receives)."""
+        (lane ``compute`` for F/B/I/W/F&B, lane ``wait`` for waits on receives), on the
+        clock described in the class docstring."""
+        if self._pending is not None:
+            self._resolve()
         return [Interval(self.rank, a, b, act, lane) for (a, b, act, lane) in self._times]
+
+    @property
+    def last_stats(self) -> StepStats:
+        """:class:`StepStats` of the last successful step on this rank."""
+        if self._pending is not None:
+            self._resolve()
+        return self._last_stats
+
+    def _resolve(self) -> None:
+        """Read the last step's CUDA events (waits for its last one)."""
+        p, self._pending = self._pending, None
+        spans, wall, busy, wait = _on_device_clock(p.start, p.end, p.spans)
+        self._last_stats = StepStats(wall=wall, busy=busy, wait=wait,
+                                     peak_activations=p.peak, num_compute=p.num_compute)
+        self._times = [(a, b, _parse_cached(t), lane) for (a, b, t, lane) in spans] \
+            if p.record else []
+
+    def _take_events(self, n: int) -> list:
+        """``n`` timing events, reused from step to step (grown as needed)."""
+        while len(self._events) < n:
+            self._events.append(torch.cuda.Event(enable_timing=True))
+        return self._events
+
+    def _private_stream(self):
+        """A context making a private (idle) CUDA stream current; a no-op on CPU."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.stream(torch.cuda.Stream(device=self.device))
+
+    def close(self) -> None:
+        """Release this rank's side of the pipeline's transports (idempotent): the
+        private NCCL communicators are shut down, the shared-memory rings unmapped, the
+        private gloo group dropped.  Call it on every rank after the last step (a
+        pipeline that is garbage-collected without it shuts its NCCL communicators down
+        then); the pipeline cannot step afterwards.  After a failure (a
+        :class:`PipelineError`) this has been done already, with the communicators
+        aborted instead."""
+        if self._stopped is None:
+            self._release(failed=False)
+            self._stopped = ("this pipeline was closed (close()); build a new "
+                             "DualPipe/DualPipeV to go on")
 
     # ------------------------------------------------------------------ step
     def step(self, *inputs: torch.Tensor | None, num_chunks: int = 0,
@@ -414,6 +494,9 @@ class PipelineRuntime(nn.Module):
         accumulated into the modules' ``.grad`` (call ``zero_grad`` between steps).
         """
         t_start = time.perf_counter()
+        if self._ev_start is not None:  # CUDA: the device clock's origin for this step
+            self._pending = None
+            self._ev_start.record(torch.cuda.current_stream(self.device))
         forward_only = not torch.is_grad_enabled()
         err = None
         try:
@@ -491,10 +574,13 @@ class PipelineRuntime(nn.Module):
         hs[5] = 0 if err is None else 1
         hs[6] = zlib.crc32(_sig(inputs).encode()) if inputs else 0
         hs[7] = self.rank
-        hs = hs.to(self.device)
         try:
-            out = self._p2p.all_gather(hs, self.num_ranks, "step handshake").wait(
-                self.timeout, self._failure_record)
+            # CUDA: on a private stream, so neither the copy nor the collective queues
+            # behind the previous step's work on the current stream
+            with self._private_stream():
+                out = self._p2p.all_gather(hs.to(self.device), self.num_ranks,
+                                           "step handshake").wait(
+                    self.timeout, self._failure_record, host=True)
         except PeerError as e:
             if isinstance(e, PeerTimeout):
                 e = PeerTimeout(f"the step-start handshake timed out after "
@@ -553,14 +639,20 @@ class PipelineRuntime(nn.Module):
         timeout = self.timeout
         p2p = self._p2p
         to_group = self._to_group
-        times = self._times
-        times.clear()
+        times: list[tuple] = []
         record = self.record_timeline
-        # on a GPU the compute lane is timed with CUDA events (what the device ran),
-        # resolved once at the end of the step; waits stay on the host clock
-        evs = self._cuda_events(len(plan.ops)) if record and self.device.type == "cuda" else None
-        if evs is not None:
-            evs[-1][0].record()
+        # one clock (see the class docstring): the host's on CPU; on CUDA every interval
+        # is a pair of events on the current stream, read when the stats are accessed
+        device_clock = self._ev_start is not None
+        # NCCL: a failure elsewhere need not end this host-side wait (an aborted peer's
+        # transfers just never arrive), so poll the failure record; gloo's receives end
+        # when the failing rank drops its connections (and report completion only once
+        # waited for, so they cannot be polled)
+        meta_abort = self._failure_record if self.transport == "nccl" else None
+        if device_clock:  # the stream the stages' kernels go to (the device's current one)
+            stream = torch.cuda.current_stream(self.device)
+            take = iter(self._take_events(2 * (len(plan.ops) + len(plan.recvs)) + 1)).__next__
+            spans: list[tuple] = []
         clock = time.perf_counter
         live = peak = 0
         posted = 0
@@ -605,8 +697,9 @@ class PipelineRuntime(nn.Module):
             while recv_handles[idx] is None:  # posting stopped at a shape message
                 kind, c, m, peer = recvs[posted]
                 h = meta_handles.pop(c, None) if kind == F else None
-                if h is not None:
-                    meta_recv[meta_key(c)] = unpack_meta(h.wait(timeout)[0])
+                if h is not None:  # the host needs the shapes to allocate the buffers
+                    meta_recv[meta_key(c)] = unpack_meta(
+                        h.wait(timeout, meta_abort, host=True)[0])
                 before = posted
                 post_until(idx + 1)
                 if posted == before and h is None:
@@ -616,6 +709,14 @@ class PipelineRuntime(nn.Module):
             recv_handles[idx] = None
             # no is_completed() probe first: gloo reports a receive complete only once
             # it has been waited for, so the probe would be one more call per receive
+            if device_clock:  # NCCL: the wait is the stream's stall between two events
+                e0 = take()
+                e0.record(stream)
+                tensors = h.wait(timeout)
+                e1 = take()
+                e1.record(stream)
+                spans.append((e0, e1, text, "wait"))
+                return tensors
             t0 = clock()
             tensors = h.wait(timeout)
             t1 = clock()
@@ -740,7 +841,6 @@ class PipelineRuntime(nn.Module):
                 wgrads[(c, m)] = WeightGradStore.take()
 
         text = "start of step"
-        op_i = 0
         poll = p2p.poll  # None when the transport needs no driving between actions
         try:
             for (kind, c, m, c2, m2, need, sends, post_upto, text) in plan.ops:
@@ -763,9 +863,11 @@ class PipelineRuntime(nn.Module):
                         inputs[rc][rm] = tuple(tensors)
                     else:
                         out_grads[rc][rm] = tensors
-                t0 = clock()
-                if evs is not None:
-                    evs[op_i][0].record()
+                if device_clock:
+                    e0 = take()
+                    e0.record(stream)
+                else:
+                    t0 = clock()
                 if kind == F:
                     out, _ = forward(c, m, text)
                     after_forward(c, m, out, text, sends)
@@ -795,22 +897,26 @@ class PipelineRuntime(nn.Module):
                 else:  # W
                     for fn in wgrads.pop((c, m)):
                         fn()
-                if evs is not None:
-                    evs[op_i][1].record()
-                t1 = clock()
-                busy += t1 - t0
-                if record:
-                    times.append((t0 - t_start, t1 - t_start, text, "compute"))
-                op_i += 1
+                if device_clock:
+                    e1 = take()
+                    e1.record(stream)
+                    spans.append((e0, e1, text, "compute"))
+                else:
+                    t1 = clock()
+                    busy += t1 - t0
+                    if record:
+                        times.append((t0 - t_start, t1 - t_start, text, "compute"))
             if self.confirm_steps:
                 # every rank agrees the step succeeded before any returns, so a rank
                 # failing in its last actions cannot leave the others stepping their
                 # optimizers on a step it did not finish; after it, every receive has
                 # been posted, so draining the sends below cannot block
                 text = "end of step (agreement)"
+                # (on NCCL the collective queues behind everything this step's kernels
+                # waited for, so this host-side deadline also bounds every transfer)
                 p2p.all_gather(torch.ones(1, dtype=torch.int64, device=self.device),
                                self.num_ranks, "end-of-step agreement").wait(
-                    timeout, self._failure_record)
+                    timeout, self._failure_record, host=True)
             text = "end of step (sends)"
             for h in send_handles:
                 h.wait(timeout)
@@ -838,46 +944,24 @@ class PipelineRuntime(nn.Module):
                 if return_outputs:
                     o = gather(kept_outputs[c], self.batch_dim)
                     outs_out = o[0] if len(o) == 1 else o
-        wall = clock() - t_start
         self.steps_done += 1
-        self.last_stats = StepStats(wall=wall, busy=busy, wait=wait_total,
-                                    peak_activations=peak, num_compute=len(plan.ops))
-        if record:
-            if evs is not None:
-                times = self._cuda_times(evs, times)
-            self._times = [(a, b, _parse_cached(t), lane) for (a, b, t, lane) in times]
+        if device_clock:
+            end = take()
+            end.record(stream)
+            self._pending = _DeviceStep(self._ev_start, end, spans, record, peak,
+                                        len(plan.ops))
+        else:
+            self._last_stats = StepStats(wall=clock() - t_start, busy=busy, wait=wait_total,
+                                         peak_activations=peak, num_compute=len(plan.ops))
+            if record:
+                self._times = [(a, b, _parse_cached(t), lane) for (a, b, t, lane) in times]
         return loss_out, outs_out
-
-    def _cuda_events(self, n: int) -> list:
-        """``n`` (start, end) CUDA event pairs plus one for the step's start, reused."""
-        have = getattr(self, "_evs", None)
-        if have is None or len(have) < n + 1:
-            self._evs = [(torch.cuda.Event(enable_timing=True),
-                          torch.cuda.Event(enable_timing=True)) for _ in range(n + 1)]
-        evs = self._evs[: n + 1]
-        return evs[:n] + [self._evs[-1]]
-
-    @staticmethod
-    def _cuda_times(evs, host_times) -> list[tuple]:
-        """Replace the compute intervals' host times by the device's (seconds from the
-        step's start event); ``wait`` intervals keep the host clock."""
-        base = evs[-1][0]
-        evs[-2][1].synchronize()
-        out, i = [], 0
-        for (a, b, text, lane) in host_times:
-            if lane == "compute":
-                e0, e1 = evs[i]
-                a, b = base.elapsed_time(e0) / 1e3, base.elapsed_time(e1) / 1e3
-                i += 1
-            out.append((a, b, text, lane))
-        return out
 
     def _exchange(self, what: str, fn):
         """Run ``fn(p2p)`` (transfers outside ``step``, e.g. gradient reduction) with the
         pipeline's failure handling: any failure stops every rank as in ``step``."""
-        if self._p2p is None:
-            raise RuntimeError("this pipeline stopped after a failure (see the earlier "
-                               "PipelineError); build a new DualPipe/DualPipeV to go on")
+        if self._stopped is not None:
+            raise RuntimeError(self._stopped)
         try:
             return fn(self._p2p)
         except Exception as e:  # noqa: BLE001
@@ -937,25 +1021,36 @@ class PipelineRuntime(nn.Module):
             first = _write(store, key, msg)
             err = PipelineError(msg, rank, action)
         log.error("%s", err)
-        self._teardown()
+        self._release(failed=True)
+        self._stopped = ("this pipeline stopped after a failure (see the earlier "
+                         "PipelineError); build a new DualPipe/DualPipeV to go on")
         if first:  # keep the store (hosted by rank 0) up until the others have read
             _wait_acks(store, key, self.num_ranks - 1, deadline=5.0)
         return err
 
-    def _teardown(self) -> None:
-        if self._p2p is not None:
-            self._p2p.close(failed=True)  # shm: every peer's pending wait ends at once
-        pgs, self._p2p, self._pg = self._pg, None, None
-        self.group = None
-        for pg in (pgs if isinstance(pgs, tuple) else (pgs,)):
-            if pg is not None and hasattr(pg, "abort") and not isinstance(
-                    pg, dist.ProcessGroupGloo):
-                try:
-                    pg.abort()  # NCCL: abort the communicators
-                except Exception as exc:  # noqa: BLE001
-                    log.debug("aborting the pipeline's communicator failed: %s", exc)
+    def _own_nccl_groups(self, groups: tuple) -> None:
+        """Keep ``groups`` (private NCCL communicators) as the transport's backends and
+        shut them down when this pipeline is garbage-collected without :meth:`close`
+        (:meth:`_release` does it earlier, aborting them after a failure)."""
+        self._pg = groups
+        self._groups_finalizer = weakref.finalize(self, _release_groups, groups, False)
+
+    def _release(self, failed: bool) -> None:
+        """Release the transports: after a failure every peer's pending transfer must end
+        at once (shm stop flag, gloo connections closed, NCCL communicators aborted);
+        otherwise they are closed in order (NCCL: ``shutdown()``)."""
+        p2p, self._p2p = self._p2p, None
+        if p2p is not None:
+            p2p.close(failed=failed)  # shm: with failed=True every peer's wait ends at once
+        del p2p
+        pgs, self._pg = self._pg, None
+        fin, self._groups_finalizer = self._groups_finalizer, None
+        if fin is not None and fin.detach() is not None:  # NCCL (never gloo: see below)
+            _release_groups(pgs, failed)
         del pgs
+        self.group = None
         gc.collect()  # gloo closes the connections when the last reference goes
+
 
     def _check_declared(self, metas: list[TensorMeta], c: int, text: str) -> None:
         if _p2p_shapes is not None and [m.shape for m in metas] != _p2p_shapes:
@@ -970,6 +1065,77 @@ class PipelineRuntime(nn.Module):
 
 
 _clone_count: dict[str, int] = {}
+
+
+@dataclass
+class _DeviceStep:
+    """A finished step's CUDA events, read when its figures are first asked for."""
+
+    start: Any          # event recorded when step() began (the clock's origin)
+    end: Any            # event recorded after the last send was waited for
+    spans: list         # (begin event, end event, action text, lane) in recording order
+    record: bool        # keep the intervals (record_timeline)
+    peak: int
+    num_compute: int
+
+
+def _on_device_clock(start, end, spans) -> tuple[list[tuple], float, float, float]:
+    """Place a step's intervals on the device clock.
+
+    ``start``/``end``: events recorded on the current stream when the step began and
+    after it ended; ``spans``: ``(begin, end, text, lane)`` event pairs recorded on the
+    same stream.  Waits for ``end`` (so for every event before it).  Returns the
+    intervals as ``(a, b, text, lane)`` in seconds from ``start``, and ``wall`` (start
+    to end), ``busy`` (sum of the ``compute`` intervals) and ``wait`` (sum of the
+    ``wait`` intervals), in seconds, all from the same events.
+    """
+    end.synchronize()
+    out, busy, wait = [], 0.0, 0.0
+    for e0, e1, text, lane in spans:
+        a, b = start.elapsed_time(e0) / 1e3, start.elapsed_time(e1) / 1e3
+        out.append((a, b, text, lane))
+        if lane == "compute":
+            busy += b - a
+        else:
+            wait += b - a
+    return out, start.elapsed_time(end) / 1e3, busy, wait
+
+
+def _nccl_groups(store, prefix: str, rank: int, size: int, timeout: datetime.timedelta,
+                 max_ctas: int | None) -> tuple:
+    """The pipeline's two private NCCL communicators, ``(up, down)`` (see
+    :class:`overlap.p2p.P2P`), with high-priority internal streams, ``timeout`` as their
+    watchdog timeout and, when ``max_ctas`` is given, NCCL's CTA cap (``config.max_ctas``,
+    see :func:`overlap.partition.nccl_process_group_options`; otherwise NCCL's default
+    or ``$NCCL_MAX_CTAS``).  If the second cannot be made, the first is aborted."""
+    from overlap.partition import nccl_process_group_options
+    made: list = []
+    try:
+        for direction in ("up", "down"):
+            opts = nccl_process_group_options(max_ctas=max_ctas, high_priority_stream=True)
+            opts._timeout = timeout
+            made.append(dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}/{direction}", store),
+                                              rank, size, opts))
+    except BaseException:
+        _release_groups(made, failed=True)
+        raise
+    return tuple(made)
+
+
+def _release_groups(groups, failed: bool) -> None:
+    """Shut down private NCCL communicators (never raises: it also runs from a
+    finalizer).  After a failure ``abort()`` (pending transfers may never finish),
+    otherwise ``shutdown()``; each falls back to the other names torch has used
+    (``_shutdown`` before ``shutdown`` became public)."""
+    names = ("abort", "shutdown", "_shutdown") if failed else ("shutdown", "_shutdown", "abort")
+    for pg in groups:
+        fn = next((getattr(pg, n) for n in names if callable(getattr(pg, n, None))), None)
+        if fn is None:
+            continue
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the communicator may be gone already
+            log.debug("releasing the pipeline's NCCL communicator failed: %s", exc)
 
 
 def _group_store(group):

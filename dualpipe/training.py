@@ -90,7 +90,7 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
     if pipe.schedule_name != "dualpipe":
         return
     _check_stepped(pipe, "reduce_dualpipe_grads")
-    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe._p2p is not None:
+    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe._stopped is None:
         raise RuntimeError("reduce_dualpipe_grads was already called after this step; calling "
                            "it again would add the partner rank's gradients twice")
     partner = pipe.num_ranks - 1 - pipe.rank

@@ -69,7 +69,7 @@ _EXPORTS = {
     "partition": ("SMPartition", "SMGranularity", "PartitionError", "PartitionConfigError",
                   "PartitionUnavailableError", "PartitionClosedError", "round_comm_sms",
                   "nccl_process_group_options", "nccl_cta_env", "apply_nccl_cta_env"),
-    "_ext": ("sm_copy_", "gather_rows", "scatter_add_rows_", "smid_probe",
+    "_ext": ("sm_copy_", "gather_rows", "scatter_add_rows_", "smid_probe", "sm_id_limit",
              "extension_available", "extension_kind", "ExtensionUnavailableError"),
     "_build": ("build_info", "build_hint", "format_build_info"),
     "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerExited",

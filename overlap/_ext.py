@@ -11,7 +11,8 @@ CUDA kernel may use, i.e. its grid size, ``None`` meaning every SM of the device
 * :func:`sm_copy_` -- ``dst.view(-1)[:] = src.view(-1)`` with a bounded SM footprint.
 * :func:`gather_rows` -- ``src[index]`` (MoE dispatch: pick token rows by index).
 * :func:`scatter_add_rows_` -- ``out[index[i]] += src[i]``, deterministic (MoE combine).
-* :func:`smid_probe` -- which SMs the current stream's kernels reach (tests of partitions).
+* :func:`smid_probe` -- which SMs the current stream's kernels reach (tests of partitions);
+  :func:`sm_id_limit` -- the bound of those ids (``%nsmid``: ids need not be contiguous).
 
 ``use_extension``: ``None`` uses the extension's CUDA kernels for CUDA tensors when it
 was built with CUDA and the torch implementation otherwise (on CPU it is bit-identical
@@ -42,6 +43,7 @@ __all__ = [
     "scatter_add_rows_",
     "build_csr",
     "smid_probe",
+    "sm_id_limit",
     "device_sm_count",
 ]
 
@@ -153,6 +155,7 @@ def _register_fakes() -> None:
         "dualpipe_ext::sm_copy_": mutating_fake,
         "dualpipe_ext::scatter_add_rows_csr_": mutating_fake,
         "dualpipe_ext::smid_probe_": mutating_fake,
+        "dualpipe_ext::nsmid_": mutating_fake,
     }
     for name, fn in fakes.items():
         try:
@@ -350,3 +353,26 @@ def smid_probe(num_blocks: int, *, device=None, spin_cycles: int = 200_000,
         out = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
         torch.ops.dualpipe_ext.smid_probe_(out, spin_cycles)
     return out
+
+
+_sm_id_limits: dict = {}
+
+
+def sm_id_limit(device=None) -> int:
+    """``%nsmid`` of a CUDA device: every SM id :func:`smid_probe` can return is in
+    ``[0, sm_id_limit)``.  SM ids need not be contiguous, so this bound may exceed the
+    device's SM count (``multi_processor_count``); size and validate id sets with it.
+    Read once per device with a one-block kernel (a synchronization), then cached.
+    CUDA build of the extension only."""
+    _require("sm_id_limit", need_cuda=True)
+    device = torch.device(device) if device is not None else \
+        torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        raise ValueError(f"sm_id_limit needs a CUDA device, got {device}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_id_limits:
+        with torch.cuda.device(index):
+            out = torch.zeros(1, dtype=torch.int32, device=torch.device("cuda", index))
+            torch.ops.dualpipe_ext.nsmid_(out)
+            _sm_id_limits[index] = int(out.item())
+    return _sm_id_limits[index]

@@ -5,18 +5,23 @@
 * ranks are *group* ranks (converted to global ranks once, at construction);
 * every send and receive returns a :class:`Handle` whose :meth:`Handle.wait` takes a
   timeout and, when the peer does not answer, raises :class:`PeerTimeout` naming the
-  peer and what was being waited for, instead of hanging;
+  peer and what was being waited for, instead of hanging (on NCCL only waits that
+  block the host have a deadline; the others are stream-ordered, see :class:`Handle`);
 * what crosses a stage boundary is described by :class:`TensorMeta` records, packed
   into one small int64 tensor (:func:`pack_meta` / :func:`unpack_meta`) so a receiver
   can allocate buffers for tensors whose shapes and dtypes it was never told.
 
 The runtime posts receives ahead of the computation that needs them and waits only
 when that computation starts; with gloo each operation runs on the backend's own
-threads, so transfers overlap the compute of the calling thread.
+threads, so transfers overlap the compute of the calling thread.  With NCCL the
+transfers run on the GPU and waiting on them is stream-ordered: the host never blocks
+on a transfer except where it must read a result (see :class:`Handle` and
+docs/transport.md, "Waiting on NCCL transfers").
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from typing import NamedTuple, Sequence
@@ -90,6 +95,10 @@ def pack_meta(metas: Sequence[TensorMeta], device: torch.device | str = "cpu") -
                          "or lower-rank tensors between stages")
     out = torch.zeros(META_LEN, dtype=torch.int64)
     out[: len(words)] = torch.tensor(words, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        # from pinned memory without blocking: a pageable copy would synchronize the
+        # current stream (the caching host allocator keeps the buffer until the copy ran)
+        return out.pin_memory().to(device, non_blocking=True)
     return out.to(device)
 
 
@@ -104,23 +113,72 @@ def unpack_meta(t: torch.Tensor) -> list[TensorMeta]:
 
 
 class Handle:
-    """Pending transfers; ``wait()`` returns the tensors, or raises :class:`PeerTimeout`."""
+    """Pending transfers of one send, receive or all_gather; :meth:`wait` returns the
+    tensors or raises a :class:`PeerError`.
 
-    __slots__ = ("works", "tensors", "what", "peer", "done")
+    A handle is one of two kinds, fixed when it is made (``stream_ordered``; :class:`P2P`
+    sets it from the backend: ``True`` for NCCL moving CUDA tensors, else ``False``):
 
-    def __init__(self, works, tensors, what: str, peer: int):
+    *host-ordered* (gloo, and the CPU transports of :mod:`overlap.shm`)
+        The data moves on the backend's own threads.  :meth:`wait` blocks the calling
+        thread until it has moved, and raises :class:`PeerTimeout` after ``timeout``.
+    *stream-ordered* (NCCL on CUDA tensors)
+        The data moves in kernels on ProcessGroupNCCL's internal stream.  ``wait()``
+        calls ``Work.wait()`` *without* a timeout, which makes the current CUDA stream
+        wait for the transfer's completion event and returns at once: the host never
+        blocks, kernels queued on the current stream afterwards run once the data is
+        there, and the host can queue work ahead.  (``Work.wait(timeout)`` would block
+        the host until the transfer finished, at every receive, send release and drain,
+        which defeats the overlap.)  No deadline applies inside such a wait; a transfer
+        that never completes is caught either by a later host-side check (``host=True``,
+        below, e.g. the runtime's end-of-step agreement, whose kernels queue behind
+        everything the step waited for) or by the process group's own timeout (its
+        watchdog).  ``abort`` is not consulted: nothing blocks.
+
+    ``wait(timeout, abort, host=True)`` is for the few points where the *host* must
+    know the transfer has finished (values read on the host, the step agreement).
+    Host-ordered handles wait as above.  Stream-ordered handles poll
+    ``Work.is_completed()`` (a non-blocking event query) until ``timeout`` runs out
+    (:class:`PeerTimeout`), checking ``abort`` every 20 ms (:class:`PeerAborted`), then
+    return the tensors copied to the host on a private stream, so reading them never
+    waits for unrelated work queued on the current stream.
+    """
+
+    __slots__ = ("works", "tensors", "what", "peer", "done", "stream_ordered")
+
+    def __init__(self, works, tensors, what: str, peer: int, stream_ordered: bool = False):
         self.works, self.tensors, self.what, self.peer = works, tensors, what, peer
         self.done = not works
+        self.stream_ordered = bool(stream_ordered)
 
     def is_completed(self) -> bool:
         if not self.done:
             self.done = all(w.is_completed() for w in self.works)
         return self.done
 
-    def wait(self, timeout: datetime.timedelta, abort=None) -> list[torch.Tensor]:
-        """Block until done.  With ``abort`` (a callable returning a failure message or
-        ``None``), poll instead of blocking and raise :class:`PeerAborted` as soon as it
-        returns a message, for waits a failure elsewhere might never end."""
+    def wait(self, timeout: datetime.timedelta, abort=None, *,
+             host: bool = False) -> list[torch.Tensor]:
+        """The transferred tensors, once they are usable (see the class docstring).
+
+        Args:
+            timeout: the longest a host-side wait may take.
+            abort: a callable returning a failure message or ``None``; host-side waits
+                poll instead of blocking and raise :class:`PeerAborted` as soon as it
+                returns a message (for waits a failure elsewhere might never end).
+            host: the host needs the transfer finished (stream-ordered handles only:
+                poll with the deadline, return host copies).
+        """
+        if self.stream_ordered:
+            if host:
+                return self._wait_host(timeout, abort)
+            if not self.done:
+                for w in self.works:
+                    try:
+                        w.wait()  # no timeout: the current stream waits, the host does not
+                    except RuntimeError as e:
+                        raise _peer_error(e, self, timeout) from e
+                self.done = True
+            return self.tensors
         if not self.done and abort is not None:
             self._poll(timeout, abort)
         if not self.done:
@@ -128,19 +186,30 @@ class Handle:
                 try:
                     ok = w.wait(timeout)
                 except RuntimeError as e:  # gloo raises on timeout and on a closed peer
-                    text = str(e)
-                    if "imed out" in text or "imeout" in text and "closure" not in text:
-                        raise PeerTimeout(f"{self.what}: rank {self.peer} did not answer within "
-                                          f"{timeout.total_seconds():g} s", self.peer,
-                                          self.what) from e
-                    raise PeerLost(f"{self.what}: the connection failed ({_short(e)})",
-                                   self.peer, self.what) from e
+                    raise _peer_error(e, self, timeout) from e
                 if ok is False:
                     raise PeerTimeout(f"{self.what}: rank {self.peer} did not answer within "
                                       f"{timeout.total_seconds():g} s", self.peer, self.what)
             self.done = True
         return self.tensors
 
+    def _wait_host(self, timeout: datetime.timedelta, abort) -> list[torch.Tensor]:
+        """Stream-ordered handle, the host must know: poll with the deadline, copy out.
+        (Polled even after an earlier stream-ordered wait: that one only ordered a
+        stream, it does not mean the transfer has finished.)"""
+        self._poll(timeout, abort)  # returns at once when the transfer is complete
+        device = next((t.device for t in self.tensors if t.is_cuda), None)
+        with torch.cuda.stream(torch.cuda.Stream(device=device)) if device is not None \
+                else contextlib.nullcontext():
+            for w in self.works:  # complete: orders only this (private) stream after it
+                try:
+                    w.wait()
+                except RuntimeError as e:
+                    raise _peer_error(e, self, timeout) from e
+            self.done = True
+            if device is None:
+                return self.tensors
+            return [t.to("cpu") for t in self.tensors]  # synchronizes that stream only
 
     def _poll(self, timeout: datetime.timedelta, abort) -> None:
         now = time.monotonic()
@@ -150,13 +219,27 @@ class Handle:
             if now >= deadline:
                 raise PeerTimeout(f"{self.what}: no answer within "
                                   f"{timeout.total_seconds():g} s", self.peer, self.what)
-            if now >= next_check:
+            if abort is not None and now >= next_check:
                 msg = abort()
                 if msg is not None:
                     raise PeerAborted(msg, self.peer, self.what)
                 next_check = now + 0.02
             time.sleep(delay)
             delay = min(delay * 2, 2e-4)
+
+
+def _is_nccl(backend) -> bool:
+    cls = getattr(dist, "ProcessGroupNCCL", None) if dist.is_available() else None
+    return cls is not None and isinstance(backend, cls)
+
+
+def _peer_error(e: RuntimeError, h: Handle, timeout: datetime.timedelta) -> PeerError:
+    """The :class:`PeerError` for a backend's exception while waiting on ``h``."""
+    text = str(e)
+    if "imed out" in text or "imeout" in text and "closure" not in text:
+        return PeerTimeout(f"{h.what}: rank {h.peer} did not answer within "
+                           f"{timeout.total_seconds():g} s", h.peer, h.what)
+    return PeerLost(f"{h.what}: the connection failed ({_short(e)})", h.peer, h.what)
 
 
 def _short(e: BaseException) -> str:
@@ -175,6 +258,10 @@ class P2P:
     ranks travel on ``up``, to lower ranks on ``down``, so that on a transport whose
     operations between two ranks run in order (NCCL) a receive posted ahead never
     blocks a send in the other direction.
+
+    Handles of transfers of CUDA tensors on NCCL are stream-ordered (see
+    :class:`Handle`), all others host-ordered.  ``nccl`` overrides the detection (whether
+    CUDA tensors travel on NCCL), for backends this class cannot recognise.
     """
 
     # nothing to drive between compute actions: the backend's threads move the data
@@ -182,17 +269,26 @@ class P2P:
     poll = None
 
     def __init__(self, group: dist.ProcessGroup | None = None, backend=None,
-                 rank: int | None = None):
+                 rank: int | None = None, *, nccl: bool | None = None):
         self.backend = backend
         self.rank = rank
         if backend is None:
             self.group = group if group is not None else dist.distributed_c10d._get_default_group()
             n = self.group.size()
             self._global = [dist.get_global_rank(self.group, i) for i in range(n)]
+            if nccl is None:  # "nccl", or e.g. "cpu:gloo,cuda:nccl": CUDA tensors on NCCL
+                nccl = "nccl" in str(dist.get_backend(self.group))
         else:
             self.group = None
             if isinstance(backend, tuple) and rank is None:
                 raise ValueError("P2P with (up, down) backends needs this rank's group rank")
+            if nccl is None:
+                nccl = _is_nccl(backend[0] if isinstance(backend, tuple) else backend)
+        self._nccl = bool(nccl)
+
+    def _ordered(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether the transfer of ``tensors`` is stream-ordered (NCCL, CUDA tensors)."""
+        return self._nccl and bool(tensors) and tensors[0].is_cuda
 
     def _backend(self, src: int, dst: int):
         b = self.backend
@@ -207,7 +303,7 @@ class P2P:
         else:
             g, dst = self.group, self._global[peer]
             works = [dist.isend(t.detach(), dst, group=g, tag=tag) for t in tensors]
-        return Handle(works, list(tensors), what, peer)
+        return Handle(works, list(tensors), what, peer, self._ordered(tensors))
 
     def irecv(self, buffers: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
         if self.backend is not None:
@@ -216,7 +312,7 @@ class P2P:
         else:
             g, src = self.group, self._global[peer]
             works = [dist.irecv(t, src, group=g, tag=tag) for t in buffers]
-        return Handle(works, list(buffers), what, peer)
+        return Handle(works, list(buffers), what, peer, self._ordered(buffers))
 
     def close(self, failed: bool = False) -> None:
         """Nothing to release here: the owner of the backend drops it (for gloo that
@@ -230,4 +326,4 @@ class P2P:
             work = be.allgather([out], [t])
         else:
             work = dist.all_gather(out, t, group=self.group, async_op=True)
-        return Handle([work], out, what, -1)
+        return Handle([work], out, what, -1, self._ordered(out))

@@ -2,9 +2,17 @@
 
 :class:`SMPartition` gives a *compute* stream and a *communication* stream whose kernels
 run on separate SM sets, plus the SM budgets to size kernels with: ``comm_sms`` for
-communication kernels (and NCCL's CTA cap, :meth:`SMPartition.nccl_options`) and
-``compute_sms`` for the persistent Triton kernels (``overlap.kernels``), whose grid is
-``min(compute_sms, tiles)``.
+communication kernels and ``compute_sms`` for the persistent Triton kernels
+(``overlap.kernels``), whose grid is ``min(compute_sms, tiles)``.
+
+What a partition confines: kernels launched on its streams.  NCCL launches the kernels
+of asynchronous operations (``async_op=True``, ``isend``/``irecv``, the DualPipe
+runtime's transfers) on ProcessGroupNCCL's internal stream, outside any green context:
+they are *not* confined to the communication SMs.  For them the partition gives a CTA
+cap (:attr:`SMPartition.nccl_max_ctas`, :meth:`SMPartition.nccl_options`), which bounds
+how many SMs they occupy at once, not which.  Synchronous collectives issued under
+``with part.comm():`` run on the comm stream from torch 2.8 on.  See
+docs/sm_partition.md, "NCCL's SM use: what is confined".
 
 Backends, tried in this order by ``backend="auto"`` (the first that works wins):
 
@@ -66,6 +74,10 @@ __all__ = [
     "nccl_cta_env",
     "apply_nccl_cta_env",
     "nccl_process_group_options",
+    "nccl_max_ctas_of",
+    "GREEN_CTX_EXTRA_SMS",
+    "ProbeCheck",
+    "check_probe",
 ]
 
 BACKENDS = ("auto", "green_ctx", "torch_green_ctx", "priority", "cpu")
@@ -74,6 +86,11 @@ ROUNDINGS = ("up", "down", "exact")
 NCCL_MAX_CTAS_LIMIT = 64
 #: What the CPU twin models unless told otherwise: an H800/H200-sized Hopper.
 CPU_MODEL_SMS = 132
+#: SMs green-context work may use beyond its partition: on compute capability 9.x, once
+#: a module with dynamic parallelism (CDP) is loaded, kernels under green contexts "may
+#: use and share an additional set of 2 SMs" (CUDA driver API, Green Contexts). The
+#: probe checks allow them (each side up to its count + 2, the sides sharing up to 2).
+GREEN_CTX_EXTRA_SMS = 2
 
 
 class PartitionError(RuntimeError):
@@ -153,6 +170,81 @@ def round_comm_sms(requested: int, total_sms: int, granularity: SMGranularity,
     return sms
 
 
+@dataclasses.dataclass(frozen=True)
+class ProbeCheck:
+    """What the SM-id probe saw on each side of a partition, and whether that fits.
+
+    ``comm`` / ``compute``: SM ids (``%smid``) reached by kernels on each stream;
+    ``sm_id_limit``: ``%nsmid``, the bound of valid ids (ids need not be contiguous, so
+    it may exceed the SM count); ``extra_sms``: the extra, shared SMs green-context work
+    may use (:data:`GREEN_CTX_EXTRA_SMS`); ``problems``: one line per violation (empty:
+    the partition holds).
+    """
+
+    comm: frozenset
+    compute: frozenset
+    sm_id_limit: int
+    comm_sms: int
+    compute_sms: int
+    enforced: str
+    extra_sms: int
+    problems: Tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def shared(self) -> frozenset:
+        """SM ids both sides reached."""
+        return self.comm & self.compute
+
+    def describe(self) -> Dict[str, object]:
+        """Plain data for logs and result files."""
+        return {"comm": sorted(self.comm), "compute": sorted(self.compute),
+                "shared": sorted(self.shared), "sm_id_limit": self.sm_id_limit,
+                "comm_sms": self.comm_sms, "compute_sms": self.compute_sms,
+                "enforced": self.enforced, "extra_sms": self.extra_sms,
+                "ok": self.ok, "problems": list(self.problems)}
+
+
+def check_probe(seen: Dict[str, set], *, comm_sms: int, compute_sms: int, sm_id_limit: int,
+                enforced: str, extra_sms: int = GREEN_CTX_EXTRA_SMS) -> ProbeCheck:
+    """Check SM-id probe results (:meth:`SMPartition.probe`) against a partition.
+
+    Every id must lie in ``[0, sm_id_limit)`` (``%nsmid``; ids are not assumed to be
+    contiguous nor below the SM count) and each side must have reached some SM. A
+    hardware-confined side (``enforced`` ``"comm"`` or ``"both"``) may reach at most its
+    SM count plus ``extra_sms``; with ``"both"`` the two sides may share at most
+    ``extra_sms`` SMs: CUDA lets green-context work use an additional, shared set of 2
+    SMs once a module with dynamic parallelism is loaded (:data:`GREEN_CTX_EXTRA_SMS`),
+    which a probe cannot tell apart from a leak of at most that size.
+    """
+    comm, compute = frozenset(seen.get("comm", ())), frozenset(seen.get("compute", ()))
+    problems = []
+    note = (f" (green-context work may use {extra_sms} extra, shared SMs once a module "
+            "with dynamic parallelism is loaded; more than that is a leak)")
+    for side, ids in (("comm", comm), ("compute", compute)):
+        if not ids:
+            problems.append(f"{side}: the probe reached no SM")
+        bad = sorted(i for i in ids if not 0 <= i < sm_id_limit)
+        if bad:
+            problems.append(f"{side}: SM ids {bad} outside [0, %nsmid={sm_id_limit})")
+    if enforced in ("comm", "both") and len(comm) > comm_sms + extra_sms:
+        problems.append(f"comm: reached {len(comm)} SMs, more than its {comm_sms} + "
+                        f"{extra_sms}{note}")
+    if enforced == "both":
+        if len(compute) > compute_sms + extra_sms:
+            problems.append(f"compute: reached {len(compute)} SMs, more than its "
+                            f"{compute_sms} + {extra_sms}{note}")
+        shared = sorted(comm & compute)
+        if len(shared) > extra_sms:
+            problems.append(f"the two sides share {len(shared)} SMs {shared}, more than "
+                            f"{extra_sms}{note}")
+    return ProbeCheck(comm, compute, int(sm_id_limit), comm_sms, compute_sms, enforced,
+                      extra_sms, tuple(problems))
+
+
 def _resolve_device(device) -> torch.device:
     """:func:`overlap.streams.resolve_device`, with the partition's error types."""
     from .streams import resolve_device
@@ -198,8 +290,8 @@ class SMPartition:
     Use as a context manager or call :meth:`close` to release green contexts::
 
         with SMPartition(comm_sms=20) as part:
-            with part.comm():          # comm kernels / NCCL on the comm SMs
-                ...
+            with part.comm():          # kernels launched here run on the comm SMs
+                ...                    # (async NCCL does not: cap it, nccl_options())
             with part.compute():       # GEMMs sized with part.compute_sms
                 ...
     """
@@ -409,15 +501,22 @@ class SMPartition:
         return StreamPair(self.device, comm, compute, getattr(comm, "priority", 0),
                           getattr(compute, "priority", 0))
 
+    @property
+    def nccl_max_ctas(self) -> int:
+        """NCCL's CTA cap for this partition: ``min(comm_sms, 64)`` (one CTA per channel
+        occupies about one SM; NCCL allows at most 64)."""
+        return min(self.comm_sms, NCCL_MAX_CTAS_LIMIT)
+
     def nccl_options(self, *, min_ctas: Optional[int] = None, high_priority_stream: bool = True):
-        """``ProcessGroupNCCL.Options`` capping NCCL at ``comm_sms`` CTAs (max 64).
+        """``ProcessGroupNCCL.Options`` capping NCCL at :attr:`nccl_max_ctas` CTAs.
 
         Pass the result as ``pg_options`` to ``torch.distributed.new_group`` /
-        ``init_process_group`` for the communication group. See
-        :func:`nccl_process_group_options`.
+        ``init_process_group`` for the communication group; the DualPipe runtime takes
+        the partition itself (``DualPipe(..., nccl_max_ctas=part)``) for its private
+        communicators. See :func:`nccl_process_group_options` for what the cap does and
+        does not confine.
         """
-        return nccl_process_group_options(max_ctas=min(self.comm_sms, NCCL_MAX_CTAS_LIMIT),
-                                          min_ctas=min_ctas,
+        return nccl_process_group_options(max_ctas=self.nccl_max_ctas, min_ctas=min_ctas,
                                           high_priority_stream=high_priority_stream)
 
     def describe(self) -> Dict[str, object]:
@@ -443,9 +542,11 @@ class SMPartition:
 
         Launches ``blocks_per_sm * total_sms`` spinning blocks on each stream (so either
         side alone could cover the whole GPU) and waits for both. On a working
-        ``green_ctx`` partition ``len(result["comm"]) <= comm_sms``,
-        ``len(result["compute"]) <= compute_sms`` and the two sets are disjoint.
-        CUDA build of the extension only.
+        ``green_ctx`` partition each side reaches at most its SM count and the two sets
+        are disjoint, up to the 2 extra, shared SMs CUDA allows once a module with
+        dynamic parallelism is loaded (:func:`check_probe`, :meth:`verify`). Ids lie in
+        ``[0, %nsmid)`` (:func:`overlap._ext.sm_id_limit`), not necessarily below the SM
+        count. CUDA build of the extension only.
         """
         from overlap import _ext
 
@@ -467,6 +568,15 @@ class SMPartition:
         self._comm_stream.synchronize()
         self._compute_stream.synchronize()
         return {side: set(t.cpu().tolist()) for side, t in ids.items()}
+
+    def verify(self, *, blocks_per_sm: int = 4, spin_cycles: int = 200_000) -> ProbeCheck:
+        """:meth:`probe` both sides and :func:`check_probe` the result against this
+        partition's counts, with ids validated against the device's ``%nsmid``."""
+        from overlap import _ext
+
+        seen = self.probe(blocks_per_sm=blocks_per_sm, spin_cycles=spin_cycles)
+        return check_probe(seen, comm_sms=self.comm_sms, compute_sms=self.compute_sms,
+                           sm_id_limit=_ext.sm_id_limit(self.device), enforced=self.enforced)
 
     def close(self) -> None:
         """Release the green contexts and streams (idempotent). Pending work on the two
@@ -514,6 +624,22 @@ def _check_ctas(max_ctas: Optional[int], min_ctas: Optional[int]) -> None:
         raise PartitionConfigError(f"min_ctas={min_ctas} exceeds max_ctas={max_ctas}")
 
 
+def nccl_max_ctas_of(value) -> Optional[int]:
+    """The NCCL CTA cap a caller asked for: ``None`` (NCCL's default, or
+    ``$NCCL_MAX_CTAS``), an int in ``[1, 64]``, or an :class:`SMPartition` (its
+    :attr:`~SMPartition.nccl_max_ctas`).
+
+    Raises:
+        PartitionConfigError: anything else (the message says what to pass).
+    """
+    if value is None:
+        return None
+    if isinstance(value, SMPartition):
+        return value.nccl_max_ctas
+    _check_ctas(value, None)
+    return value
+
+
 def nccl_cta_env(max_ctas: Optional[int] = None, min_ctas: Optional[int] = None) -> Dict[str, str]:
     """Environment variables limiting the CTAs (hence SMs) each NCCL kernel uses.
 
@@ -554,7 +680,10 @@ def nccl_process_group_options(max_ctas: Optional[int] = None, min_ctas: Optiona
 
     Sets ``options.config.max_ctas`` / ``min_ctas`` (NCCL's ``ncclConfig_t.maxCTAs`` /
     ``minCTAs``, per communicator, NCCL >= 2.17) and ``is_high_priority_stream`` (NCCL
-    kernels on a high-priority stream). Use it for the communication process group::
+    kernels on a high-priority stream). The cap bounds how many CTAs (about one SM each)
+    every kernel of the communicator occupies; it does not choose the SMs: kernels of
+    asynchronous operations run on ProcessGroupNCCL's internal stream, outside any green
+    context. Use it for the communication process group::
 
         opts = nccl_process_group_options(max_ctas=part.comm_sms)
         comm_group = torch.distributed.new_group(ranks, backend="nccl", pg_options=opts)

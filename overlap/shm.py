@@ -181,12 +181,14 @@ class ShmHandle:
             self.p2p._progress()
         return self.done
 
-    def wait(self, timeout: datetime.timedelta, abort: Callable[[], str | None] | None = None
-             ) -> list[torch.Tensor]:
+    def wait(self, timeout: datetime.timedelta, abort: Callable[[], str | None] | None = None,
+             *, host: bool = False) -> list[torch.Tensor]:
         """Block until done (running the transport's progress meanwhile); raise
         :class:`PeerTimeout` after ``timeout``, :class:`PeerLost` if the peer's process
         exits or the pipeline is stopped, :class:`PeerAborted` if ``abort()`` (or the
-        transport's own ``abort`` callback) returns a message."""
+        transport's own ``abort`` callback) returns a message.  ``host`` is accepted for
+        the interface of :meth:`overlap.p2p.Handle.wait`: a CPU transport's waits
+        always block the host."""
         if not self.done:
             self.p2p._wait(self, timeout, abort)
         return self.tensors

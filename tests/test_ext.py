@@ -32,7 +32,7 @@ def test_extension_is_built_by_the_install():
     if os.environ.get("DUALPIPE_NO_CUDA"):
         expected = "cpu"
     assert _ext.extension_kind() in (expected, "cpu")
-    for op in ("sm_copy_", "gather_rows", "scatter_add_rows_csr_", "smid_probe_",
+    for op in ("sm_copy_", "gather_rows", "scatter_add_rows_csr_", "smid_probe_", "nsmid_",
                "green_ctx_query", "green_ctx_create", "green_ctx_destroy"):
         assert hasattr(torch.ops.dualpipe_ext, op), op
 
@@ -60,6 +60,8 @@ def test_cpu_build_refuses_gpu_only_ops_with_a_reason():
         torch.ops.dualpipe_ext.green_ctx_query(0)
     with pytest.raises(_ext.ExtensionUnavailableError, match="CUDA build"):
         _ext.smid_probe(4)
+    with pytest.raises(_ext.ExtensionUnavailableError, match="CUDA build"):
+        _ext.sm_id_limit()
 
 
 # ---- gather / copy ------------------------------------------------------------------

@@ -54,6 +54,10 @@ int dp_scatter_add_rows_csr(void* out, const void* src, const int64_t* order,
 // the SM it ran on (%smid) to out[blockIdx.x]. out is an int32 device array.
 int dp_smid_probe(int32_t* out, int num_blocks, int64_t spin_cycles, void* stream);
 
+// out[0] = %nsmid: SM ids (%smid) lie in [0, %nsmid), which need not be contiguous nor
+// equal the device's SM count. out is an int32 device array of at least one entry.
+int dp_nsmid(int32_t* out, void* stream);
+
 // ---- Green contexts (CUDA driver API, resolved at run time) ----------------------
 
 // SM resource of a device: total SMs, minimum partition size, partition alignment.

@@ -4,6 +4,16 @@
 // library links only against the CUDA runtime (no -lcuda, no driver stub at build time),
 // and an old driver produces an error message instead of a load failure.
 //
+// ABI: the entry points are requested at the ABI of the headers compiled against
+// (CUDA_VERSION), or at the driver's version when that is older, and never below 12.5
+// (green-context streams).  The CUDA 13 fields of CUdevSmResource (minSmPartitionSize,
+// smCoscheduledAlignment) are read only when both the headers and the requested ABI are
+// 13.0 or later; every CUdevResource handed to the driver is zero-initialised, so a field
+// a driver does not fill reads as 0 (and the documented table is used).
+//
+// Current device: every entry point that selects a device restores the caller's current
+// device before returning, on every path (DeviceRestore).
+//
 // Partition recipe (CUDA driver API "Green Contexts"):
 //   cuDeviceGetDevResource(SM) -> cuDevSmResourceSplitByCount(1 group of comm_sms, rest)
 //   -> cuDevResourceGenerateDesc (one per side) -> cuGreenCtxCreate (one per side)
@@ -25,8 +35,38 @@
 
 namespace {
 
-// Driver version the entry points are requested at (green-context streams need 12.5).
-constexpr int kDriverApiVersion = 12050;
+// Oldest driver ABI with everything used here (cuGreenCtxStreamCreate is 12.5).
+constexpr int kMinDriverApiVersion = 12050;
+#if defined(CUDA_VERSION)
+// The ABI of the headers this file is compiled against.
+constexpr int kHeaderApiVersion = CUDA_VERSION;
+#else
+constexpr int kHeaderApiVersion = 0;
+#endif
+
+// Restores the calling thread's current device on scope exit (every return path).
+class DeviceRestore {
+ public:
+  DeviceRestore() { saved_ = cudaGetDevice(&device_) == cudaSuccess; }
+  ~DeviceRestore() {
+    int now = -1;
+    if (saved_ && (cudaGetDevice(&now) != cudaSuccess || now != device_)) cudaSetDevice(device_);
+  }
+  DeviceRestore(const DeviceRestore&) = delete;
+  DeviceRestore& operator=(const DeviceRestore&) = delete;
+
+ private:
+  int device_ = 0;
+  bool saved_ = false;
+};
+
+// A zero-initialised driver struct (unions and padding included).
+template <typename T>
+T zeroed() {
+  T value;
+  std::memset(&value, 0, sizeof(value));
+  return value;
+}
 
 // Minimum partition size and alignment when the headers cannot report them (CUDA 12
 // driver documentation of cuDevSmResourceSplitByCount).
@@ -42,21 +82,24 @@ void documented_granularity(int major, int* min_partition, int* alignment) {
   }
 }
 
-int resolve(const char* name, void** fn) {
+// Resolve `name` at the driver ABI `api_version` (see the top of the file).
+int resolve(const char* name, void** fn, int api_version) {
   *fn = nullptr;
   cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
 #if defined(CUDART_VERSION) && CUDART_VERSION >= 12050
-  cudaError_t err = cudaGetDriverEntryPointByVersion(name, fn, kDriverApiVersion,
+  cudaError_t err = cudaGetDriverEntryPointByVersion(name, fn, static_cast<unsigned>(api_version),
                                                      cudaEnableDefault, &status);
 #else
+  (void)api_version;  // the runtime's own ABI: this runtime predates the versioned query
   cudaError_t err = cudaGetDriverEntryPoint(name, fn, cudaEnableDefault, &status);
 #endif
   if (err != cudaSuccess) return dp::check_runtime(err, name);
   if (status != cudaDriverEntryPointSuccess || *fn == nullptr) {
     return dp::fail(-1,
-                    "driver entry point %s is unavailable (driver too old for green "
-                    "contexts? need a CUDA %d.%d+ driver)",
-                    name, kDriverApiVersion / 1000, (kDriverApiVersion % 1000) / 10);
+                    "driver entry point %s is unavailable at the CUDA %d.%d ABI (driver too "
+                    "old for green contexts? need a CUDA %d.%d+ driver)",
+                    name, api_version / 1000, (api_version % 1000) / 10,
+                    kMinDriverApiVersion / 1000, (kMinDriverApiVersion % 1000) / 10);
   }
   return 0;
 }
@@ -64,6 +107,7 @@ int resolve(const char* name, void** fn) {
 #if DP_HAS_GREEN_CTX
 
 struct Driver {
+  int api_version = 0;  // the ABI the entry points below were resolved at
   decltype(&::cuGetErrorString) getErrorString = nullptr;
   decltype(&::cuDeviceGet) deviceGet = nullptr;
   decltype(&::cuDeviceGetDevResource) deviceGetDevResource = nullptr;
@@ -87,12 +131,15 @@ int driver(const Driver** out) {
   }
   int version = 0;
   if (int err = dp::check_runtime(cudaDriverGetVersion(&version), "cudaDriverGetVersion")) return err;
-  if (version < kDriverApiVersion) {
+  if (version < kMinDriverApiVersion) {
     return dp::fail(-1, "green contexts need a CUDA driver >= %d, this driver is %d",
-                    kDriverApiVersion, version);
+                    kMinDriverApiVersion, version);
   }
+  // The headers' ABI, or the driver's if older (asking for a newer one than the driver
+  // has is an error); >= 12.5 by the check above and DP_HAS_GREEN_CTX.
+  d.api_version = version < kHeaderApiVersion ? version : kHeaderApiVersion;
 #define DP_RESOLVE(field, symbol) \
-  if (int err = resolve(symbol, reinterpret_cast<void**>(&d.field))) return err
+  if (int err = resolve(symbol, reinterpret_cast<void**>(&d.field), d.api_version)) return err
   DP_RESOLVE(getErrorString, "cuGetErrorString");
   DP_RESOLVE(deviceGet, "cuDeviceGet");
   DP_RESOLVE(deviceGetDevResource, "cuDeviceGetDevResource");
@@ -121,6 +168,7 @@ int check_driver(const Driver* d, CUresult res, const char* what) {
 }
 
 // Make the device current and its primary context live (green contexts retain it).
+// Callers hold a DeviceRestore: this changes the thread's current device.
 int activate(int device) {
   if (int err = dp::check_runtime(cudaSetDevice(device), "cudaSetDevice")) return err;
   return dp::check_runtime(cudaFree(nullptr), "cudaFree(nullptr) (context init)");
@@ -157,7 +205,7 @@ int make_side(const Driver* d, CUdevice dev, CUdevResource* resource, int priori
   if (int err = check_driver(d, d->resourceGenerateDesc(&desc, resource, 1), "cuDevResourceGenerateDesc")) return err;
   if (int err = check_driver(d, d->greenCtxCreate(ctx, desc, dev, CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate")) return err;
   if (int err = check_driver(d, d->greenCtxStreamCreate(stream, *ctx, CU_STREAM_NON_BLOCKING, priority), "cuGreenCtxStreamCreate")) return err;
-  CUdevResource granted;
+  CUdevResource granted = zeroed<CUdevResource>();
   if (int err = check_driver(d, d->greenCtxGetDevResource(*ctx, &granted, CU_DEV_RESOURCE_TYPE_SM), "cuGreenCtxGetDevResource")) return err;
   *sms = static_cast<int>(granted.sm.smCount);
   return 0;
@@ -171,16 +219,19 @@ extern "C" int dp_green_ctx_query(int device, int* sm_count, int* min_partition,
 #if DP_HAS_GREEN_CTX
   const Driver* d = nullptr;
   if (int err = driver(&d)) return err;
+  DeviceRestore restore;
   if (int err = activate(device)) return err;
-  CUdevice dev;
+  CUdevice dev = 0;
   if (int err = check_driver(d, d->deviceGet(&dev, device), "cuDeviceGet")) return err;
-  CUdevResource res;
+  CUdevResource res = zeroed<CUdevResource>();
   if (int err = check_driver(d, d->deviceGetDevResource(dev, &res, CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource")) return err;
   *sm_count = static_cast<int>(res.sm.smCount);
 #if CUDA_VERSION >= 13000
-  *min_partition = static_cast<int>(res.sm.minSmPartitionSize);
-  *alignment = static_cast<int>(res.sm.smCoscheduledAlignment);
-  if (*min_partition > 0 && *alignment > 0) return 0;
+  if (d->api_version >= 13000) {  // fields of the 13.0 ABI, filled at that ABI only
+    *min_partition = static_cast<int>(res.sm.minSmPartitionSize);
+    *alignment = static_cast<int>(res.sm.smCoscheduledAlignment);
+    if (*min_partition > 0 && *alignment > 0) return 0;
+  }
 #endif
   int major = 0;
   if (int err = dp::check_runtime(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")) return err;
@@ -201,16 +252,18 @@ extern "C" int dp_green_ctx_create(int device, int comm_sms, int comm_priority,
   const Driver* d = nullptr;
   if (int err = driver(&d)) return err;
   if (comm_sms <= 0) return dp::fail(-1, "dp_green_ctx_create: comm_sms must be >= 1, got %d", comm_sms);
+  DeviceRestore restore;
   if (int err = activate(device)) return err;
-  CUdevice dev;
+  CUdevice dev = 0;
   if (int err = check_driver(d, d->deviceGet(&dev, device), "cuDeviceGet")) return err;
-  CUdevResource whole;
+  CUdevResource whole = zeroed<CUdevResource>();
   if (int err = check_driver(d, d->deviceGetDevResource(dev, &whole, CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource")) return err;
   if (static_cast<unsigned>(comm_sms) >= whole.sm.smCount) {
     return dp::fail(-1, "comm_sms=%d leaves no SM for compute (device has %u SMs)", comm_sms,
                     whole.sm.smCount);
   }
-  CUdevResource comm, rest;
+  CUdevResource comm = zeroed<CUdevResource>();
+  CUdevResource rest = zeroed<CUdevResource>();
   unsigned int groups = 1;
   if (int err = check_driver(d, d->smResourceSplitByCount(&comm, &groups, &whole, &rest, 0, static_cast<unsigned>(comm_sms)), "cuDevSmResourceSplitByCount")) return err;
   if (groups != 1 || rest.sm.smCount == 0) {

@@ -1,0 +1,185 @@
+"""The runtime's timing (one clock per device) and the release of its private NCCL
+communicators, tested on CPU with fake CUDA events and fake communicators.
+
+On CUDA every interval of a step is a pair of CUDA events on the current stream; the
+conversion to seconds (``_on_device_clock``) and the runtime's lazy reading of the events
+are pinned here with fakes; the real device clock is checked by the ``gpu`` test in
+tests/test_nccl_gpu.py.
+"""
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from dualpipe import runtime as rt
+from tests.mp import run_ranks
+from tests.timing_workers import device_clock_steps, nccl_teardown
+
+
+class Ev:
+    """A fake CUDA event at a fixed device time (ms)."""
+
+    def __init__(self, ms):
+        self.ms, self.synced = ms, 0
+
+    def synchronize(self):
+        self.synced += 1
+
+    def elapsed_time(self, other):
+        return other.ms - self.ms
+
+
+def test_device_clock_places_compute_and_waits_on_one_clock():
+    start, end = Ev(100.0), Ev(160.0)
+    spans = [(Ev(101.0), Ev(111.0), "F0.0", "compute"),
+             (Ev(111.0), Ev(126.0), "F1.0", "wait"),      # the stream stalled 15 ms
+             (Ev(126.0), Ev(146.0), "F1.0", "compute"),
+             (Ev(146.0), Ev(150.0), "B1.0", "wait")]
+    out, wall, busy, wait = rt._on_device_clock(start, end, spans)
+    assert out == [(0.001, 0.011, "F0.0", "compute"), (0.011, 0.026, "F1.0", "wait"),
+                   (0.026, 0.046, "F1.0", "compute"), (0.046, 0.05, "B1.0", "wait")]
+    assert (wall, busy, wait) == pytest.approx((0.060, 0.030, 0.019))
+    assert end.synced == 1 and start.synced == 0  # one wait, for the last event
+
+
+def _check_consistent(stats, timeline):
+    wall, busy, wait, n = stats
+    comp = [(a, b) for a, b, _t, lane in timeline if lane == "compute"]
+    waits = [(a, b) for a, b, _t, lane in timeline if lane == "wait"]
+    assert len(comp) == n
+    assert busy == pytest.approx(sum(b - a for a, b in comp), abs=1e-12)
+    assert wait == pytest.approx(sum(b - a for a, b in waits), abs=1e-12)
+    assert all(0 <= a <= b <= wall for a, b, _t, _l in timeline)
+    assert busy + wait <= wall
+    return waits
+
+
+def test_runtime_device_clock_is_lazy_and_consistent():
+    res = run_ranks(device_clock_steps, 2, timeout=240)
+    seen_waits = 0
+    for per_rank in res:
+        for step in per_rank:
+            assert step["lazy"], "step() read its CUDA events (a synchronization)"
+            assert step["syncs"] == 1, "reading the stats must wait for the last event once"
+            seen_waits += len(_check_consistent(step["stats"], step["timeline"]))
+    assert seen_waits > 0  # rank 1 waits for activations: the wait lane is on the same clock
+
+
+def test_runtime_device_clock_without_timeline_still_gives_stats():
+    res = run_ranks(device_clock_steps, 2, False, timeout=240)
+    for per_rank in res:
+        for step in per_rank:
+            wall, busy, wait, n = step["stats"]
+            assert step["timeline"] == [] and n > 0 and 0 < busy <= wall
+
+
+# ---- the private NCCL communicators -------------------------------------------------------
+
+class Comm:
+    def __init__(self, log, name, methods, fail=False):
+        for m in methods:
+            def call(m=m):
+                log.append((name, m))
+                if fail:
+                    raise RuntimeError("communicator already gone")
+            setattr(self, m, call)
+
+
+@pytest.mark.parametrize("failed,methods,expect", [
+    (False, ("shutdown", "abort"), "shutdown"),
+    (True, ("shutdown", "abort"), "abort"),
+    (False, ("_shutdown", "abort"), "_shutdown"),   # torch before shutdown() was public
+    (False, ("abort",), "abort"),
+    (True, ("shutdown",), "shutdown"),
+])
+def test_release_groups_prefers_shutdown_or_abort(failed, methods, expect):
+    log = []
+    rt._release_groups((Comm(log, "up", methods), Comm(log, "down", methods)), failed)
+    assert log == [("up", expect), ("down", expect)]
+
+
+def test_release_groups_never_raises():
+    log = []
+    rt._release_groups((Comm(log, "up", ("shutdown",), fail=True), object(),
+                        Comm(log, "down", ("shutdown",))), False)
+    assert log == [("up", "shutdown"), ("down", "shutdown")]
+
+
+class _Config:
+    max_ctas = min_ctas = None
+
+
+class _FakePGNCCL:
+    made: list = []
+    fail_on = None
+
+    class Options:
+        def __init__(self):
+            self.is_high_priority_stream = False
+            self.config = _Config()
+            self._timeout = None
+
+    def __init__(self, store, rank, size, opts):
+        if len(_FakePGNCCL.made) == _FakePGNCCL.fail_on:
+            raise RuntimeError("NCCL init failed")
+        self.store, self.rank, self.size, self.opts = store, rank, size, opts
+        self.calls = []
+        _FakePGNCCL.made.append(self)
+
+    def abort(self):
+        self.calls.append("abort")
+
+    def shutdown(self):
+        self.calls.append("shutdown")
+
+
+def test_nccl_groups_carry_the_cta_cap_priority_and_timeout(monkeypatch):
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", _FakePGNCCL, raising=False)
+    monkeypatch.setattr(_FakePGNCCL, "made", [])
+    to = datetime.timedelta(seconds=42)
+    up, down = rt._nccl_groups(dist.HashStore(), "dualpipe/g/1", 1, 4, to, 24)
+    for g in (up, down):
+        assert (g.rank, g.size) == (1, 4)
+        assert g.opts.config.max_ctas == 24 and g.opts.config.min_ctas is None
+        assert g.opts.is_high_priority_stream and g.opts._timeout == to
+    up.store.set("k", "v")  # the two use distinct store prefixes
+    assert up.store.check(["k"]) and not down.store.check(["k"])
+    # no cap asked: NCCL's default (or $NCCL_MAX_CTAS) is left alone
+    a, _ = rt._nccl_groups(dist.HashStore(), "p", 0, 2, to, None)
+    assert a.opts.config.max_ctas is None
+
+
+def test_nccl_groups_abort_the_first_when_the_second_fails(monkeypatch):
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", _FakePGNCCL, raising=False)
+    monkeypatch.setattr(_FakePGNCCL, "made", [])
+    monkeypatch.setattr(_FakePGNCCL, "fail_on", 1)
+    with pytest.raises(RuntimeError, match="NCCL init failed"):
+        rt._nccl_groups(dist.HashStore(), "p", 0, 2, datetime.timedelta(seconds=5), 8)
+    assert [g.calls for g in _FakePGNCCL.made] == [["abort"]]
+
+
+def test_nccl_max_ctas_argument_is_validated():
+    from overlap.partition import PartitionConfigError, SMPartition, nccl_max_ctas_of
+    assert nccl_max_ctas_of(None) is None and nccl_max_ctas_of(16) == 16
+    assert nccl_max_ctas_of(SMPartition(20, "cpu")) == 24           # rounded up on Hopper
+    assert nccl_max_ctas_of(SMPartition(100, "cpu", total_sms=200)) == 64  # NCCL's cap
+    for bad in (0, 65, 2.5, True, "8"):
+        with pytest.raises(PartitionConfigError, match=r"\[1, 64\]"):
+            nccl_max_ctas_of(bad)
+
+
+def test_pipeline_shuts_down_its_nccl_communicators():
+    res = run_ranks(nccl_teardown, 1, timeout=120)[0]
+    assert res["close"] == [("up", "shutdown"), ("down", "shutdown")]  # once, not twice
+    assert "closed" in res["after_close"]
+    assert res["failure"] == [("up", "abort"), ("down", "abort")]
+    assert "boom" in res["failure_error"]
+    assert res["gc"] == [("up", "_shutdown"), ("down", "abort")]
+    assert "[1, 64]" in res["bad_cap"] and res["cap_on_gloo"] == "shm"
