@@ -34,7 +34,7 @@ def _map_checkout_kernels() -> None:
     ``./run`` commands put it on ``PYTHONPATH`` instead of installing it), the same name is
     mapped onto that folder here, so both import the same modules.  Installed copies have
     ``overlap/kernels`` and are left alone."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.realpath(__file__))
     root = os.path.dirname(here)
     src = os.path.join(root, "kernels")
     init = os.path.join(src, "__init__.py")

@@ -58,7 +58,7 @@ def _checkout_note() -> str:
     checkout's root (``python -m bench...``), it shadows an installed copy and needs its
     own in-place build."""
     import os
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.realpath(__file__))
     if os.path.isfile(os.path.join(os.path.dirname(here), "pyproject.toml")):
         return (f"; `overlap` was imported from the source checkout {os.path.dirname(here)} "
                 "(which shadows any installed copy): build it there in place with `./run "

@@ -3,7 +3,7 @@
 #
 #   bash scripts/setup.sh            set up (cheap when nothing changed), then print on stdout
 #                                    DUALPIPE_PYTHON=<interpreter>
-#                                    DUALPIPE_PYTHONPATH=<this checkout>
+#                                    DUALPIPE_PYTHONPATH=<build/pythonpath: links to dualpipe/ and overlap/>
 #   bash scripts/setup.sh --which    print the interpreter setup would use; change nothing
 #
 # Messages go to stderr; a failure exits non-zero and says why.  ./run and scripts/env.sh
@@ -19,7 +19,8 @@
 #   4. else a new .venv from python3 with the CPU build of torch==2.13.0 from the index.
 # The package is never pip-installed into the interpreter: the extension (overlap._C) is
 # built in place with `setup.py build_ext --inplace` against that interpreter's torch (no
-# build isolation, any pip version) and the checkout is put on PYTHONPATH.  A CUDA build is
+# build isolation, any pip version) and the packages are put on PYTHONPATH (through
+# build/pythonpath, which links to dualpipe/ and overlap/ and nothing else).  A CUDA build is
 # made when torch has CUDA and nvcc is found (for the visible GPUs' archs, else
 # TORCH_CUDA_ARCH_LIST or 9.0), a CPU build otherwise; DUALPIPE_NO_EXT=1 skips it.
 # DUALPIPE_REBUILD=1 forces a rebuild.
@@ -84,9 +85,15 @@ EOF
 
 STAMP_DIR="$ROOT/build"
 mkdir -p "$STAMP_DIR/bin"
+# What goes on PYTHONPATH: a folder with links to the two packages only, not the
+# checkout itself, whose top level also holds `kernels` (another project's import name;
+# installed, ours is overlap.kernels), `tests`, `bench`, ...
+IMPORT_DIR="$STAMP_DIR/pythonpath"
+mkdir -p "$IMPORT_DIR"
+for pkg in dualpipe overlap; do ln -sfn "../../$pkg" "$IMPORT_DIR/$pkg"; done
 probe() {  # sets FACTS, LOADS (ok | none) and REPORT from one interpreter start
   local out
-  out="$(cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$ROOT/scripts/_setup_probe.py")" \
+  out="$(cd "$ROOT" && PYTHONPATH="$IMPORT_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$ROOT/scripts/_setup_probe.py")" \
     || die "$PY could not run scripts/_setup_probe.py (see above)"
   FACTS="$(printf '%s\n' "$out" | sed -n 1p)"
   LOADS="$(printf '%s\n' "$out" | sed -n 2p)"
@@ -167,4 +174,4 @@ say "$REPORT"
 printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" > "$STAMP_DIR/bin/python"
 chmod +x "$STAMP_DIR/bin/python"
 echo "DUALPIPE_PYTHON=$PY"
-echo "DUALPIPE_PYTHONPATH=$ROOT"
+echo "DUALPIPE_PYTHONPATH=$IMPORT_DIR"
