@@ -19,19 +19,27 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._triton_support import check_launchable, lazy_kernel, tl, triton
+from ._triton_support import autotune_space, check_launchable, lazy_kernel, tl, triton
 
-__all__ = ["moe_permute", "moe_unpermute", "moe_dispatch_index", "permute_configs"]
+__all__ = ["moe_permute", "moe_unpermute", "moe_dispatch_index", "permute_configs",
+           "PINNED_PERMUTE"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: Index of the config ``DUALPIPE_TRITON_PIN=1`` keeps (1024-wide chunks, 4 warps: no
+#: shared memory, a few registers per element; fits any GPU).
+PINNED_PERMUTE = 1
+
+
 def permute_configs(interpret: bool) -> List["triton.Config"]:
-    """Autotune space over the hidden-dim chunk; one small chunk under the interpreter."""
+    """Autotune space over the hidden-dim chunk; one small chunk under the interpreter;
+    only ``space[PINNED_PERMUTE]`` when ``DUALPIPE_TRITON_PIN`` is set."""
     if interpret:
         return [triton.Config({"BLOCK_H": 32}, num_warps=1)]
-    return [triton.Config({"BLOCK_H": bh}, num_warps=w)
-            for bh, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))]
+    return autotune_space([triton.Config({"BLOCK_H": bh}, num_warps=w)
+                           for bh, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))],
+                          PINNED_PERMUTE)
 
 
 @lazy_kernel(configs=permute_configs, key=["H", "sm_budget"])

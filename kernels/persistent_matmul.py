@@ -16,15 +16,22 @@ from typing import List, Optional
 
 import torch
 
-from ._triton_support import check_launchable, interpreting, lazy_kernel, tl, triton
+from ._triton_support import autotune_space, check_launchable, interpreting, lazy_kernel, tl, triton
 
-__all__ = ["persistent_matmul", "matmul_configs"]
+__all__ = ["persistent_matmul", "matmul_configs", "PINNED_MATMUL"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: Index in the compiled space of the config ``DUALPIPE_TRITON_PIN=1`` keeps: 128x128x32
+#: tiles, 4 stages need 128 KiB of shared memory in float32 (64 KiB in bf16), inside
+#: Hopper's 227 KiB and Ampere's 163 KiB, with one warpgroup for wgmma.
+PINNED_MATMUL = 2
+
+
 def matmul_configs(interpret: bool) -> List["triton.Config"]:
-    """Autotune space; a single small tile under the interpreter (tl.dot needs >= 16)."""
+    """Autotune space; a single small tile under the interpreter (tl.dot needs >= 16);
+    only ``space[PINNED_MATMUL]`` when ``DUALPIPE_TRITON_PIN`` is set."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
                               num_warps=4, num_stages=1)]
@@ -36,8 +43,9 @@ def matmul_configs(interpret: bool) -> List["triton.Config"]:
         (128, 64, 64, 4, 4),
         (64, 64, 32, 4, 4),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in space]
+    return autotune_space([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                                          "GROUP_M": 8}, num_warps=w, num_stages=s)
+                           for bm, bn, bk, w, s in space], PINNED_MATMUL)
 
 
 @lazy_kernel(configs=matmul_configs, key=["M", "N", "K", "sm_budget"])
