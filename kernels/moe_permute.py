@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._triton_support import autotune_space, check_launchable, lazy_kernel, tl, triton
+from ._triton_support import check_launchable, lazy_kernel, tl, triton
 
 __all__ = ["moe_permute", "moe_unpermute", "moe_dispatch_index", "permute_configs",
            "PINNED_PERMUTE"]
@@ -33,16 +33,15 @@ PINNED_PERMUTE = 1
 
 
 def permute_configs(interpret: bool) -> List["triton.Config"]:
-    """Autotune space over the hidden-dim chunk; one small chunk under the interpreter;
-    only ``space[PINNED_PERMUTE]`` when ``DUALPIPE_TRITON_PIN`` is set."""
+    """Autotune space over the hidden-dim chunk; one small chunk under the interpreter.
+    With ``DUALPIPE_TRITON_PIN`` set the kernels are tuned over ``[space[PINNED_PERMUTE]]``."""
     if interpret:
         return [triton.Config({"BLOCK_H": 32}, num_warps=1)]
-    return autotune_space([triton.Config({"BLOCK_H": bh}, num_warps=w)
-                           for bh, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))],
-                          PINNED_PERMUTE)
+    return [triton.Config({"BLOCK_H": bh}, num_warps=w)
+            for bh, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))]
 
 
-@lazy_kernel(configs=permute_configs, key=["H", "sm_budget"])
+@lazy_kernel(configs=permute_configs, key=["H", "sm_budget"], known_good=PINNED_PERMUTE)
 def _permute_kernel(x_ptr, index_ptr, out_ptr, rows, H, stride_x, stride_out, sm_budget,
                     BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
@@ -57,7 +56,8 @@ def _permute_kernel(x_ptr, index_ptr, out_ptr, rows, H, stride_x, stride_out, sm
             tl.store(out_ptr + tl.cast(row, tl.int64) * stride_out + offs, values, mask=mask)
 
 
-@lazy_kernel(configs=permute_configs, key=["H", "TOPK", "sm_budget"])
+@lazy_kernel(configs=permute_configs, key=["H", "TOPK", "sm_budget"],
+             known_good=PINNED_PERMUTE)
 def _unpermute_kernel(y_ptr, index_ptr, weight_ptr, out_ptr, tokens, H, stride_y, stride_out,
                       sm_budget, TOPK: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                       BLOCK_H: tl.constexpr):

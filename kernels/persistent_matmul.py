@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import torch
 
-from ._triton_support import autotune_space, check_launchable, interpreting, lazy_kernel, tl, triton
+from ._triton_support import check_launchable, interpreting, lazy_kernel, tl, triton
 
 __all__ = ["persistent_matmul", "matmul_configs", "PINNED_MATMUL"]
 
@@ -30,8 +30,8 @@ PINNED_MATMUL = 2
 
 
 def matmul_configs(interpret: bool) -> List["triton.Config"]:
-    """Autotune space; a single small tile under the interpreter (tl.dot needs >= 16);
-    only ``space[PINNED_MATMUL]`` when ``DUALPIPE_TRITON_PIN`` is set."""
+    """Autotune space; a single small tile under the interpreter (tl.dot needs >= 16).
+    With ``DUALPIPE_TRITON_PIN`` set the kernel is tuned over ``[space[PINNED_MATMUL]]``."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
                               num_warps=4, num_stages=1)]
@@ -43,12 +43,11 @@ def matmul_configs(interpret: bool) -> List["triton.Config"]:
         (128, 64, 64, 4, 4),
         (64, 64, 32, 4, 4),
     ]
-    return autotune_space([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                          "GROUP_M": 8}, num_warps=w, num_stages=s)
-                           for bm, bn, bk, w, s in space], PINNED_MATMUL)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in space]
 
 
-@lazy_kernel(configs=matmul_configs, key=["M", "N", "K", "sm_budget"])
+@lazy_kernel(configs=matmul_configs, key=["M", "N", "K", "sm_budget"], known_good=PINNED_MATMUL)
 def _persistent_matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
