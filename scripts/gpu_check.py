@@ -1028,15 +1028,23 @@ def _nvcc_facts() -> dict:
     return facts
 
 
+def _relevant_env() -> Dict[str, str]:
+    """The environment variables that change what CUDA, NCCL, torch and Triton do (never
+    one whose name suggests a credential)."""
+    prefixes = ("CUDA_", "NCCL_", "TORCH_", "TRITON_", "DUALPIPE_", "CUBLAS_", "PYTORCH_")
+    names = ("PYTHONPATH", "MAX_JOBS", "OMP_NUM_THREADS", "NVIDIA_VISIBLE_DEVICES",
+             "NVIDIA_DRIVER_CAPABILITIES", "LD_LIBRARY_PATH")
+    secret = re.compile(r"TOKEN|KEY|SECRET|PASSW|CREDENTIAL|AUTH", re.I)
+    return {k: v for k, v in sorted(os.environ.items())
+            if (k.startswith(prefixes) or k in names) and not secret.search(k)}
+
+
 def collect_env_facts() -> dict:
     """Everything about the machine the GPU steps depend on (runs in the ``env`` step)."""
     import importlib.metadata as md
     facts: dict = {"python": platform.python_version(), "executable": sys.executable,
                    "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                   "env": {k: v for k, v in sorted(os.environ.items())
-                           if k.startswith(("CUDA_", "NCCL_", "TORCH_", "TRITON_", "DUALPIPE_",
-                                            "CUBLAS_", "PYTORCH_", "NVIDIA_"))
-                           or k in ("PYTHONPATH", "MAX_JOBS", "OMP_NUM_THREADS")}}
+                   "env": _relevant_env()}
     facts["cuda_device_max_connections"] = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
     pkgs = {}
     for name, dist in (("torch", "torch"), ("triton", "triton"), ("pytest", "pytest"),
@@ -1107,7 +1115,11 @@ def collect_env_facts() -> dict:
 
 def collect_build_facts() -> dict:
     """What the build produced, from the interpreter and PYTHONPATH later steps use."""
-    facts: dict = {"python": sys.executable, "pythonpath": os.environ.get("PYTHONPATH")}
+    # the steps run ``python -m ...`` (and pytest) from the repository root, which puts it
+    # first on sys.path; import from where they will
+    sys.path.insert(0, os.getcwd())
+    facts: dict = {"python": sys.executable, "pythonpath": os.environ.get("PYTHONPATH"),
+                   "cwd": os.getcwd()}
     for name in ("dualpipe", "overlap", "bench"):
         try:
             mod = __import__(name)

@@ -61,6 +61,16 @@ def _reason(report) -> str:
     return text[-1500:]
 
 
+def pytest_collectreport(report):
+    """A file that fails to import is an error of the run (its tests never ran)."""
+    if report.failed:
+        _state["tests"][report.nodeid or "(collection)"] = {
+            "nodeid": report.nodeid or "(collection)", "outcome": "error", "duration_s": 0.0,
+            "gpu_marked": None, "reason": "collection failed: " + _reason(report)}
+        if _state["path"]:
+            _write(finished=False)
+
+
 def pytest_runtest_logreport(report):
     entry = _state["tests"].setdefault(report.nodeid, {
         "nodeid": report.nodeid, "outcome": None, "duration_s": 0.0,

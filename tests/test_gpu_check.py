@@ -232,7 +232,6 @@ def test_file_cap_and_previous_results(tmp_path):
     (out / "notes.txt").write_text("the user's")
     steps = []
     for i in range(8):
-        code = f"open(r'{{}}', 'w').write('{i}')"
         steps.append(gc.Step(f"s{i}", 10, lambda ctx, t, i=i: [
             PY, "-c", f"open({str(ctx.path(f'a{i}.json'))!r}, 'w').write('{i}')"],
             artifacts={f"a{i}.json": f"a{i}.json"}))
@@ -448,22 +447,26 @@ def test_plugin_records_outcomes_and_forces_the_kernel_tests(tmp_path):
         def test_not_gpu(): pass
         """))
     (d / "test_kernels.py").write_text("def test_compiled(): pass\n")
+    (d / "test_broken.py").write_text("import no_such_module_here\n")
     out = tmp_path / "r.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(gc.SCRIPTS), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_check_pytest",
+    proc = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--continue-on-collection-errors", "-p", "gpu_check_pytest",
                            "--gpu-check-json", str(out), "--gpu-check-force", "test_kernels.py",
                            "-m", "gpu", str(d)], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     got = {t["nodeid"].split("::")[-1]: t for t in data["tests"]}
-    assert set(got) == {"test_pass", "test_skip", "test_fail", "test_compiled"}
+    assert set(got) == {"test_pass", "test_skip", "test_fail", "test_compiled", "t/test_broken.py"}
+    assert got["t/test_broken.py"]["outcome"] == "error"
+    assert "no_such_module_here" in got["t/test_broken.py"]["reason"]
     assert got["test_skip"]["outcome"] == "skipped" and got["test_skip"]["reason"] == "no GPU here"
     assert got["test_fail"]["outcome"] == "failed" and got["test_pass"]["outcome"] == "passed"
     assert got["test_compiled"]["outcome"] == "passed" and got["test_compiled"]["gpu_marked"]
     assert data["finished"] and data["deselected"] == 1 and data["forced_gpu_marker"] == 1
     v = gc.judge_pytest(data, what="GPU tests")
-    assert not v.ok and "1 skipped" in v.note and "1 failed" in v.note
+    assert not v.ok and "1 skipped" in v.note and "1 failed" in v.note and "1 error" in v.note
 
 
 # ---- fact collectors (the GPU-only code paths, against a fake CUDA torch) --------------------
@@ -471,7 +474,8 @@ def test_plugin_records_outcomes_and_forces_the_kernel_tests(tmp_path):
 def test_env_facts_with_a_fake_cuda_torch(tmp_path):
     fake = _fake_torch(tmp_path, available=True)
     out = tmp_path / "env.json"
-    env = dict(os.environ, PYTHONPATH=str(fake), CUDA_DEVICE_MAX_CONNECTIONS="8")
+    env = dict(os.environ, PYTHONPATH=str(fake), CUDA_DEVICE_MAX_CONNECTIONS="8",
+               NCCL_API_TOKEN="do-not-record")
     proc = subprocess.run([PY, str(SCRIPT), "--facts", "env", "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -483,6 +487,7 @@ def test_env_facts_with_a_fake_cuda_torch(tmp_path):
     assert f["stream_priority_range"] == [0, -5] and f["cudnn"] == 91000
     assert f["green_contexts"]["GreenContext"] and "create" in f["green_contexts"]["methods"]
     assert f["cuda_device_max_connections"] == "8" and f["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+    assert "NCCL_API_TOKEN" not in f["env"]
     assert "nvcc" in f or "nvcc_error" in f
     errors = {k: v for k, v in f.items() if k.endswith("_error") and k not in (
         "driver_version_error", "triton_error", "nvcc_error")}
