@@ -54,7 +54,8 @@ For every remaining setting it measures, with CUDA events, median of ``--iters``
 Writes ``overlap_gpu.json``, ``overlap_gpu.md``, ``overlap_gpu.png`` under ``--out``
 (default ``out/overlap_gpu`` below the current directory; never the source tree unless
 asked). ``--max-seconds`` stops starting new settings after that long and writes what was
-measured (``"truncated": true``).
+measured (``"truncated": true``). The JSON is also written before each new split
+(``"finished": false``), so a crash keeps what was measured before it.
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ from typing import Iterable, List, Optional, Sequence
 
 from bench import common
 
-PARTITIONS = ("software", "green_ctx", "torch_green_ctx")
+#: In the order they run: plain streams first, our green contexts (the newest code) last,
+#: so a crash there leaves the earlier rows in the JSON (written after every split).
+PARTITIONS = ("software", "torch_green_ctx", "green_ctx")
 COMPUTES = ("cublas", "persistent")
 COMMS = ("nccl_a2a", "sm_copy", "ce_memcpy")
 DEFAULT_OUT = os.path.join("out", "overlap_gpu")
@@ -281,14 +284,17 @@ def _splits(a, dev, total: int, skipped: dict):
                 part.close()
 
 
-def _run_all(a, dev, total: int, skipped: dict, t0: float):
+def _run_all(a, dev, total: int, skipped: dict, t0: float, checkpoint=None):
     """Measure every distinct setting of every split; returns ``(rows, partitions,
     truncated, errors)``: a setting that raises is recorded in ``errors`` and the others
-    still run. Each partition is closed before the next is made (also on a break)."""
+    still run. Each partition is closed before the next is made (also on a break).
+    ``checkpoint(rows, partitions, errors)`` is called before each new split."""
     groups: dict = {}
     rows, partitions, seen, errors = [], [], set(), []
     with contextlib.closing(_splits(a, dev, total, skipped)) as splits:
         for desc, pair, settings in splits:
+            if checkpoint is not None:
+                checkpoint(rows, partitions, errors)
             partitions.append(desc)
             for st in settings:
                 if st.key() in seen:
@@ -377,7 +383,16 @@ def main(argv=None) -> int:
                                       "CUDA_DEVICE_MAX_CONNECTIONS"),
                                   triton_pinned=os.environ.get("DUALPIPE_TRITON_PIN"))
     t0 = time.perf_counter()
-    rows, partitions, truncated, errors = _run_all(a, dev, total, skipped, t0)
+    out = common.out_dir(a.out)
+
+    def checkpoint(rows, partitions, errors):
+        """The JSON so far (``"finished": false``): a crash in a later split keeps it."""
+        common.write_json(out / "overlap_gpu.json", {
+            "benchmark": "overlap_gpu", "machine": machine, "config": vars(a),
+            "skipped": skipped, "partitions": partitions, "finished": False,
+            "errors": errors, "units": "milliseconds", "rows": rows,
+            "wall_s": time.perf_counter() - t0})
+    rows, partitions, truncated, errors = _run_all(a, dev, total, skipped, t0, checkpoint)
     write_report(a, machine, total, skipped, rows, partitions, truncated, errors,
                  time.perf_counter() - t0)
     if dist.is_initialized():
@@ -404,7 +419,7 @@ def write_report(a, machine: dict, total: int, skipped: dict, rows: list, partit
     cfg = vars(a)
     common.write_json(out / "overlap_gpu.json", {
         "benchmark": "overlap_gpu", "machine": machine, "config": cfg, "skipped": skipped,
-        "partitions": partitions, "truncated": truncated, "errors": errors,
+        "partitions": partitions, "truncated": truncated, "errors": errors, "finished": True,
         "units": "milliseconds", "rows": rows, "best_split": best, "wall_s": wall_s})
     headers = ["partition", "compute", "comm", "comm SMs", "compute SMs", "T_comp ms",
                "T_comm ms", "T_both ms", "overlap eff. (÷min)", "hidden frac. (÷T_comm)",

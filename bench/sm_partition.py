@@ -4,7 +4,7 @@ what the compute side's SM budget costs a GEMM.
 CUDA only.  On a machine without CUDA it prints that it needs CUDA, writes nothing and
 exits 0.
 
-For every backend in ``--backends`` (``green_ctx``, ``torch_green_ctx``, ``priority``)
+For every backend in ``--backends`` (``priority``, ``torch_green_ctx``, ``green_ctx``)
 and every comm SM count in ``--comm-sms`` it creates
 ``overlap.partition.SMPartition(k, backend=...)`` and records:
 
@@ -21,7 +21,9 @@ and every comm SM count in ``--comm-sms`` it creates
 
 Also: the device's SM count and green-context granularity, the SMs a plain stream's
 probe reaches, and which backend ``backend="auto"`` picks. Every fact that fails is
-recorded with its error and the rest still run (exit 1 if any failed).
+recorded with its error and the rest still run (exit 1 if any failed); the JSON is
+rewritten after every row (``"finished": false`` until the end), so even a crash leaves
+what was measured before it.
 
     python -m bench.sm_partition --comm-sms 8 16 24 32 --out /tmp/smp
 
@@ -39,7 +41,9 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 from bench import common
 
-BACKENDS = ("green_ctx", "torch_green_ctx", "priority")
+#: In the order they run: plain streams first, our green contexts (the newest code) last,
+#: so a crash there still leaves the other rows in the JSON (written after each row).
+BACKENDS = ("priority", "torch_green_ctx", "green_ctx")
 DEFAULT_OUT = os.path.join("out", "sm_partition")
 
 
@@ -215,6 +219,37 @@ def main(argv=None) -> int:
     errors: list = []
     device = _device_facts(dev, errors)
     total = device["sm_count"]
+    machine = common.machine_info("cuda", sm_count=total,
+                                  triton_pinned=os.environ.get("DUALPIPE_TRITON_PIN"))
+    out = common.out_dir(a.out)
+    result = {"benchmark": "sm_partition", "machine": machine, "config": vars(a),
+              "device": device, "auto": None, "all_sms": {}, "rows": [], "truncated": False,
+              "finished": False, "errors": errors, "units": "milliseconds", "wall_s": 0.0}
+
+    def save() -> None:
+        """Write the JSON as it stands: a crash in a later (riskier) partition keeps
+        what was measured before it."""
+        result["wall_s"] = time.perf_counter() - t0
+        common.write_json(out / "sm_partition.json", result)
+
+    save()
+    gemm = _Gemm(a.m, dev, torch.cuda.current_stream(dev))
+    result["all_sms"] = baseline = _time_all_sms(gemm, total, dev, a.iters, a.warmup, errors)
+    save()
+    rows = result["rows"]
+    for backend in a.backends:  # default order: the safest backend first
+        for k in a.comm_sms:
+            if a.max_seconds is not None and time.perf_counter() - t0 > a.max_seconds:
+                result["truncated"] = True
+                break
+            row = _try(errors, f"{backend} comm_sms={k}",
+                       lambda: _one(backend, k, dev, gemm, baseline, a, errors))
+            if row is not None:
+                rows.append(row)
+                _print_row(row)
+                save()
+        if result["truncated"]:
+            break
 
     def auto_pick():
         try:
@@ -222,31 +257,11 @@ def main(argv=None) -> int:
                 return part.describe()
         except PartitionError as exc:
             return {"unavailable": f"{type(exc).__name__}: {exc}"}
-    auto = _try(errors, "backend='auto'", auto_pick)
-    gemm = _Gemm(a.m, dev, torch.cuda.current_stream(dev))
-    baseline = _time_all_sms(gemm, total, dev, a.iters, a.warmup, errors)
-    rows, truncated = [], False
-    for backend in a.backends:
-        for k in a.comm_sms:
-            if a.max_seconds is not None and time.perf_counter() - t0 > a.max_seconds:
-                truncated = True
-                break
-            row = _try(errors, f"{backend} comm_sms={k}",
-                       lambda: _one(backend, k, dev, gemm, baseline, a, errors))
-            if row is not None:
-                rows.append(row)
-                _print_row(row)
-        if truncated:
-            break
-    machine = common.machine_info("cuda", sm_count=total,
-                                  triton_pinned=os.environ.get("DUALPIPE_TRITON_PIN"))
-    out = common.out_dir(a.out)
-    common.write_json(out / "sm_partition.json", {
-        "benchmark": "sm_partition", "machine": machine, "config": vars(a), "device": device,
-        "auto": auto, "all_sms": baseline, "rows": rows, "truncated": truncated,
-        "errors": errors, "units": "milliseconds", "wall_s": time.perf_counter() - t0})
-    (out / "sm_partition.md").write_text(render_md(machine, device, auto, baseline, rows,
-                                                   truncated, errors, a))
+    result["auto"] = _try(errors, "backend='auto'", auto_pick)
+    result["finished"] = True
+    save()
+    (out / "sm_partition.md").write_text(render_md(machine, device, result["auto"], baseline,
+                                                   rows, result["truncated"], errors, a))
     return 1 if errors else 0
 
 

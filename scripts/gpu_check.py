@@ -767,6 +767,8 @@ def judge_sm_partition(data: dict) -> Verdict:
         parts.append(f"{backend} [{'; '.join(cells)}]")
     if "green_ctx" not in by_backend:
         problems.append("no green_ctx rows")
+    if data.get("finished") is False:
+        problems.append("the run did not finish (crashed or killed): rows so far")
     for e in data.get("errors") or []:
         problems.append(f"{e['where']}: {_one_line(e['error'], 150)}")
     auto = (data.get("auto") or {}).get("backend")
@@ -808,9 +810,11 @@ def judge_overlap(data: dict) -> Verdict:
                                           for k, v in list(data["skipped"].items())[:4])
     if errors:
         note = f"{len(errors)} settings failed (first: {_one_line(errors[0]['error'], 150)}); " + note
+    if data.get("finished") is False:
+        note = "did not finish (crashed or killed): rows so far; " + note
     facts = {"best_split": best, "skipped": data.get("skipped"),
              "truncated": data.get("truncated"), "rows": len(rows)}
-    return Verdict(bool(rows) and not errors, note, facts)
+    return Verdict(bool(rows) and not errors and data.get("finished") is not False, note, facts)
 
 
 def _judge_overlap(ctx: Context, res: StepResult) -> Verdict:

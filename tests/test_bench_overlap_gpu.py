@@ -115,6 +115,8 @@ def test_run_measures_each_setting_once_and_closes_partitions(fakes):
     keys = [og.Setting(**{f: r[f] for f in og.Setting.__dataclass_fields__}).key() for r in rows]
     assert len(keys) == len(set(keys)), "a setting was measured twice"
     assert {r["partition"] for r in rows} == {"software", "green_ctx", "torch_green_ctx"}
+    order = list(dict.fromkeys(r["partition"] for r in rows))
+    assert order == ["software", "torch_green_ctx", "green_ctx"], "our green contexts run last"
     # 8 twice and 20 -> 24 on the green context: one row each
     green = sorted({r["comm_sms"] for r in rows if r["partition"] == "green_ctx"})
     assert green == [0, 8, 24]  # 0: the copy engine
@@ -125,6 +127,14 @@ def test_run_measures_each_setting_once_and_closes_partitions(fakes):
         "torch_green_ctx comm_sms=20"]
     assert errors and all(e["setting"]["comm"] == "sm_copy" for e in errors)
     assert [p["backend"] for p in parts][:1] == ["software"]
+
+
+def test_checkpoint_before_each_split(fakes):
+    seen = []
+    og._run_all(_args(comm_sms=[0, 8]), torch.device("cpu"), TOTAL, {}, 0.0,
+                checkpoint=lambda rows, parts, errors: seen.append((len(rows), len(parts))))
+    assert [p for _, p in seen] == list(range(len(seen))) and len(seen) == 4
+    assert seen[0] == (0, 0) and seen[-1][0] > 0
 
 
 def test_run_stops_starting_settings_after_max_seconds(fakes):

@@ -407,6 +407,8 @@ def test_judge_sm_partition():
     assert not v.ok and "unavailable: no ext" in v.note
     assert not gc.judge_sm_partition(dict(good, errors=[{"where": "w", "error": "e"}])).ok
     assert not gc.judge_sm_partition({"rows": []}).ok
+    v = gc.judge_sm_partition(dict(good, finished=False))
+    assert not v.ok and "did not finish" in v.note
 
 
 def test_judge_overlap_and_micro():
@@ -417,6 +419,8 @@ def test_judge_overlap_and_micro():
     assert v.ok and "green_ctx|cublas|sm_copy 0.90 at 16 comm SMs" in v.note and "no ext" in v.note
     assert not gc.judge_overlap(dict(data, errors=[{"error": "x"}])).ok
     assert not gc.judge_overlap(dict(data, rows=[])).ok
+    v = gc.judge_overlap(dict(data, finished=False))
+    assert not v.ok and "did not finish" in v.note
     bench = {"benchmarks": [
         {"name": "test_persistent_matmul", "stats": {"median": 2e-4, "data": [1, 2]},
          "extra_info": {"tflops": 680.0}},
