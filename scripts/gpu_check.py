@@ -22,8 +22,8 @@ build-info            20    what was built: ``python -m dualpipe --version``, CU
 gpu-tests             120   ``pytest -m gpu tests`` (+ tests/test_kernels.py), Triton
                             compiled (TRITON_INTERPRET unset, DUALPIPE_TRITON_PIN=1);
                             a skipped test fails the step
-nccl-dualpipev        30    the NCCL runtime on one GPU, step 0 against a same-device
-nccl-1f1b             30    single-process reference (losses bitwise, grads cosine)
+nccl-dualpipev        40    the NCCL runtime on one GPU, step 0 against a same-device
+nccl-1f1b             40    single-process reference (losses bitwise, grads cosine)
 sm-partition          45    ``python -m bench.sm_partition``: SM ids each side of an
                             SMPartition reaches, disjointness, budgeted GEMM timings
 overlap-bench         60    ``python -m bench.overlap_gpu``: comm SM sweep, software and
@@ -670,7 +670,7 @@ def _judge_gpu_tests(ctx: Context, res: StepResult) -> Verdict:
 def _argv_demo(schedule: str):
     def argv(ctx: Context, timeout: float) -> List[str]:
         return [ctx.python, "-m", "dualpipe", "demo", "--backend", "nccl", "--ranks", "1",
-                "--schedule", schedule, "--chunks", "8", "--steps", "5",
+                "--schedule", schedule, "--chunks", "8", "--steps", "10",
                 "--timeout", str(int(max(5, min(30, timeout / 2)))),
                 "--out", str(ctx.path(f"demo-{schedule}"))]
     return argv
@@ -883,10 +883,10 @@ def default_steps() -> List[Step]:
         Step("gpu-tests", 120, _argv_gpu_tests, env=_with_scripts, judge=_judge_gpu_tests,
              artifacts={"gpu_tests.json": "gpu_tests.json"},
              what="every GPU test passes on the GPU, none skipped; Triton compiled"),
-        Step("nccl-dualpipev", 30, _argv_demo("dualpipev"), env=_env_demo,
+        Step("nccl-dualpipev", 40, _argv_demo("dualpipev"), env=_env_demo,
              judge=_judge_demo("dualpipev"),
              what="DualPipeV on NCCL, 1 GPU: step 0 equals a same-device reference"),
-        Step("nccl-1f1b", 30, _argv_demo("1f1b"), env=_env_demo, judge=_judge_demo("1f1b"),
+        Step("nccl-1f1b", 40, _argv_demo("1f1b"), env=_env_demo, judge=_judge_demo("1f1b"),
              what="1F1B on NCCL, 1 GPU: step 0 equals a same-device reference"),
         Step("sm-partition", 45, _argv_sm_partition, judge=_judge_sm_partition,
              artifacts={"sm_partition.json": "smp/sm_partition.json"},
