@@ -10,7 +10,8 @@ failed, error, skipped with its reason, xfailed, xpassed) so the check can list 
 ``--gpu-check-force NAME`` (repeatable) gives the ``gpu`` marker to every test of the
 files called ``NAME`` before ``-m`` selects, for files whose tests run compiled on a GPU
 but are not marked (tests/test_kernels.py runs its Triton kernels on CUDA when there is
-one, under the interpreter otherwise).
+one, under the interpreter otherwise). A file where some test already carries the marker
+is left as it is: it says itself which of its tests need the GPU.
 """
 from __future__ import annotations
 
@@ -41,10 +42,16 @@ def pytest_collection_modifyitems(config, items):
     force = set(config.getoption("--gpu-check-force") or ())
     if not force:
         return
+    by_file: dict = {}
     for item in items:
         path = getattr(item, "path", None)
         name = path.name if path is not None else os.path.basename(str(item.fspath))
-        if name in force and item.get_closest_marker("gpu") is None:
+        if name in force:
+            by_file.setdefault(str(path or item.fspath), []).append(item)
+    for file_items in by_file.values():
+        if any(item.get_closest_marker("gpu") for item in file_items):
+            continue  # the file marks its GPU tests itself: trust it
+        for item in file_items:
             item.add_marker(pytest.mark.gpu)
             _state["forced"] += 1
 

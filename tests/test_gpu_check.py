@@ -451,6 +451,11 @@ def test_plugin_records_outcomes_and_forces_the_kernel_tests(tmp_path):
         def test_not_gpu(): pass
         """))
     (d / "test_kernels.py").write_text("def test_compiled(): pass\n")
+    (d / "sub").mkdir()
+    (d / "__init__.py").write_text("")  # two test_kernels.py: packages keep them apart
+    (d / "sub" / "__init__.py").write_text("")
+    (d / "sub" / "test_kernels.py").write_text(
+        "import pytest\n@pytest.mark.gpu\ndef test_marked(): pass\ndef test_packaging(): pass\n")
     (d / "test_broken.py").write_text("import no_such_module_here\n")
     out = tmp_path / "r.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(gc.SCRIPTS), os.environ.get("PYTHONPATH", "")]))
@@ -462,13 +467,14 @@ def test_plugin_records_outcomes_and_forces_the_kernel_tests(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     got = {t["nodeid"].split("::")[-1]: t for t in data["tests"]}
-    assert set(got) == {"test_pass", "test_skip", "test_fail", "test_compiled", "t/test_broken.py"}
+    assert set(got) == {"test_pass", "test_skip", "test_fail", "test_compiled", "test_marked",
+                        "t/test_broken.py"}, "sub/test_kernels.py marks its own: no forcing"
     assert got["t/test_broken.py"]["outcome"] == "error"
     assert "no_such_module_here" in got["t/test_broken.py"]["reason"]
     assert got["test_skip"]["outcome"] == "skipped" and got["test_skip"]["reason"] == "no GPU here"
     assert got["test_fail"]["outcome"] == "failed" and got["test_pass"]["outcome"] == "passed"
     assert got["test_compiled"]["outcome"] == "passed" and got["test_compiled"]["gpu_marked"]
-    assert data["finished"] and data["deselected"] == 1 and data["forced_gpu_marker"] == 1
+    assert data["finished"] and data["deselected"] == 2 and data["forced_gpu_marker"] == 1
     v = gc.judge_pytest(data, what="GPU tests")
     assert not v.ok and "1 skipped" in v.note and "1 failed" in v.note and "1 error" in v.note
 
