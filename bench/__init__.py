@@ -3,9 +3,13 @@
 * ``bench.bubble``      measured vs simulated bubble of every schedule (calibrated sleep stages)
 * ``bench.vs_torch``    step time against ``torch.distributed.pipelining`` in the same run
 * ``bench.overhead``    runtime cost per compute action with near-zero-cost stages
-* ``bench.overlap_gpu`` compute/communication overlap per GPU (CUDA only)
+* ``bench.overlap_gpu`` compute/communication overlap per GPU, software and green-context
+  splits (CUDA only)
+* ``bench.sm_partition`` which SMs each side of an ``SMPartition`` reaches, and the cost of
+  the compute side's budget for a GEMM (CUDA only)
 * ``bench/test_micro.py`` pytest-benchmark micro benchmarks (``pytest bench/ --benchmark-only``)
 
-Results go to ``bench/results/`` as JSON (machine-readable, with the machine described),
-a markdown table and a PNG plot.
+Results go to ``bench/results/`` (the CUDA-only ones to ``out/<name>/``; ``--out`` for
+any) as JSON (machine-readable, with the machine described), a markdown table and a PNG
+plot. ``scripts/gpu_check.py`` runs the CUDA ones in one time-boxed check.
 """

@@ -4,8 +4,10 @@ Spawns ``--ranks`` processes (gloo on CPU; NCCL, one GPU per rank, when enough G
 present), trains a stack of residual MLP stages to imitate a fixed random "teacher"
 network, and:
 
-1. checks the first step against a single-process run of the same micro-batches
-   (losses bit for bit, gradients by cosine distance) and says so;
+1. checks the first step against a single-process run of the same micro-batches on
+   the same kind of device (CPU for gloo; ``cuda:0`` for NCCL, where rank 0 ran): losses
+   bit for bit, gradients (summed over the ranks holding a stage) by cosine distance,
+   and says what it compared;
 2. prints the loss as it falls, step by step;
 3. writes the last step's measured timeline as a PNG and a Chrome trace, and prints the
    measured idle time per rank beside the simulator's prediction for the measured
@@ -126,21 +128,26 @@ def _rank_main(rank: int, world: int, cfg: dict):
                   flush=True)
     tl = [(iv.start, iv.end, str(iv.action), iv.lane) for iv in pipe.timeline]
     st = pipe.last_stats
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"first": first, "history": history, "timeline": tl,
+            "device": str(dev), "device_name": device_name,
             "stats": {"wall": st.wall, "busy": st.busy, "wait": st.wait,
                       "peak": st.peak_activations}}
 
 
-def _reference_first_step(cfg: dict):
-    """Single process: the first step's per-micro-batch losses and stage grads."""
+def _reference_first_step(cfg: dict, device):
+    """Single process on ``device``: the first step's per-micro-batch losses and stage
+    grads (returned on the CPU), the same stages, data and micro-batches as the ranks."""
     import torch
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as the ranks (run_ranks threads=1): same CPU kernels
     try:
         S, N, mb, dim = (_num_stages(cfg["schedule"], cfg["ranks"]), cfg["chunks"],
                          cfg["micro_batch"], cfg["dim"])
-        stages = [_make_stage(i, dim) for i in range(S)]
+        stages = [_make_stage(i, dim).to(device) for i in range(S)]
         x, y = _teacher_batch(0, N * mb, dim)
+        x, y = x.to(device), y.to(device)
         losses = []
         for i in range(N):
             h = x[i * mb:(i + 1) * mb]
@@ -149,45 +156,96 @@ def _reference_first_step(cfg: dict):
             loss = _criterion(h, y[i * mb:(i + 1) * mb])
             loss.backward()
             losses.append(loss.detach())
-        grads = {i: {n: p.grad for n, p in st.named_parameters()} for i, st in enumerate(stages)}
-        return torch.stack(losses), grads
+        grads = {i: {n: p.grad.detach().cpu() for n, p in st.named_parameters()}
+                 for i, st in enumerate(stages)}
+        return torch.stack(losses).cpu(), grads
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_first_step(cfg, results) -> tuple[bool, float]:
+#: Gradients of the pipelined step against the single-process one (cosine distance).
+GRAD_TOLERANCE = 1e-13
+
+
+def _reference_device(backend: str):
+    import torch
+    return torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+
+
+def _check_first_step(cfg, results) -> dict:
+    """Compare step 0 of the ranks with :func:`_reference_first_step` on the reference
+    device; return what was compared and the numbers (``matches``: losses bitwise equal
+    and every gradient within :data:`GRAD_TOLERANCE`)."""
     import torch
 
     from .utils import cosine_distance
-    ref_losses, ref_grads = _reference_first_step(cfg)
-    ok = True
+    device = _reference_device(cfg["backend"])
+    ref_losses, ref_grads = _reference_first_step(cfg, device)
+    equal, compared, max_diff = True, 0, 0.0
     for r in results:
         f = r["first"]
         if f["loss_rows"] is not None:
             a, b = f["loss_rows"]
-            ok &= bool(torch.equal(f["loss"], ref_losses[a:b]))
+            mine, ref = f["loss"], ref_losses[a:b]
+            equal &= bool(torch.equal(mine, ref))
+            compared += ref.numel()
+            max_diff = max(max_diff, float((mine.double() - ref.double()).abs().max()))
     total: dict = {}
     for r in results:
         for stage, g in r["first"]["grads"].items():
             acc = total.setdefault(stage, {})
             for n, t in g.items():
                 acc[n] = acc[n] + t if n in acc else t.clone()
-    worst = max(cosine_distance(total[stage][n], t)
-                for stage, ref in ref_grads.items() for n, t in ref.items())
-    return ok, worst
+    dists = [cosine_distance(total[stage][n], t)
+             for stage, ref in ref_grads.items() for n, t in ref.items()]
+    worst = max(dists)
+    ref_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rank_devices = [f"{r.get('device', '?')} ({r.get('device_name', '?')})" for r in results]
+    return {
+        "reference": f"one process, all {len(ref_grads)} stages on {device} ({ref_name}), "
+                     f"the same {cfg['chunks']} micro-batches of step 0",
+        "reference_device": str(device), "reference_device_name": ref_name,
+        "rank_devices": rank_devices,
+        "same_device": all(r.get("device") == str(device) for r in results),
+        "losses_compared": compared, "losses_of": cfg["chunks"],
+        "losses_bitwise_equal": equal, "loss_max_abs_diff": max_diff,
+        "grad_tensors_compared": len(dists), "worst_grad_cosine_distance": worst,
+        "grad_tolerance": GRAD_TOLERANCE,
+        "matches": bool(equal and compared == cfg["chunks"] and worst < GRAD_TOLERANCE),
+    }
+
+
+def _describe_check(c: dict) -> str:
+    where = c["reference_device"] + ("" if c["reference_device"] == "cpu"
+                                     else f" ({c['reference_device_name']})")
+    ranks = "" if c["same_device"] else f"; ranks ran on {', '.join(c['rank_devices'])}"
+    losses = ("bit-identical" if c["losses_bitwise_equal"]
+              else f"DIFFER (max |diff| {c['loss_max_abs_diff']:.3g})")
+    grads = "ok" if c["worst_grad_cosine_distance"] < c["grad_tolerance"] else \
+        f"ABOVE {c['grad_tolerance']:.0e}"
+    return (f"step 0 vs single-process reference on {where}{ranks}: losses {losses} "
+            f"({c['losses_compared']} of {c['losses_of']} micro-batches), worst gradient "
+            f"cosine distance {c['worst_grad_cosine_distance']:.1e} over "
+            f"{c['grad_tensors_compared']} tensors ({grads})")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from .draw import draw
-    from .launch import run_ranks
+    from .launch import BackendError, check_backend, run_ranks
     from .schedules import get_schedule, parse_action
     from .simulate import Interval, simulate
     backend = args.backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= args.ranks \
-            else "gloo"
+        try:
+            check_backend("nccl", args.ranks)
+            backend = "nccl"
+        except BackendError:
+            backend = "gloo"
+    check_backend(backend, args.ranks)  # "NCCL needs CUDA GPUs: ..." before spawning
+    if backend == "nccl":
+        # cuBLAS is bitwise reproducible across streams only with a fixed workspace; set
+        # before any process (ranks, and this one for the reference) creates a handle
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     chunks = args.chunks or 4 * args.ranks
     get_schedule(args.schedule, args.ranks, chunks)  # argument errors before spawning
     if args.steps < 1:
@@ -203,14 +261,9 @@ def run(args: argparse.Namespace) -> int:
     results = run_ranks(_rank_main, args.ranks, cfg, backend=backend,
                         timeout=max(600.0, args.timeout * 4))
     print(f"[demo] trained in {time.perf_counter() - t0:.1f} s", flush=True)
-    if backend == "gloo":
-        ok, worst = _check_first_step(cfg, results)
-        print(f"[demo] step 0 vs single-process reference: losses "
-              f"{'bit-identical' if ok else 'DIFFER'}, worst gradient cosine distance "
-              f"{worst:.1e} ({'ok' if worst < 1e-13 else 'ABOVE 1e-13'})", flush=True)
-    else:
-        ok = True
-        print("[demo] reference check runs on CPU/gloo only (GPU kernels differ from CPU)")
+    check = _check_first_step(cfg, results)
+    ok = check["matches"]
+    print(f"[demo] {_describe_check(check)}", flush=True)
     hist = results[0]["history"]
     print(f"[demo] loss {hist[0]:.5f} -> {hist[-1]:.5f} over {len(hist)} steps "
           f"({'falling' if hist[-1] < hist[0] else 'NOT falling'})", flush=True)
@@ -238,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
           f"W {costs.w * 1e3:.3f}  F&B {costs.pair * 1e3:.3f}")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"config": cfg, "loss_history": hist, "first_step_matches": ok,
+                   "first_step_check": check,
                    "stats": [r["stats"] for r in results],
                    "simulated_idle": sim.idle}, f, indent=1)
     return 0 if ok and hist[-1] < hist[0] else 1

@@ -2,7 +2,10 @@
 
 ``run_ranks(fn, world, *args)`` starts one process per rank (``spawn``), initialises
 ``torch.distributed`` (gloo on CPU; NCCL with one GPU per rank when ``backend="nccl"``),
-runs ``fn(rank, world, *args)`` and returns the per-rank results in rank order.  A rank
+runs ``fn(rank, world, *args)`` and returns the per-rank results in rank order.  Before
+spawning, :func:`check_backend` refuses a backend this machine cannot run (NCCL without
+CUDA GPUs, or with fewer GPUs than ranks) with a :class:`BackendError` saying what to
+change, instead of a failure inside every child.  A rank
 that raises makes ``run_ranks`` raise :class:`RankError` with every failing rank's
 traceback; ``timeout`` bounds the whole run (processes are killed after it), so a hang
 becomes an error.  ``fn`` must be importable (defined at module level).
@@ -18,7 +21,46 @@ import socket
 import time
 import traceback
 
-__all__ = ["run_ranks", "RankError", "free_port"]
+__all__ = ["run_ranks", "RankError", "BackendError", "check_backend", "free_port"]
+
+BACKENDS = ("gloo", "nccl")
+
+
+class BackendError(ValueError):
+    """The requested process-group backend cannot run here (the message says why and
+    what to use instead)."""
+
+
+def check_backend(backend: str, world: int) -> None:
+    """Raise :class:`BackendError` unless ``world`` local ranks can use ``backend``.
+
+    ``"gloo"`` runs anywhere.  ``"nccl"`` needs a CUDA build of torch with NCCL and one
+    visible GPU per rank (rank ``r`` uses ``cuda:r``).  Touches no GPU beyond counting
+    devices, so it is safe to call before spawning.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "nccl":
+        return
+    import torch
+    import torch.distributed as dist
+    if torch.version.cuda is None:
+        raise BackendError(f"NCCL needs CUDA GPUs: torch {torch.__version__} is a CPU-only "
+                           "build (torch.version.cuda is None); use the gloo backend "
+                           "(--backend gloo) or install a CUDA build of torch")
+    if not torch.cuda.is_available():
+        raise BackendError(f"NCCL needs CUDA GPUs: torch {torch.__version__} (CUDA "
+                           f"{torch.version.cuda}) sees none (torch.cuda.is_available() is "
+                           "False: no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them); "
+                           "use the gloo backend (--backend gloo)")
+    if not dist.is_nccl_available():
+        raise BackendError(f"NCCL needs a torch built with NCCL; torch {torch.__version__} "
+                           "has none (torch.distributed.is_nccl_available() is False); use "
+                           "the gloo backend (--backend gloo)")
+    gpus = torch.cuda.device_count()
+    if world > gpus:
+        raise BackendError(f"NCCL runs one GPU per rank: {world} ranks need {world} GPUs, "
+                           f"{gpus} visible; use at most {gpus} ranks, or the gloo backend")
 
 
 def free_port() -> int:
@@ -68,6 +110,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 300.0, pg_timeout: float =
     errors)`` (a failed rank's result is ``None``) instead of raising."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
+    check_backend(backend, world)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()

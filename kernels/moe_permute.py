@@ -21,20 +21,27 @@ import torch
 
 from ._triton_support import check_launchable, lazy_kernel, tl, triton
 
-__all__ = ["moe_permute", "moe_unpermute", "moe_dispatch_index", "permute_configs"]
+__all__ = ["moe_permute", "moe_unpermute", "moe_dispatch_index", "permute_configs",
+           "PINNED_PERMUTE"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: Index of the config ``DUALPIPE_TRITON_PIN=1`` keeps (1024-wide chunks, 4 warps: no
+#: shared memory, a few registers per element; fits any GPU).
+PINNED_PERMUTE = 1
+
+
 def permute_configs(interpret: bool) -> List["triton.Config"]:
-    """Autotune space over the hidden-dim chunk; one small chunk under the interpreter."""
+    """Autotune space over the hidden-dim chunk; one small chunk under the interpreter.
+    With ``DUALPIPE_TRITON_PIN`` set the kernels are tuned over ``[space[PINNED_PERMUTE]]``."""
     if interpret:
         return [triton.Config({"BLOCK_H": 32}, num_warps=1)]
     return [triton.Config({"BLOCK_H": bh}, num_warps=w)
             for bh, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))]
 
 
-@lazy_kernel(configs=permute_configs, key=["H", "sm_budget"])
+@lazy_kernel(configs=permute_configs, key=["H", "sm_budget"], known_good=PINNED_PERMUTE)
 def _permute_kernel(x_ptr, index_ptr, out_ptr, rows, H, stride_x, stride_out, sm_budget,
                     BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
@@ -49,7 +56,8 @@ def _permute_kernel(x_ptr, index_ptr, out_ptr, rows, H, stride_x, stride_out, sm
             tl.store(out_ptr + tl.cast(row, tl.int64) * stride_out + offs, values, mask=mask)
 
 
-@lazy_kernel(configs=permute_configs, key=["H", "TOPK", "sm_budget"])
+@lazy_kernel(configs=permute_configs, key=["H", "TOPK", "sm_budget"],
+             known_good=PINNED_PERMUTE)
 def _unpermute_kernel(y_ptr, index_ptr, weight_ptr, out_ptr, tokens, H, stride_y, stride_out,
                       sm_budget, TOPK: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                       BLOCK_H: tl.constexpr):

@@ -18,13 +18,20 @@ import torch
 
 from ._triton_support import check_launchable, interpreting, lazy_kernel, tl, triton
 
-__all__ = ["persistent_matmul", "matmul_configs"]
+__all__ = ["persistent_matmul", "matmul_configs", "PINNED_MATMUL"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: Index in the compiled space of the config ``DUALPIPE_TRITON_PIN=1`` keeps: 128x128x32
+#: tiles, 4 stages need 128 KiB of shared memory in float32 (64 KiB in bf16), inside
+#: Hopper's 227 KiB and Ampere's 163 KiB, with one warpgroup for wgmma.
+PINNED_MATMUL = 2
+
+
 def matmul_configs(interpret: bool) -> List["triton.Config"]:
-    """Autotune space; a single small tile under the interpreter (tl.dot needs >= 16)."""
+    """Autotune space; a single small tile under the interpreter (tl.dot needs >= 16).
+    With ``DUALPIPE_TRITON_PIN`` set the kernel is tuned over ``[space[PINNED_MATMUL]]``."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
                               num_warps=4, num_stages=1)]
@@ -40,7 +47,7 @@ def matmul_configs(interpret: bool) -> List["triton.Config"]:
                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in space]
 
 
-@lazy_kernel(configs=matmul_configs, key=["M", "N", "K", "sm_budget"])
+@lazy_kernel(configs=matmul_configs, key=["M", "N", "K", "sm_budget"], known_good=PINNED_MATMUL)
 def _persistent_matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
