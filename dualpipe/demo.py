@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 __all__ = ["add_arguments", "run"]
@@ -94,9 +93,15 @@ def _rank_main(rank: int, world: int, cfg: dict):
     mods = [_make_stage(stage, dim).to(dev) for (_st, stage) in s.placement[rank]]
     pipe = Pipeline(mods, schedule=name, timeout=cfg["timeout"], transport=cfg["transport"])
     if rank == 0:
-        print(f"[demo] stage boundaries travel over {pipe.transport}"
-              + (" (shared memory between the ranks of this host)" if pipe.transport == "shm"
-                 else ""), flush=True)
+        why = ""
+        if pipe.transport == "shm":
+            why = " (shared memory between the ranks of this host)"
+        elif pipe.transport == "gloo" and cfg["transport"] == "auto":
+            from overlap import build_hint, build_info
+            hint = build_hint(build_info())
+            why = (" (shared memory unavailable: " + hint + ")") if hint else \
+                " (shared memory unavailable; DUALPIPE_TRANSPORT or another host?)"
+        print(f"[demo] stage boundaries travel over {pipe.transport}{why}", flush=True)
     opt = torch.optim.SGD(pipe.parameters(), lr=cfg["lr"])
     first = {}
     history = []
@@ -230,7 +235,7 @@ def _describe_check(c: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .draw import draw
+    from .draw import MissingDrawDependency, draw
     from .launch import BackendError, check_backend, run_ranks
     from .schedules import get_schedule, parse_action
     from .simulate import Interval, simulate
@@ -274,13 +279,17 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, f"{args.schedule}_timeline.png")
     trace = os.path.join(args.out, f"{args.schedule}_trace.json")
-    draw(png, intervals, s, title=f"{args.schedule}: measured last step ({device})",
-         time_unit="s")
+    try:
+        draw(png, intervals, s, title=f"{args.schedule}: measured last step ({device})",
+             time_unit="s")
+    except MissingDrawDependency as e:  # the training and its checks stand without a PNG
+        print(f"[demo] no PNG: {e}")
+        png = None
     draw(trace, intervals, s)
     # simulated prediction for the measured mean costs
     costs = _measured_costs(intervals)
     sim = simulate(s, costs)
-    print(f"[demo] wrote {png} and {trace}")
+    print(f"[demo] wrote {png + ' and ' if png else ''}{trace}")
     print("[demo] last step, per rank (ms):   measured idle | simulated idle (measured costs)")
     for r, res in enumerate(results):
         st = res["stats"]
@@ -297,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok and hist[-1] < hist[0] else 1
 
 
-def _measured_costs(intervals) -> "Costs":
+def _measured_costs(intervals):
+    """The mean measured cost of each kind of action, as a :class:`simulate.Costs`."""
     from .simulate import Costs
     sums: dict[str, list[float]] = {}
     for iv in intervals:
