@@ -383,6 +383,16 @@ class PipelineRuntime(nn.Module):
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1 compute action, got {lookahead}")
         self.lookahead = int(lookahead)
+        # FSDP2 (fully_shard) reduce-scatters a stage's gradients at the end of each of
+        # its backwards: a weight gradient deferred past it would be missed (wrong
+        # gradients, silently), so such stages run whole backwards (W is then empty)
+        self._whole_backward = tuple(_is_fsdp(m) for m in modules)
+        if split_linear_weight_grads and any(self._whole_backward):
+            raise ValueError("split_linear_weight_grads=True cannot be used with FSDP2-sharded "
+                             "stages (fully_shard): FSDP reduce-scatters the gradients when "
+                             "a stage's backward ends, before a deferred weight gradient would "
+                             "be computed; drop split_linear_weight_grads (their weight "
+                             "gradients are then computed in the backward itself)")
         if split_linear_weight_grads:
             for m in modules:
                 split_linear_weight_grads_fn(m)
@@ -826,8 +836,11 @@ class PipelineRuntime(nn.Module):
                 if k == B and sc == c:
                     send(B, c, m, peer, sid, grads, text)
 
+        whole_backward = self._whole_backward
+
         def run_b(c, m, defer, text):
             loss, outs, grads = backward_args(c, m, text)
+            defer = defer and not whole_backward[c]
             WeightGradStore.enabled = defer
             try:
                 if loss is not None:
@@ -895,7 +908,7 @@ class PipelineRuntime(nn.Module):
                     run_b(c, m, kind == I, text)
                     after_backward(c, m, text, sends)
                 else:  # W
-                    for fn in wgrads.pop((c, m)):
+                    for fn in wgrads.pop((c, m), ()):
                         fn()
                 if device_clock:
                     e1 = take()
@@ -1065,6 +1078,18 @@ class PipelineRuntime(nn.Module):
 
 
 _clone_count: dict[str, int] = {}
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule is FSDP2-sharded (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 keeps it private
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 @dataclass

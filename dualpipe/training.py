@@ -60,6 +60,23 @@ def num_stages(pipe: PipelineRuntime) -> int:
     return len({stage for chunks in s.placement for _st, stage in chunks})
 
 
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4: the private home
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local part of a DTensor (an FSDP2 shard), else ``t``."""
+    cls = _dtensor_cls()
+    return t.to_local() if cls is not None and isinstance(t, cls) else t
+
+
 def _check_pipe(pipe, what: str) -> None:
     if not isinstance(pipe, PipelineRuntime):
         raise TypeError(f"{what} takes the pipeline (DualPipe, DualPipeV or Pipeline), got "
@@ -97,7 +114,9 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
     mine, theirs, have = [], [], []
     for c in (0, 1):
         params = list(pipe.module[c].parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # FSDP2-sharded stages: the partner holds the same shard of the same stage
+        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))
+                 for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads]) if params else \
             torch.zeros(0, device=pipe.device)
         mine.append(flat)
@@ -121,14 +140,14 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
         total = mine[c] + theirs[c]
         off = 0
         for i, p in enumerate(params):
-            n = p.numel()
             if p.grad is None and not have_theirs[c][i]:
-                off += n
+                off += _local(p).numel()
                 continue  # no copy has a gradient: None, as in a single process
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.copy_(total[off: off + n].view_as(p))
-            off += n
+            g = _local(p.grad)
+            g.copy_(total[off: off + g.numel()].view_as(g))
+            off += g.numel()
     pipe._reduced_at_step = pipe.steps_done
 
 
@@ -179,13 +198,35 @@ def clip_grad_norm_(pipe: PipelineRuntime, max_norm: float, norm_type: float = 2
         raise RuntimeError("DualPipe: call dualpipe.reduce_dualpipe_grads(pipe) before "
                            "clip_grad_norm_, so each stage's gradient is whole (its two "
                            "copies each hold part of it after step())")
-    grads = _grads(pipe, primary_only=True)
     inf = math.isinf(norm_type)
-    local = torch.zeros(1, dtype=torch.float64, device=pipe.device)
-    for g in grads:
-        g64 = g.detach().to(torch.float64).abs()
-        local = torch.maximum(local, g64.max().reshape(1)) if inf else \
-            local + g64.pow(norm_type).sum().reshape(1)
+
+    def part(gs) -> torch.Tensor:
+        acc = torch.zeros(1, dtype=torch.float64, device=pipe.device)
+        for g in gs:
+            g64 = g.detach().to(torch.float64).abs()
+            if g64.numel():
+                acc = torch.maximum(acc, g64.max().reshape(1)) if inf else \
+                    acc + g64.pow(norm_type).sum().reshape(1)
+        return acc
+
+    # plain gradients count as they are; shards of FSDP2 (DTensor) gradients are
+    # combined over their mesh first (each data-parallel rank holds one shard)
+    plain, sharded = [], {}
+    cls = _dtensor_cls()
+    for g in _grads(pipe, primary_only=True):
+        if cls is not None and isinstance(g, cls):
+            if not all(pl.is_shard() for pl in g.placements):
+                raise ValueError("clip_grad_norm_ handles gradients sharded over their mesh "
+                                 f"(FSDP2's Shard placements), got {g.placements}")
+            sharded.setdefault(g.device_mesh, []).append(g.to_local())
+        else:
+            plain.append(g)
+    local = part(plain)
+    for mesh, gs in sharded.items():
+        s = part(gs)
+        dist.all_reduce(s, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM,
+                        group=mesh.get_group())
+        local = torch.maximum(local, s) if inf else local + s
     parts = pipe._exchange("clip_grad_norm_", lambda p2p: p2p.all_gather(
         local, pipe.num_ranks, "gradient norms").wait(pipe.timeout))
     stacked = torch.cat([t.reshape(1) for t in parts])
@@ -196,7 +237,7 @@ def clip_grad_norm_(pipe: PipelineRuntime, max_norm: float, norm_type: float = 2
                            f"({total.item()}); pass error_if_nonfinite=False to scale anyway")
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in _grads(pipe, primary_only=False):
-        g.detach().mul_(coef.to(g.dtype))
+        _local(g).detach().mul_(coef.to(g.dtype))
     return total
 
 
@@ -225,6 +266,11 @@ def all_reduce_grads(pipe: PipelineRuntime, group: dist.ProcessGroup, *,
                         f"{type(group).__name__}")
     _check_stepped(pipe, "all_reduce_grads")
     params = [p for p in pipe.parameters()]
+    cls = _dtensor_cls()
+    if cls is not None and any(isinstance(p, cls) for p in params):
+        raise ValueError("all_reduce_grads: these stages are sharded (DTensor parameters, e.g. "
+                         "FSDP2's fully_shard), whose backward already reduce-scatters the "
+                         "gradients over the data-parallel ranks; do not all-reduce them again")
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
                        device=pipe.device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)

@@ -111,3 +111,37 @@ def test_data_parallel_times_pipeline_equals_the_full_batch(name, dp, pp, N):
     assert seen == dp * N
     for d in range(dp):  # every replica ends with the same (averaged, clipped) gradients
         _compare_grads(_summed([r for r in results if r["replica"] == d]), stages)
+
+
+@pytest.mark.parametrize("name,pp,N", [("dualpipev", 2, 4), ("dualpipe", 2, 4)])
+def test_fsdp2_sharded_stages_equal_the_full_batch(name, pp, N):
+    """Stage modules fully_shard'ed over the data-parallel ranks (FSDP2): its
+    reduce-scatter averages the replicas' gradients; clip_grad_norm_ sums the shards'
+    contributions over the data-parallel mesh."""
+    from tests.training_workers import fsdp_pp
+    results = run_ranks(fsdp_pp, 2 * pp, name, N, timeout=300)
+    stages, ref_losses = _reference(_num_stages(name, pp), N, [0, 1])
+    norm = torch.nn.utils.clip_grad_norm_([q for st in stages for q in st.parameters()], 0.05)
+    for res in results:
+        if res["loss_slice"] is not None:
+            a, b = res["loss_slice"]
+            assert torch.equal(res["loss"], ref_losses[res["replica"]][a:b])
+        torch.testing.assert_close(res["norm"], norm, rtol=1e-6, atol=0)
+    for d in range(2):
+        _compare_grads(_summed([r for r in results if r["replica"] == d]), stages)
+
+
+def test_fsdp2_refuses_split_linear_and_runs_whole_backwards_for_weight_grad_store():
+    from tests.compose_models import reference as compose_reference
+    from tests.training_workers import fsdp_pp, fsdp_wgs
+    refused = run_ranks(fsdp_pp, 4, "dualpipev", 4, True, timeout=300)
+    for res in refused:
+        assert res["error"].startswith("ValueError") and "FSDP" in res["error"], res
+    results = run_ranks(fsdp_wgs, 4, 4, timeout=300)
+    _, grads = compose_reference(4, 4, {"linear": "wgs"}, steps=2)  # batches 0 and 1
+    for d in range(2):
+        got = _summed([r for r in results if r["replica"] == d])
+        for stage, ref in grads.items():
+            for n, g in ref.items():
+                d_ = cosine_distance(got[stage][n], g / 2)
+                assert d_ < 1e-13, f"stage {stage} {n}: cosine distance {d_}"
