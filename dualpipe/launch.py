@@ -77,10 +77,18 @@ def _entry(fn, rank, world, port, q, args, pg_timeout, backend, threads):
     os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
     try:
+        kw = {}
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=pg_timeout))
+            # bound to its GPU, NCCL creates the communicator now, not inside the first
+            # collective (which would then also time the communicator's creation)
+            kw["device_id"] = torch.device("cuda", rank)
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=pg_timeout), **kw)
+        except TypeError:  # a torch without device_id
+            dist.init_process_group(backend, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=pg_timeout))
         out = fn(rank, world, *args)
         buf = io.BytesIO()  # plain bytes: shared-memory tensors would die with this process
         torch.save(out, buf)

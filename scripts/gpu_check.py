@@ -187,11 +187,22 @@ def run_process(argv: Sequence[str], env: Dict[str, str], cwd: Path, log_path: P
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             return proc.returncode, True, None
+        except BaseException:  # interrupted (SIGTERM/SIGINT): the step must not live on
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+            except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                pass
+            raise
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a finished step
         except (ProcessLookupError, PermissionError):
             pass
         return rc, False, None
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)  # progress must reach a log even if the run is killed
 
 
 def tail(text: str, n: int = TAIL_CHARS) -> str:
@@ -217,7 +228,7 @@ class Runner:
 
     def __init__(self, ctx: Context, *, deadline_s: float = DEADLINE_S,
                  reserve_s: float = RESERVE_S, min_step_s: float = MIN_STEP_S,
-                 max_files: int = MAX_FILES, echo: Callable[[str], None] = print,
+                 max_files: int = MAX_FILES, echo: Callable[[str], None] = _echo,
                  t0: Optional[float] = None) -> None:
         if max_files < len(SUMMARY_FILES):
             raise ValueError(f"max_files must be >= {len(SUMMARY_FILES)} (the summary files)")
@@ -333,21 +344,28 @@ class Runner:
     def _done(self, res: StepResult) -> StepResult:
         self.ctx.results[res.name] = res
         self.echo(f"[gpu-check] {res.name}: {res.status} ({res.seconds:.1f} s) {res.note}")
+        # the record so far, after every step: a run killed later still leaves it
+        self.write_record(list(self.ctx.results.values()), final=False)
         return res
 
     # ---- summary --------------------------------------------------------------------
 
-    def finish(self, results: Sequence[StepResult], started_utc: str) -> bool:
-        """Write steps.log, gpu_check.json and summary.md; print the table last."""
-        ok = bool(results) and all(r.ok for r in results)
+    started_utc = ""
+
+    def write_record(self, results: Sequence[StepResult], final: bool,
+                     interrupted: str = "") -> Tuple[bool, dict]:
+        """Write steps.log, gpu_check.json and summary.md for ``results``; ``final=False``
+        marks them as a run still going (rewritten after every step)."""
+        ok = bool(results) and all(r.ok for r in results) and final and not interrupted
         self.write_text("steps.log", "\n".join(self.log_parts) or "(no step ran)\n")
         device = device_summary(self.ctx.env_facts)
         record = {
-            "tool": "scripts/gpu_check.py", "ok": ok, "started_utc": started_utc,
+            "tool": "scripts/gpu_check.py", "ok": ok, "started_utc": self.started_utc,
             "wall_s": time.monotonic() - self.t0, "deadline_s": self.deadline_s,
             "device": device, "python": self.ctx.python, "pythonpath": self.ctx.pythonpath,
             "build_mode": self.ctx.build_mode, "env": self.ctx.env_facts,
             "steps": [dataclasses.asdict(r) for r in results],
+            "finished": final, "interrupted": interrupted or None,
         }
         names = list(dict.fromkeys(self.written + ["gpu_check.json", "summary.md"]))
         record["files"] = names
@@ -355,7 +373,20 @@ class Runner:
         self.write_text("gpu_check.json", json.dumps(record, indent=1, default=str) + "\n")
         md = summary_markdown(results, device, ok, names, self.not_written,
                               record["wall_s"], self.ctx)
+        if not final:
+            md = md.replace("# GPU check (`scripts/gpu_check.py`)",
+                            "# GPU check (`scripts/gpu_check.py`) — " +
+                            (f"INTERRUPTED ({interrupted})" if interrupted else
+                             "in progress (steps so far)"), 1)
         self.write_text("summary.md", md)
+        return ok, record
+
+    def finish(self, results: Sequence[StepResult], started_utc: str,
+               interrupted: str = "") -> bool:
+        """Write the final record; print the table last."""
+        self.started_utc = started_utc
+        ok, record = self.write_record(results, final=not interrupted, interrupted=interrupted)
+        device = record["device"]
         self.echo("")
         self.echo(summary_table(results))
         self.echo(f"[gpu-check] {'PASSED' if ok else 'FAILED'}: "
@@ -437,9 +468,11 @@ def step_env(ctx: Context, *, pythonpath: bool = True,
     env["MPLBACKEND"] = "Agg"
     env["PYTHONUNBUFFERED"] = "1"
     if pythonpath:
+        # the build's path first, then whatever the caller had (e.g. carried wheels)
         path = ctx.pythonpath if ctx.pythonpath is not None else str(ctx.root)
-        if path:
-            env["PYTHONPATH"] = path
+        joined = os.pathsep.join(p for p in (path, os.environ.get("PYTHONPATH", "")) if p)
+        if joined:
+            env["PYTHONPATH"] = joined
         else:
             env.pop("PYTHONPATH", None)
     if extra:
@@ -460,7 +493,17 @@ def _device_arch(ctx: Context) -> Optional[str]:
 
 
 def _has_module(ctx: Context, name: str) -> bool:
-    return bool((ctx.env_facts.get("packages") or {}).get(name))
+    """Whether the step interpreter has ``name``: from the env facts, or (when the env
+    step did not finish) asked directly, without importing it."""
+    packages = ctx.env_facts.get("packages")
+    if packages:
+        return bool(packages.get(name))
+    try:
+        out = subprocess.run([ctx.python, "-c", f"import importlib.util as u; print(u.find_spec({name!r}) is not None)"],
+                             capture_output=True, text=True, timeout=15)
+        return out.stdout.strip() == "True"
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _load_json(path: Path) -> dict:
@@ -631,7 +674,19 @@ def _argv_gpu_tests(ctx: Context, timeout: float) -> List[str]:
         argv += ["--gpu-check-force", name]
     if _has_module(ctx, "pytest_timeout"):
         argv += ["--timeout", str(int(max(10, min(60, timeout / 2))))]
-    return argv + ["tests"]
+    return argv + gpu_test_files(ctx.root)
+
+
+def gpu_test_files(root: Path) -> List[str]:
+    """The test files that hold gpu-marked tests (and the kernel tests), so collection
+    does not import every CPU-only module: a CPU test that cannot import here must not
+    fail the GPU step, and collecting the whole suite costs seconds of the window."""
+    files = []
+    for p in sorted((root / "tests").glob("test_*.py")):
+        text = p.read_text(errors="replace")
+        if "mark.gpu" in text or p.name in KERNEL_TEST_FILES:
+            files.append(str(p.relative_to(root)))
+    return files or ["tests"]
 
 
 def judge_pytest(data: dict, *, what: str) -> Verdict:
@@ -874,11 +929,11 @@ def _judge_micro(ctx: Context, res: StepResult) -> Verdict:
 def default_steps() -> List[Step]:
     """The check, in order of what the window must prove first."""
     return [
-        Step("env", 25, _argv_env, judge=_judge_env,
+        Step("env", 45, _argv_env, judge=_judge_env,
              what="the machine: driver, GPU, SMs, torch/CUDA/NCCL/triton versions, APIs"),
-        Step("build", 180, _argv_build, env=_env_build, judge=_judge_build,
+        Step("build", 150, _argv_build, env=_env_build, judge=_judge_build,
              what="the CUDA extension builds for this GPU's arch"),
-        Step("build-info", 20, _argv_build_info, judge=_judge_build_info,
+        Step("build-info", 40, _argv_build_info, judge=_judge_build_info,
              what="what was built: CUDA extension and arch, overlap.kernels with triton"),
         Step("gpu-tests", 120, _argv_gpu_tests, env=_with_scripts, judge=_judge_gpu_tests,
              artifacts={"gpu_tests.json": "gpu_tests.json"},
@@ -1141,7 +1196,7 @@ def collect_build_facts() -> dict:
         except Exception as exc:  # noqa: BLE001
             facts["kernels_error"] = f"{type(exc).__name__}: {exc}"
     _fact(facts, "dualpipe_version_output",
-          lambda: _run_text([sys.executable, "-m", "dualpipe", "--version"], timeout=60))
+          lambda: _run_text([sys.executable, "-m", "dualpipe", "--version"], timeout=30))
     print(facts.get("dualpipe_version_output") or facts.get("dualpipe_version_output_error"))
     return facts
 
@@ -1172,10 +1227,16 @@ def _clear_previous(out_dir: Path, steps: Sequence[Step]) -> List[str]:
     return foreign
 
 
+class _Interrupted(Exception):
+    """SIGTERM/SIGINT arrived: the running step is killed and the record written."""
+
+
 def run_check(out_dir: Path, steps: Sequence[Step], *, deadline_s: float = DEADLINE_S,
               skip: Sequence[str] = (), keep_scratch: bool = False,
-              echo: Callable[[str], None] = print, **runner_kw) -> Tuple[bool, Runner]:
+              echo: Callable[[str], None] = None, **runner_kw) -> Tuple[bool, Runner]:
     """Run ``steps`` and write the results into ``out_dir``; returns ``(all ok, runner)``."""
+    if echo is None:
+        echo = _echo
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     foreign = _clear_previous(out_dir, steps)
     scratch = Path(tempfile.mkdtemp(prefix="dualpipe-gpu-check-"))
@@ -1184,10 +1245,26 @@ def run_check(out_dir: Path, steps: Sequence[Step], *, deadline_s: float = DEADL
     if foreign:
         runner.not_written.append(f"(OUT_DIR also holds {len(foreign)} files of something "
                                   f"else, left alone: {', '.join(sorted(foreign)[:5])})")
+    runner.started_utc = started
+
+    def stop(signum, _frame):
+        raise _Interrupted(signal.Signals(signum).name)
+
+    old_handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old_handlers[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread (tests): no handler
+            pass
     try:
-        results = runner.run(steps, skip=skip)
-        ok = runner.finish(results, started)
+        try:
+            results = runner.run(steps, skip=skip)
+            ok = runner.finish(results, started)
+        except _Interrupted as e:
+            ok = runner.finish(list(ctx.results.values()), started, interrupted=str(e))
     finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
         if keep_scratch:
             echo(f"[gpu-check] scratch kept in {scratch}")
         else:

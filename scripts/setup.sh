@@ -141,7 +141,7 @@ if [ "${DUALPIPE_REBUILD:-}" = 1 ] || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" !
     if [ -n "$miss" ]; then
       say "$PY lacks: $miss; installing them with pip"
       # shellcheck disable=SC2086
-      "$PY" -m pip install -q $miss || true
+      "$PY" -m pip install -q --retries 0 --timeout 10 $miss || true  # offline: fail fast
       still="$(missing_deps)"
       [ -z "$still" ] || say "WARNING: $still still not importable in $PY (offline?): the tests and commands that need them fail until you install them (or unset PYTHON to use a .venv); going on"
     fi

@@ -11,14 +11,23 @@ TO = datetime.timedelta(seconds=60)
 
 
 def _sleep_cycles(seconds: float) -> int:
-    """GPU clock cycles that ``torch.cuda._sleep`` needs to keep a stream busy ``seconds``."""
-    cycles = 10_000_000
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    torch.cuda._sleep(cycles)
-    e1.record()
-    e1.synchronize()
-    return int(cycles * seconds / (e0.elapsed_time(e1) / 1e3))
+    """GPU clock cycles that ``torch.cuda._sleep`` needs to keep a stream busy ``seconds``.
+
+    Calibrated on a warm GPU (an idle one runs at a fraction of its clock, and the first
+    launch loads the kernel's module): a warm-up sleep first, then the median of three
+    ~50 ms measurements."""
+    torch.cuda._sleep(50_000_000)
+    torch.cuda.synchronize()
+    cycles = 100_000_000
+    rates = []
+    for _ in range(3):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        torch.cuda._sleep(cycles)
+        e1.record()
+        e1.synchronize()
+        rates.append(cycles / (e0.elapsed_time(e1) / 1e3))
+    return int(sorted(rates)[1] * seconds)
 
 
 def stream_ordered_waits(rank: int, world: int):
@@ -31,6 +40,9 @@ def stream_ordered_waits(rank: int, world: int):
     p = P2P()
     x = torch.arange(4, device="cuda")
     res = {"busy_s": busy_s}
+    # the communicator exists and NCCL's kernels are loaded before anything is timed
+    p.all_gather(x, world, "warm-up").wait(TO, host=True)
+    torch.cuda.synchronize()
 
     torch.cuda._sleep(cycles)                      # the current stream is busy for busy_s
     h = p.all_gather(x, world, "hot path")

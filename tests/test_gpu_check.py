@@ -192,6 +192,47 @@ def test_runner_kills_a_step_at_its_time_box_with_its_children(tmp_path):
         pytest.fail("the step's child survived the time box")
 
 
+def test_results_are_written_after_each_step_and_on_sigterm(tmp_path):
+    """A run killed from outside (the device tool's time limit) still leaves the steps
+    so far in OUT_DIR, and the step it was running does not live on."""
+    import signal
+    import threading
+    pidfile = tmp_path / "hang.pid"
+    code = (f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
+            "time.sleep(60)")
+    out = tmp_path / "out"
+
+    def term():
+        for _ in range(200):
+            if pidfile.exists():
+                # the first step's record is on disk before the second step finishes
+                assert json.loads((out / "gpu_check.json").read_text())["steps"][0]["name"] == "one"
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=term, daemon=True).start()
+    t0 = time.monotonic()
+    ok, runner, lines = _run(tmp_path, [_step("one", "print(1)"), _step("hang", code),
+                                        _step("never", "print(2)")])
+    assert time.monotonic() - t0 < 30 and not ok
+    rec = json.loads((out / "gpu_check.json").read_text())
+    assert rec["interrupted"] == "SIGTERM" and not rec["finished"]
+    assert [s["name"] for s in rec["steps"]] == ["one"]
+    assert "INTERRUPTED (SIGTERM)" in (out / "summary.md").read_text()
+    hung = int(pidfile.read_text())
+    for _ in range(50):
+        try:
+            with open(f"/proc/{hung}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # dead, not yet reaped by whoever started it
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the interrupted step survived")
+
+
 def test_global_deadline_skips_what_no_longer_fits(tmp_path):
     steps = [_step("slow", "import time; time.sleep(2.5)", budget=10.0),
              _step("late", "print(1)")]
@@ -267,6 +308,7 @@ def _ctx(tmp_path, **facts):
 def test_gpu_step_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     ctx = _ctx(tmp_path)
     env = gc.step_env(ctx)
     assert "TRITON_INTERPRET" not in env and env["DUALPIPE_TRITON_PIN"] == "1"
@@ -274,6 +316,10 @@ def test_gpu_step_environment(tmp_path, monkeypatch):
     ctx.pythonpath = ""
     assert "PYTHONPATH" not in gc.step_env(ctx)
     assert gc._with_scripts(ctx)["PYTHONPATH"] == str(gc.SCRIPTS)
+    # what the caller had (e.g. carried wheels) stays, after the build's path
+    monkeypatch.setenv("PYTHONPATH", "/carried/site")
+    ctx.pythonpath = "/repo/build/pythonpath"
+    assert gc.step_env(ctx)["PYTHONPATH"] == "/repo/build/pythonpath:/carried/site"
     build = gc._env_build(ctx)
     assert build["TORCH_CUDA_ARCH_LIST"] == "9.0" and build["PYTHON"] == ctx.python
     assert gc._env_demo(ctx)["CUBLAS_WORKSPACE_CONFIG"]
@@ -326,7 +372,9 @@ def test_step_commands(tmp_path):
                      "sm-partition", "overlap-bench", "micro-bench"]
     arts = [n for s in gc.default_steps() for n in s.artifacts]
     assert len(arts) + len(gc.SUMMARY_FILES) <= gc.MAX_FILES
-    assert sum(s.budget_s for s in gc.default_steps()) < gc.DEADLINE_S + 120
+    # budgets are ceilings; together they may exceed the deadline a little (later steps
+    # then get what is left), not by more than one step's worth
+    assert sum(s.budget_s for s in gc.default_steps()) < gc.DEADLINE_S + 150
 
 
 def test_arch_matches():
