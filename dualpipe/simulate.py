@@ -124,15 +124,17 @@ def simulate(s: Schedule, costs: Costs = Costs()) -> SimResult:
     bend = [[[None] * st.num_microbatches for _ in range(st.num_stages)] for st in s.streams]
     # per rank and chunk, for F and for B/I: (the end times it waits for, the latency
     # added to them), or None (a first stage's F); and the end times it writes
+    def link(r: int, ends, stream: int, stage: int):
+        crosses = owner.get((stream, stage), (r,))[0] != r
+        return ends[stream][stage], (lat if crosses else 0.0)
+
     wait_on, writes = [], []
     for r, chunks in enumerate(s.placement):
         w_r, o_r = [], []
         for stream, stage in chunks:
-            def link(ends, st):
-                return ends[stream][st], (lat if owner.get((stream, st), (r,))[0] != r else 0.0)
             last = stage + 1 == s.streams[stream].num_stages
-            w_r.append((link(fend, stage - 1) if stage > 0 else None,
-                        (fend[stream][stage], 0.0) if last else link(bend, stage + 1)))
+            w_r.append((link(r, fend, stream, stage - 1) if stage > 0 else None,
+                        (fend[stream][stage], 0.0) if last else link(r, bend, stream, stage + 1)))
             o_r.append((fend[stream][stage], bend[stream][stage]))
         wait_on.append(w_r)
         writes.append(o_r)
