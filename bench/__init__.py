@@ -7,6 +7,7 @@
   splits (CUDA only)
 * ``bench.sm_partition`` which SMs each side of an ``SMPartition`` reaches, and the cost of
   the compute side's budget for a GEMM (CUDA only)
+* ``bench.scale``       growth of generate / lower / validate / simulate / plan from 8 x 20 to 128 x 4096
 * ``bench/test_micro.py`` pytest-benchmark micro benchmarks (``pytest bench/ --benchmark-only``)
 
 Results go to ``bench/results/`` (the CUDA-only ones to ``out/<name>/``; ``--out`` for

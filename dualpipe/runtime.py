@@ -26,6 +26,7 @@ import traceback
 import warnings
 import weakref
 import zlib
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Sequence
@@ -39,7 +40,7 @@ from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerError, PeerExit
 from overlap.shm import DEFAULT_RING_BYTES, ShmP2P, ShmUnavailable
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
-                        get_schedule, lower)
+                        gc_paused, get_schedule, lower)
 from .simulate import Interval
 from .utils import gather, run_backward, scatter
 from .weight_grad import WeightGradStore, split_linear_weight_grads
@@ -166,6 +167,7 @@ def _compile_rank(s: Schedule, rank: int, forward_only: bool, lookahead: int) ->
 
 
 @lru_cache(maxsize=32)
+@gc_paused()
 def _compile(s: Schedule, forward_only: bool, lookahead: int) -> tuple[_Plan, ...]:
     """Every rank's plan, with release points for sends.
 
@@ -190,6 +192,14 @@ def _compile(s: Schedule, forward_only: bool, lookahead: int) -> tuple[_Plan, ..
             for j in op[5]:
                 cons[j] = i
         consumer.append(cons)
+    # per rank: for each peer, the op index of every send to it, in order
+    send_ops = []
+    for plan in plans:
+        by_peer = {}
+        for i, op in enumerate(plan.ops):
+            for (_k, _c, _m, peer, _sid) in op[6]:
+                by_peer.setdefault(peer, []).append(i)
+        send_ops.append(by_peer)
     for r, plan in enumerate(plans):
         release: list[list[int]] = [[] for _ in plan.recvs]
         sent_to: dict[int, int] = {}
@@ -199,20 +209,10 @@ def _compile(s: Schedule, forward_only: bool, lookahead: int) -> tuple[_Plan, ..
                 sent_to[x] = k + 1
                 jx = recv_seq[x][r][k]          # X's receive of this message
                 c = consumer[x][jx]             # X's op that consumed it
-                back = 0                        # messages X sent to r before op c
-                found = None
-                for i2, op2 in enumerate(plans[x].ops):
-                    for (_k2, _c2, _m2, peer2, _sid2) in op2[6]:
-                        if peer2 != r:
-                            continue
-                        if i2 >= c:
-                            found = back
-                            break
-                        back += 1
-                    if found is not None:
-                        break
-                if found is not None:
-                    release[recv_seq[r][x][found]].append(sid)
+                back_ops = send_ops[x].get(r, [])
+                back = bisect_left(back_ops, c)  # messages X sent to r before op c
+                if back < len(back_ops):        # X sends r one more at or after op c
+                    release[recv_seq[r][x][back]].append(sid)
         plan.release = [tuple(x) for x in release]
     return tuple(plans)
 

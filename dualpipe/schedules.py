@@ -42,9 +42,12 @@ bare ``W`` (first in, first out); :meth:`Schedule.golden` renders that form.
 
 from __future__ import annotations
 
+import gc
 import re
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable, Iterator, Sequence
 
 __all__ = [
@@ -52,7 +55,7 @@ __all__ = [
     "COMPUTE_KINDS", "COMM_KINDS",
     "Action", "Stream", "Schedule", "parse_action",
     "dualpipe", "dualpipev", "one_f_one_b", "zb1p",
-    "SCHEDULES", "get_schedule", "lower",
+    "SCHEDULES", "get_schedule", "lower", "gc_paused",
 ]
 
 F, B, I, W, FB = "F", "B", "I", "W", "FB"
@@ -165,10 +168,46 @@ class Schedule:
     def __iter__(self) -> Iterator[tuple[Action, ...]]:
         return iter(self.actions)
 
-    @property
+    # Equal schedules have equal names and sizes, so this hash agrees with the generated
+    # ``__eq__`` and costs O(1) instead of hashing every action: caches keyed by a
+    # schedule (the runtime's plans) stay cheap at 128 ranks x 4096 chunks.
+    def __hash__(self) -> int:
+        return hash((self.name, self.num_ranks, self.num_chunks))
+
+    # Derived data below is computed once per Schedule object and kept on it (the
+    # object is immutable; ``cached_property`` writes to the instance's ``__dict__``,
+    # which the frozen dataclass's ``__eq__`` and ``__hash__`` do not look at).
+
+    @cached_property
     def stage_owner(self) -> dict[tuple[int, int], tuple[int, int]]:
         """``(stream, stage) -> (rank, chunk)``."""
-        return _owner_map(self.placement)
+        out: dict[tuple[int, int], tuple[int, int]] = {}
+        for r, chunks in enumerate(self.placement):
+            for c, key in enumerate(chunks):
+                out[key] = (r, c)
+        return out
+
+    @cached_property
+    def neighbours(self) -> tuple[tuple[tuple[tuple[int, int] | None,
+                                             tuple[int, int] | None], ...], ...]:
+        """``neighbours[r][c] = (prev, next)``: the ``(rank, chunk)`` holding the
+        previous and the next stage of chunk ``c`` of rank ``r`` along its stream,
+        ``None`` at a stream's ends."""
+        owner = self.stage_owner
+        out = []
+        for chunks in self.placement:
+            row = []
+            for stream, stage in chunks:
+                prev = owner[(stream, stage - 1)] if stage > 0 else None
+                last = stage + 1 == self.streams[stream].num_stages
+                row.append((prev, None if last else owner[(stream, stage + 1)]))
+            out.append(tuple(row))
+        return tuple(out)
+
+    @cached_property
+    def lowered(self) -> tuple[tuple[Action, ...], ...]:
+        """:func:`lower` of this schedule (computed on first use)."""
+        return _lower(self)
 
     def input_chunk(self, rank: int) -> int | None:
         """The chunk of ``rank`` that is a stream's first stage (it takes ``step()``'s
@@ -217,15 +256,6 @@ class Schedule:
         return render_grid(self.tokens())
 
 
-@lru_cache(maxsize=None)
-def _owner_map(placement: tuple) -> dict[tuple[int, int], tuple[int, int]]:
-    out: dict[tuple[int, int], tuple[int, int]] = {}
-    for r, chunks in enumerate(placement):
-        for c, key in enumerate(chunks):
-            out[key] = (r, c)
-    return out
-
-
 def render_grid(tokens: Sequence[Sequence[str]], mark: tuple[int, int] | None = None) -> str:
     """Render per-rank token lists as a grid; ``mark=(rank, index)`` brackets one cell."""
     width = max((len(t) for row in tokens for t in row), default=1) + 2
@@ -236,6 +266,27 @@ def render_grid(tokens: Sequence[Sequence[str]], mark: tuple[int, int] | None = 
             cells.append((f"[{t}]" if mark == (r, i) else f" {t} ").ljust(width))
         lines.append(f"rank {r:>2}: " + "".join(cells).rstrip())
     return "\n".join(lines)
+
+
+@contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector inside a pass that builds many objects.
+
+    The generators, :func:`lower`, the validator and the simulator allocate a few
+    small objects per action (actions, tuples, intervals) and create no reference
+    cycles.  With the collector running, each time the heap grows by a quarter it
+    walks every live object and finds nothing to free; on a large schedule that walk
+    leaves the caches and its cost per object grows with the heap, which made these
+    passes super-linear in practice (``bench.scale``).  Reference counting frees as
+    usual; the collector's previous state is restored on exit.  Use as a context
+    manager or a decorator (``@gc_paused()``)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------- builders
@@ -251,7 +302,7 @@ class _RankBuilder:
         self.acts: list[Action] = []
         self.nf = [0, 0]
         self.nb = [0, 0]
-        self.pending: list[tuple[int, int]] = []
+        self.pending: deque[tuple[int, int]] = deque()
         self.chunk_of = chunk_of
 
     def f(self, phase: int) -> None:
@@ -267,7 +318,7 @@ class _RankBuilder:
         self.nb[c] += 1
 
     def w(self) -> None:
-        c, m = self.pending.pop(0)
+        c, m = self.pending.popleft()
         self.acts.append(Action(W, c, m))
 
     def fb(self, phase_f: int, phase_b: int) -> None:
@@ -331,6 +382,7 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
+@gc_paused()
 def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
     """DualPipe: ``num_ranks`` (even) ranks, two directions of ``num_chunks // 2``
     micro-batches each.  Chunk 0 of rank ``r`` is stage ``r`` of stream 0 (enters at
@@ -350,6 +402,7 @@ def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
     return Schedule("dualpipe", P, N, streams, placement, acts)
 
 
+@gc_paused()
 def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
     """DualPipeV: ``num_ranks`` ranks, ``2 * num_ranks`` stages folded into a V; one
     stream of ``num_chunks`` micro-batches entering and leaving at rank 0.  Chunk 0
@@ -399,6 +452,7 @@ def _single_stage(name: str, P: int, N: int, zero_bubble: bool) -> Schedule:
                     tuple(acts))
 
 
+@gc_paused()
 def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     """1F1B: one stage per rank; ``P-1-r`` warm-up forwards, then alternate one
     forward and one full backward, then the remaining backwards."""
@@ -406,6 +460,7 @@ def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     return _single_stage("1f1b", P, N, zero_bubble=False)
 
 
+@gc_paused()
 def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     """ZB-H1 (zero bubble at 1F1B's activation memory): the 1F1B order with every
     backward split into its input-gradient ``I`` and a deferred ``W``.  Rank ``r``
@@ -437,16 +492,6 @@ def get_schedule(name: str, num_ranks: int, num_chunks: int) -> Schedule:
 # --------------------------------------------------------------------------- lowering
 
 
-def _neighbours(s: Schedule, rank: int, chunk: int):
-    """(previous, next) ``(rank, chunk)`` along the stream, ``None`` at the ends."""
-    stream, stage = s.placement[rank][chunk]
-    owner = s.stage_owner
-    prev = owner[(stream, stage - 1)] if stage > 0 else None
-    nxt = owner[(stream, stage + 1)] if stage + 1 < s.streams[stream].num_stages else None
-    return prev, nxt
-
-
-@lru_cache(maxsize=64)
 def lower(s: Schedule) -> tuple[tuple[Action, ...], ...]:
     """Insert the sends and receives each rank needs, returning per-rank lists.
 
@@ -456,9 +501,20 @@ def lower(s: Schedule) -> tuple[tuple[Action, ...], ...]:
     untagged in-order transports (NCCL) match them; a receive needed early is
     preceded by the channel's earlier messages.  Transfers between two chunks of
     the same rank (the bottom of DualPipeV's V) need no communication.
+
+    Computed once per :class:`Schedule` object and kept on it (``s.lowered``); the
+    pass itself is linear in the number of actions.
     """
+    return s.lowered
+
+
+@gc_paused()
+def _lower(s: Schedule) -> tuple[tuple[Action, ...], ...]:
+    """The uncached pass behind :func:`lower`."""
     P = s.num_ranks
-    # 1. the send order per channel (src, dst), from each sender's compute order
+    links = s.neighbours
+    # 1. each compute's sends, and the message order on each channel (src, dst);
+    #    a message is named (F|B, receiving chunk, micro-batch)
     chan_sends: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
     out_sends: list[list[list[Action]]] = []
     for r in range(P):
@@ -466,7 +522,7 @@ def lower(s: Schedule) -> tuple[tuple[Action, ...], ...]:
         for a in s.actions[r]:
             sends = []
             for kind, c, m in a.parts():
-                prev, nxt = _neighbours(s, r, c)
+                prev, nxt = links[r][c]
                 if kind == F and nxt is not None and nxt[0] != r:
                     sends.append(Action(SEND_F, c, m, peer=nxt[0]))
                     chan_sends.setdefault((r, nxt[0]), []).append((F, nxt[1], m))
@@ -475,6 +531,13 @@ def lower(s: Schedule) -> tuple[tuple[Action, ...], ...]:
                     chan_sends.setdefault((r, prev[0]), []).append((B, prev[1], m))
             per_action.append(sends)
         out_sends.append(per_action)
+    # where each message sits in its channel's order (a broken schedule that sends a
+    # message twice gets it matched at its first send; validate() rejects it anyway)
+    chan_index: dict[tuple[int, int], dict[tuple[str, int, int], int]] = {}
+    for ch, seq in chan_sends.items():
+        index = chan_index[ch] = {}
+        for k, msg in enumerate(seq):
+            index.setdefault(msg, k)
     # 2. receives, in channel order, as late as possible
     result = []
     for r in range(P):
@@ -482,24 +545,20 @@ def lower(s: Schedule) -> tuple[tuple[Action, ...], ...]:
         acts: list[Action] = []
         for a, sends in zip(s.actions[r], out_sends[r]):
             for kind, c, m in a.parts():
-                prev, nxt = _neighbours(s, r, c)
+                prev, nxt = links[r][c]
                 if kind == F and prev is not None and prev[0] != r:
                     src, want = prev[0], (F, c, m)
                 elif kind in (B, I) and nxt is not None and nxt[0] != r:
                     src, want = nxt[0], (B, c, m)
                 else:
                     continue
-                seq = chan_sends.get((src, r), [])
                 k = taken.get(src, 0)
-                if want not in seq[k:]:
+                at = chan_index.get((src, r), {}).get(want, -1)
+                if at < k:
                     continue  # already received ahead of time, or never sent: validate() reports it
-                while True:
-                    mk, mc, mm = seq[k]
+                for mk, mc, mm in chan_sends[(src, r)][k:at + 1]:
                     acts.append(Action(RECV_F if mk == F else RECV_B, mc, mm, peer=src))
-                    k += 1
-                    if (mk, mc, mm) == want:
-                        break
-                taken[src] = k
+                taken[src] = at + 1
             acts.append(a)
             acts.extend(sends)
         result.append(tuple(acts))

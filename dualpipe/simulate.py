@@ -21,9 +21,10 @@ regime it differs (see ``docs/schedules.md``).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
-from .schedules import B, F, FB, I, W, Action, Schedule
+from .schedules import B, F, FB, I, W, Action, Schedule, gc_paused
 
 __all__ = ["Costs", "Interval", "SimResult", "simulate", "formula_bubble", "formula_activations"]
 
@@ -105,71 +106,87 @@ class SimResult:
         }
 
 
+@gc_paused()
 def simulate(s: Schedule, costs: Costs = Costs()) -> SimResult:
     """Run ``s`` under ``costs``; raises ``ValueError`` if it cannot finish
-    (run :func:`dualpipe.validate.validate` for the reason)."""
+    (run :func:`dualpipe.validate.validate` for the reason).
+
+    ``intervals`` of the result come rank by rank (rank 0 first), each rank's in
+    program order.  Linear in the number of actions: each rank runs until an action
+    waits for an output not produced yet and resumes when that output is produced,
+    so every action is tried at most twice."""
     P = s.num_ranks
-    owner = s.stage_owner
     lat = costs.latency
-    fdone: dict[tuple[int, int, int], tuple[float, int]] = {}  # (stream, stage, mb) -> (t, rank)
-    bdone: dict[tuple[int, int, int], tuple[float, int]] = {}
+    owner = s.stage_owner
+    # end time of the forward / backward of each (stream, stage, micro-batch); None
+    # until it has run
+    fend = [[[None] * st.num_microbatches for _ in range(st.num_stages)] for st in s.streams]
+    bend = [[[None] * st.num_microbatches for _ in range(st.num_stages)] for st in s.streams]
+    # per rank and chunk, for F and for B/I: (the end times it waits for, the latency
+    # added to them), or None (a first stage's F); and the end times it writes
+    def link(r: int, ends, stream: int, stage: int):
+        crosses = owner.get((stream, stage), (r,))[0] != r
+        return ends[stream][stage], (lat if crosses else 0.0)
+
+    wait_on, writes = [], []
+    for r, chunks in enumerate(s.placement):
+        w_r, o_r = [], []
+        for stream, stage in chunks:
+            last = stage + 1 == s.streams[stream].num_stages
+            w_r.append((link(r, fend, stream, stage - 1) if stage > 0 else None,
+                        (fend[stream][stage], 0.0) if last else link(r, bend, stream, stage + 1)))
+            o_r.append((fend[stream][stage], bend[stream][stage]))
+        wait_on.append(w_r)
+        writes.append(o_r)
+    waiters: dict[tuple[int, int], list[int]] = {}  # (id of an end list, mb) -> ranks
     clock = [0.0] * P
+    busy = [0.0] * P
     pos = [0] * P
-    intervals: list[Interval] = []
+    per_rank: list[list[Interval]] = [[] for _ in range(P)]
 
-    def ready(r: int, kind: str, c: int, m: int):
-        stream, stage = s.placement[r][c]
-        if kind == F:
-            if stage == 0:
-                return 0.0
-            dep = fdone.get((stream, stage - 1, m))
-        elif kind in (B, I):
-            if stage + 1 == s.streams[stream].num_stages:
-                dep = fdone.get((stream, stage, m))
-                return None if dep is None else dep[0]
-            dep = bdone.get((stream, stage + 1, m))
-        else:
-            return 0.0  # W: ordered after its I by program order
-        if dep is None:
-            return None
-        return dep[0] + (lat if dep[1] != r else 0.0)
-
-    progress = True
-    while progress:
-        progress = False
-        for r in range(P):
-            acts = s.actions[r]
-            while pos[r] < len(acts):
-                a = acts[pos[r]]
-                t = clock[r]
-                blocked = False
-                for kind, c, m in a.parts():
-                    rt = ready(r, kind, c, m)
-                    if rt is None:
-                        blocked = True
-                        break
-                    t = max(t, rt)
-                if blocked:
+    runnable = deque(range(P))
+    while runnable:
+        r = runnable.popleft()
+        acts = s.actions[r]
+        while pos[r] < len(acts):
+            a = acts[pos[r]]
+            t = clock[r]
+            blocked = None
+            for kind, c, m in a.parts():
+                if kind == W:
+                    continue  # ordered after its I by program order
+                if not 0 <= m < len(writes[r][c][0]):
+                    raise ValueError(f"{a} on rank {r}: micro-batch {m} is out of range; "
+                                     "run dualpipe.validate.validate() for details")
+                dep = wait_on[r][c][0 if kind == F else 1]
+                if dep is None:
+                    continue
+                ends, extra = dep
+                end = ends[m]
+                if end is None:
+                    blocked = (id(ends), m)
                     break
-                end = t + costs.of(a)
-                for kind, c, m in a.parts():
-                    stream, stage = s.placement[r][c]
-                    if kind == F:
-                        fdone[(stream, stage, m)] = (end, r)
-                    elif kind in (B, I):
-                        bdone[(stream, stage, m)] = (end, r)
-                intervals.append(Interval(r, t, end, a))
-                clock[r] = end
-                pos[r] += 1
-                progress = True
+                t = max(t, end + extra)
+            if blocked is not None:
+                waiters.setdefault(blocked, []).append(r)
+                break
+            end = t + costs.of(a)
+            for kind, c, m in a.parts():
+                if kind != W:
+                    ends = writes[r][c][0 if kind == F else 1]
+                    ends[m] = end
+                    if waiters:
+                        runnable.extend(waiters.pop((id(ends), m), ()))
+            per_rank[r].append(Interval(r, t, end, a))
+            busy[r] += end - t
+            clock[r] = end
+            pos[r] += 1
     if any(pos[r] < len(s.actions[r]) for r in range(P)):
         raise ValueError(f"schedule {s.name!r} cannot complete (stuck at "
                          f"{[str(s.actions[r][pos[r]]) for r in range(P) if pos[r] < len(s.actions[r])]}); "
                          "run dualpipe.validate.validate() for details")
+    intervals = [iv for ivs in per_rank for iv in ivs]
     makespan = max(clock) if P else 0.0
-    busy = [0.0] * P
-    for iv in intervals:
-        busy[iv.rank] += iv.end - iv.start
     idle = [makespan - b for b in busy]
     peaks = [_peak_activations(acts) for acts in s.actions]
     res = SimResult(s, costs, makespan, busy, idle, peaks, intervals)

@@ -3,7 +3,8 @@
 The CLIs' ``main(argv)`` run in this process (torch is already imported here; only the
 ranks are spawned), with the smallest settings that still go through every code path:
 bubble and p2p_latency on 2 ranks (real transfers), vs_torch and overhead on 1 rank
-(both runtimes, DualPipeV's two stages on one rank).  Speed is never asserted: only that each exits 0,
+(both runtimes, DualPipeV's two stages on one rank), scale on two tiny rungs (in this
+process).  Speed is never asserted: only that each exits 0,
 prints its table and writes JSON (machine described), markdown and PNG.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ CASES = {
     "overhead": ["--ranks", "1", "--chunks", "4", "--warmup", "1", "--repeats", "2",
                  "--schedules", "dualpipev"],
     "p2p_latency": ["--ranks", "2", "--iters", "5", "--warmup", "0", "--repeats", "2"],
+    "scale": ["--schedules", "1f1b", "dualpipev", "--ladder", "2x4", "4x8", "--repeats", "1"],
 }
 NO_PLOT = {"p2p_latency"}  # a table is the result
 
