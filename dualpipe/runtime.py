@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 _SCHEDULE_IDS = {"dualpipe": 1, "dualpipev": 2, "1f1b": 3, "zb1p": 4}
 _TAG_F, _TAG_B, _TAG_META = 1, 2, 3
+_TAG_MASK = 5  # which input gradients are None (4: reduce_dualpipe_grads)
 # transport= values -> overlap.shm.ShmP2P.create modes
 _TRANSPORTS = {"auto": "auto", "shm": "shm", "group": "off"}
 
@@ -65,26 +66,36 @@ def _ring_bytes() -> int:
         raise ValueError(f"DUALPIPE_SHM_RING_BYTES must be an integer number of bytes, "
                          f"got {v!r}") from None
 _HS_LEN = 12
+_MAX_SIGNATURES = 64  # input signatures whose boundary shapes a pipeline keeps
 
 _p2p_shapes: list[tuple[int, ...]] | None = None
 _p2p_dtype: torch.dtype | None = None
+_p2p_version = 0  # bumped by every declaration; a pipeline binds it to the inputs it ran with
 
 
-def set_p2p_tensor_shapes(shapes: Sequence[Sequence[int]]) -> None:
+def set_p2p_tensor_shapes(shapes: Sequence[Sequence[int]] | None) -> None:
     """Declare the shapes of the tensors crossing every stage boundary (optional).
 
     Not needed: shapes are exchanged automatically.  When given, every boundary's
-    tensors are checked against them and a mismatch raises ``ValueError``."""
-    global _p2p_shapes
-    _p2p_shapes = [tuple(int(d) for d in s) for s in shapes]
+    tensors are checked against them and a mismatch raises ``ValueError``.  A
+    declaration holds for the step inputs it was first used with: a later step whose
+    inputs differ in shape or dtype (a new sequence length, another batch size) is
+    refused at its start, on every rank, until shapes are declared again (or cleared
+    with ``set_p2p_tensor_shapes(None)``)."""
+    global _p2p_shapes, _p2p_version
+    _p2p_shapes = None if shapes is None else [tuple(int(d) for d in s) for s in shapes]
+    _p2p_version += 1
 
 
-def set_p2p_tensor_dtype(dtype: torch.dtype) -> None:
-    """Declare the dtype of the tensors crossing stage boundaries (optional, checked)."""
-    global _p2p_dtype
-    if not isinstance(dtype, torch.dtype):
+def set_p2p_tensor_dtype(dtype: torch.dtype | None) -> None:
+    """Declare the dtype of the floating-point tensors crossing stage boundaries
+    (optional, checked; ``None`` clears it).  Like the shapes, it holds for the input
+    dtypes of the first step that uses it."""
+    global _p2p_dtype, _p2p_version
+    if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"set_p2p_tensor_dtype expects a torch.dtype, got {dtype!r}")
     _p2p_dtype = dtype
+    _p2p_version += 1
 
 
 class PipelineError(RuntimeError):
@@ -217,6 +228,33 @@ def _compile(s: Schedule, forward_only: bool, lookahead: int) -> tuple[_Plan, ..
     return tuple(plans)
 
 
+def _stage_modules(modules, want: int, name: str) -> tuple[nn.Module, ...]:
+    """This rank's stage modules from what the user passed.
+
+    As in ``deepseek-ai/DualPipe`` (which wraps ``modules`` in ``nn.ModuleList``), the
+    stages may come as a tuple, a list, an ``nn.ModuleList`` or an ``nn.Sequential``.  A
+    schedule with one stage per rank also takes the stage itself; there an
+    ``nn.Sequential`` is that one stage (it is callable), while an ``nn.ModuleList``
+    (which is not) is a container."""
+    if isinstance(modules, nn.ModuleList) or (isinstance(modules, nn.Sequential) and want > 1):
+        stages = tuple(modules)
+        what = f"an nn.{type(modules).__name__} of {len(stages)} module(s)"
+    elif isinstance(modules, nn.Module):
+        stages = (modules,)
+        what = f"one {type(modules).__name__}"
+    elif isinstance(modules, (tuple, list)):
+        stages = tuple(modules)
+        what = f"a {type(modules).__name__} of {[type(m).__name__ for m in stages]}"
+    else:
+        raise ValueError(f"modules must be nn.Module stages (a tuple, list, nn.ModuleList or "
+                         f"nn.Sequential of them), got {type(modules).__name__}")
+    if len(stages) != want or not all(isinstance(m, nn.Module) for m in stages):
+        raise ValueError(f"schedule {name!r} needs {want} nn.Module stage(s) per rank "
+                         f"({'stage r and its partner stage' if want == 2 else 'the stage'}), "
+                         f"got {what}")
+    return stages
+
+
 def _as_tuple(x) -> tuple:
     if isinstance(x, torch.Tensor):
         return (x,)
@@ -224,6 +262,35 @@ def _as_tuple(x) -> tuple:
         return tuple(x)
     raise TypeError(f"a pipeline stage must return a Tensor or a tuple/list of Tensors, "
                     f"got {type(x).__name__}")
+
+
+def _pack_mask(mask: tuple, device) -> torch.Tensor:
+    """``int64[META_LEN]``: ``[n, 1 if gradient i is there else 0, ...]``."""
+    if len(mask) >= META_LEN:
+        raise ValueError(f"a stage boundary carries {len(mask)} tensors that need a gradient; "
+                         f"at most {META_LEN - 1} fit")
+    out = torch.zeros(META_LEN, dtype=torch.int64)
+    out[0] = len(mask)
+    out[1: 1 + len(mask)] = torch.tensor([int(b) for b in mask], dtype=torch.int64)
+    return out.to(device)
+
+
+def _unpack_mask(t: torch.Tensor) -> tuple | bool:
+    """The mask of :func:`_pack_mask`; ``True`` when every gradient is there."""
+    words = t.tolist()
+    mask = tuple(bool(w) for w in words[1: 1 + words[0]])
+    return True if all(mask) else mask
+
+
+def _mask_text(mask: tuple) -> str:
+    return "[" + ", ".join("grad" if b else "None" for b in mask) + "]"
+
+
+def _has_tensor(x) -> bool:
+    """``x`` (a tensor, or a tuple/list that may hold ``None``) holds a tensor."""
+    if isinstance(x, torch.Tensor):
+        return True
+    return isinstance(x, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in x)
 
 
 def _sig(tensors: Sequence[Any]) -> str:
@@ -275,13 +342,7 @@ class PipelineRuntime(nn.Module):
         if name not in _SCHEDULE_IDS:
             raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(_SCHEDULE_IDS)}")
         self.schedule_name = name
-        if isinstance(modules, nn.Module):
-            modules = (modules,)
-        modules = tuple(modules)
-        want = 2 if name in ("dualpipe", "dualpipev") else 1
-        if len(modules) != want or not all(isinstance(m, nn.Module) for m in modules):
-            raise ValueError(f"schedule {name!r} needs {want} nn.Module stage(s) per rank, got "
-                             f"{[type(m).__name__ for m in modules]}")
+        modules = _stage_modules(modules, 2 if name in ("dualpipe", "dualpipev") else 1, name)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call "
                                "torch.distributed.init_process_group() (gloo on CPU, nccl on "
@@ -404,8 +465,17 @@ class PipelineRuntime(nn.Module):
             self._p2p = P2P(self.group) if self._pg is None else \
                 P2P(backend=self._pg, rank=self.group.rank())
         self._plans: dict[tuple, _Plan] = {}
+        # what crosses each boundary, per (num_chunks, mode, chunk, input signature):
+        # the outputs' shapes/dtypes (sent once with the first activation) and which
+        # input gradients are None (sent once with the first gradient)
         self._meta_sent: dict[tuple, list[TensorMeta]] = {}
         self._meta_recv: dict[tuple, list[TensorMeta]] = {}
+        self._mask_sent: dict[tuple, tuple] = {}
+        self._mask_recv: dict[tuple, tuple | bool] = {}
+        self._sig_keys: dict[tuple, None] = {}  # input signatures seen, least recent first
+        self._decl_bound: tuple | None = None    # (declaration version, inputs) verified
+        self._decl_pending: tuple | None = None
+        self._warned_view = False
         self._times: list[tuple] = []
         self._last_stats = StepStats()
         #: training/inference steps completed on this rank (dualpipe.training checks that
@@ -509,6 +579,7 @@ class PipelineRuntime(nn.Module):
             self._ev_start.record(torch.cuda.current_stream(self.device))
         forward_only = not torch.is_grad_enabled()
         err = None
+        self._decl_pending = None
         try:
             s = self._schedule(num_chunks) if isinstance(num_chunks, int) else None
             if s is None:
@@ -518,13 +589,32 @@ class PipelineRuntime(nn.Module):
             err, s = e, None
         sig = self._handshake(num_chunks, forward_only, return_outputs, err,
                               inputs if err is None else ())
+        self._remember_signature((num_chunks, forward_only, sig))
         plan = self._plan(s, forward_only)
         try:
-            return self._run(s, plan, sig, batches, label_mbs, criterion, return_outputs,
-                             forward_only, t_start)
+            result = self._run(s, plan, sig, batches, label_mbs, criterion, return_outputs,
+                               forward_only, t_start)
         finally:
             WeightGradStore.enabled = False
             WeightGradStore.cache = []
+        if self._decl_pending is not None:  # the declaration held for these inputs
+            self._decl_bound = self._decl_pending
+        return result
+
+    def _remember_signature(self, key: tuple) -> None:
+        """Keep what crossed the boundaries for the last _MAX_SIGNATURES input signatures
+        (a new sequence length is a new signature).  Every rank sees the same sequence of
+        keys (the handshake agrees on them), so every rank forgets the same entries."""
+        keys = self._sig_keys
+        if key in keys:
+            del keys[key]
+        keys[key] = None
+        if len(keys) > _MAX_SIGNATURES:
+            old = next(iter(keys))
+            del keys[old]
+            for d in (self._meta_sent, self._meta_recv, self._mask_sent, self._mask_recv):
+                for k in [k for k in d if (k[0], k[1], k[3]) == old]:
+                    del d[k]
 
     def _check_args(self, s: Schedule, inputs, criterion, labels, forward_only):
         r = self.rank
@@ -538,6 +628,7 @@ class PipelineRuntime(nn.Module):
                 if x is not None and not isinstance(x, torch.Tensor):
                     raise ValueError(f"step() inputs must be tensors, got {type(x).__name__}")
             batches[c_in] = self._split(inputs, len(s.input_microbatches(r)), "inputs")
+            self._check_declaration(inputs)
         elif inputs and any(x is not None for x in inputs):
             warnings.warn(f"pipeline rank {r} holds no first stage: its step() inputs are "
                           "ignored", stacklevel=3)
@@ -550,10 +641,38 @@ class PipelineRuntime(nn.Module):
                 n = len(s.loss_microbatches(r))
                 labels = (labels,) if isinstance(labels, torch.Tensor) else tuple(labels)
                 label_mbs[c_loss] = self._split(labels, n, "labels") if labels else [()] * n
-        elif criterion is not None or (labels and len(labels)):
-            warnings.warn(f"pipeline rank {r} holds no last stage: its criterion/labels are "
+        elif _has_tensor(labels):
+            # the published examples pass criterion= and labels=(None,) on every rank:
+            # only labels that are really there are worth a word
+            warnings.warn(f"pipeline rank {r} holds no last stage: its step() labels are "
                           "ignored", stacklevel=3)
         return batches, label_mbs
+
+    def _check_declaration(self, inputs) -> None:
+        """Refuse a step whose inputs differ from those that a set_p2p_tensor_shapes/dtype
+        declaration was first used with (checked where the inputs are, before the step's
+        handshake, so every rank stops at the start instead of one failing mid-step)."""
+        self._decl_pending = None
+        if _p2p_shapes is None and _p2p_dtype is None:
+            return
+        if _p2p_shapes is not None:
+            sig = _sig(inputs)
+        else:  # a dtype alone says nothing about shapes
+            sig = ";".join(str(t.dtype) if isinstance(t, torch.Tensor) else "None"
+                           for t in inputs)
+        bound = self._decl_bound
+        if bound is not None and bound[0] == _p2p_version:
+            if bound[1] != sig:
+                what = (f"shapes {[list(x) for x in _p2p_shapes]}" if _p2p_shapes is not None
+                        else f"dtype {_p2p_dtype}")
+                raise ValueError(
+                    f"set_p2p_tensor_shapes/dtype declared the boundary {what} for step inputs "
+                    f"{bound[1]}, but this step's inputs are {sig}, which changes what crosses "
+                    "the stage boundaries: declare the new shapes (set_p2p_tensor_shapes) "
+                    "before this step, or call set_p2p_tensor_shapes(None) and "
+                    "set_p2p_tensor_dtype(None) to let the pipeline exchange them itself")
+            return
+        self._decl_pending = (_p2p_version, sig)  # bound once a step has run with it
 
     def _split(self, xs, n: int, what: str) -> list[tuple]:
         d = self.batch_dim
@@ -642,7 +761,7 @@ class PipelineRuntime(nn.Module):
         for c, mbs in batches.items():
             inputs[c] = list(mbs)
         recv_handles: list[Handle | None] = [None] * len(plan.recvs)
-        meta_handles: dict[int, Handle] = {}
+        meta_handles: dict[tuple, Handle] = {}  # (F|B, chunk) -> shape or gradient layout
         send_handles: list[Handle] = []       # shape messages; reaped at the end
         pending: dict[int, Handle] = {}        # send id -> data send not yet reaped
         release = plan.release
@@ -671,6 +790,8 @@ class PipelineRuntime(nn.Module):
         training = not forward_only
         meta_sent = self._meta_sent
         meta_recv = self._meta_recv
+        mask_sent = self._mask_sent
+        mask_recv = self._mask_recv
 
         def meta_key(c):
             return (s.num_chunks, forward_only, c, sig)
@@ -682,10 +803,10 @@ class PipelineRuntime(nn.Module):
                 if kind == F:
                     metas = meta_recv.get(meta_key(c))
                     if metas is None:
-                        if c not in meta_handles:
+                        if (F, c) not in meta_handles:
                             buf = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
-                            meta_handles[c] = p2p.irecv([buf], to_group[peer],
-                                                        f"shapes for F{c}.{m}", _TAG_META)
+                            meta_handles[(F, c)] = p2p.irecv([buf], to_group[peer],
+                                                             f"shapes for F{c}.{m}", _TAG_META)
                         return
                     bufs = [torch.empty(mt.shape, dtype=mt.dtype, device=self.device)
                             for mt in metas]
@@ -694,6 +815,13 @@ class PipelineRuntime(nn.Module):
                 else:
                     metas = meta_sent.get(meta_key(c))
                     if metas is None:  # first step: shapes known once F{c} has run
+                        return
+                    if meta_key(c) not in mask_recv:  # which gradients are None: once
+                        if (B, c) not in meta_handles:
+                            buf = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
+                            meta_handles[(B, c)] = p2p.irecv(
+                                [buf], to_group[peer], f"gradient layout for B{c}.{m}",
+                                _TAG_MASK)
                         return
                     bufs = [torch.empty(mt.shape, dtype=mt.dtype, device=self.device)
                             for mt in metas if mt.requires_grad]
@@ -706,13 +834,16 @@ class PipelineRuntime(nn.Module):
             nonlocal wait_total
             while recv_handles[idx] is None:  # posting stopped at a shape message
                 kind, c, m, peer = recvs[posted]
-                h = meta_handles.pop(c, None) if kind == F else None
+                h = meta_handles.pop((kind, c), None)
                 if h is not None:  # the host needs the shapes to allocate the buffers
-                    meta_recv[meta_key(c)] = unpack_meta(
-                        h.wait(timeout, meta_abort, host=True)[0])
+                    buf = h.wait(timeout, meta_abort, host=True)[0]
+                    if kind == F:
+                        meta_recv[meta_key(c)] = unpack_meta(buf)
+                    else:
+                        mask_recv[meta_key(c)] = _unpack_mask(buf)
                 before = posted
                 post_until(idx + 1)
-                if posted == before and h is None:
+                if posted == before and h is None and (kind, c) not in meta_handles:
                     raise PipelineError(f"pipeline rank {rank}, action {text}: internal error: "
                                         f"cannot post receive {recvs[posted]}", rank, text)
             h = recv_handles[idx]
@@ -735,13 +866,13 @@ class PipelineRuntime(nn.Module):
                 times.append((t0 - t_start, t1 - t_start, text, "wait"))
             return tensors
 
-        def send(kind, c, m, peer, sid, tensors, text):
+        def send(kind, c, m, peer, sid, tensors, text, like=()):
             if kind == F:
                 metas = [TensorMeta.of(t) for t in tensors]
                 key = meta_key(c)
                 known = meta_sent.get(key)
                 if known is None:
-                    self._check_declared(metas, c, text)
+                    self._check_declared(metas)
                     meta_sent[key] = metas
                     send_handles.append(p2p.isend([pack_meta(metas, self.device)],
                                                   to_group[peer], f"shapes of {text}", _TAG_META))
@@ -753,6 +884,27 @@ class PipelineRuntime(nn.Module):
                         rank, text)
                 h = p2p.isend(tensors, to_group[peer], f"send {text}", _TAG_F)
             else:
+                # tensors: this stage's input gradients, None where no gradient reached
+                # an input (a single process leaves the earlier stages' .grad None then);
+                # which ones are None is sent once per signature, zeros stand in for them
+                mask = tuple(g is not None for g in tensors)
+                key = meta_key(c)
+                known = mask_sent.get(key)
+                if known is None:
+                    mask_sent[key] = mask
+                    send_handles.append(p2p.isend([_pack_mask(mask, self.device)],
+                                                  to_group[peer], f"gradient layout of {text}",
+                                                  _TAG_MASK))
+                elif known != mask:
+                    raise PipelineError(
+                        f"pipeline rank {rank}, action {text}: which input gradients are None "
+                        f"changed from {_mask_text(known)} to {_mask_text(mask)} for the same "
+                        "inputs; every micro-batch of a step must use its stage inputs the "
+                        "same way (a gradient that is None for one must be None for all)",
+                        rank, text)
+                if not all(mask):
+                    tensors = [g if g is not None else torch.zeros_like(t)
+                               for g, t in zip(tensors, like)]
                 h = p2p.isend(tensors, to_group[peer], f"send {text}", _TAG_B)
             pending[sid] = h
 
@@ -791,19 +943,42 @@ class PipelineRuntime(nn.Module):
                 inputs[c][m] = None
             for (k, sc, sm, peer, sid) in sends:
                 if k == F and sc == c:
-                    if training:
-                        for t in out:
-                            if t._base is not None:
-                                raise ValueError(
-                                    f"pipeline rank {rank}, action {text}: the stage returned a "
-                                    "view of another tensor; return a new tensor (e.g. "
-                                    "x.clone()) so its memory can be released after sending")
                     send(F, c, m, peer, sid, out, text)
                     if training:
-                        # the send holds its own reference to the storage until it completes;
-                        # autograd needs only the output's grad_fn, not its data
-                        for t in out:
-                            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+                        release_sent(c, m, out)
+
+        def release_sent(c, m, out):
+            """Release the memory of sent outputs that only the runtime still holds.
+
+            The send holds its own reference to the storage until it completes, and
+            autograd needs only an output's grad_fn, not its data, so the data of an
+            output that autograd produced (it has a grad_fn), that is not a view (its
+            storage is its base's) and whose tensor nothing else refers to (use count 1:
+            autograd holds a tensor it saved for backward itself, unless it is the
+            output of the op that saved it, which keeps a separate alias) can go.  Everything
+            else is sent and kept: the stage's inputs passed through (leaves), parameters and
+            buffers, tensors without a gradient (ids, masks) or with their own uses."""
+            for t in out:
+                if t.grad_fn is None:
+                    continue
+                if t._base is not None:
+                    view_kept(c, m, t)
+                elif t._use_count() == 1 and not any(t is x for x in inputs[c][m]):
+                    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+        def view_kept(c, m, t):
+            if self._warned_view:
+                return
+            base = t._base
+            if any(base is x or base is x._base for x in inputs[c][m] if x is not None):
+                return  # a view of an input: kept anyway for its own backward
+            self._warned_view = True
+            warnings.warn(
+                f"pipeline rank {rank}: a stage output sent to the next stage is a view of "
+                f"another tensor ({t.dtype}{list(t.shape)} of {base.dtype}{list(base.shape)}); "
+                "it is sent correctly, but its memory (its base's) stays allocated until the "
+                "micro-batch's backward: return a fresh tensor (e.g. .clone()) to let the "
+                "pipeline release it after sending", stacklevel=2)
 
         def backward_args(c, m, text):
             """(loss, outputs, output grads) to backpropagate micro-batch m of chunk c."""
@@ -816,7 +991,9 @@ class PipelineRuntime(nn.Module):
             outs = outputs[c][m]
             grads = out_grads[c][m]
             out_grads[c][m] = None
-            pairs = [(o, g) for o, g in zip((o for o in outs if o.requires_grad), grads)]
+            # outputs that need a gradient, paired with theirs; None: none reached it
+            pairs = [(o, g) for o, g in zip((o for o in outs if o.requires_grad), grads)
+                     if g is not None]
             return None, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
         def after_backward(c, m, text, sends):
@@ -827,14 +1004,14 @@ class PipelineRuntime(nn.Module):
             inputs[c][m] = None
             if is_first[c]:
                 return
-            grads = [t.grad if t.grad is not None else torch.zeros_like(t)
-                     for t in ins if t.requires_grad]
+            need = [t for t in ins if t.requires_grad]
+            grads = [t.grad for t in need]  # None where no gradient reached an input
             pl = prev_local[c]
             if pl is not None:
                 out_grads[pl][m] = grads
             for (k, sc, sm, peer, sid) in sends:
                 if k == B and sc == c:
-                    send(B, c, m, peer, sid, grads, text)
+                    send(B, c, m, peer, sid, grads, text, need)
 
         whole_backward = self._whole_backward
 
@@ -875,7 +1052,9 @@ class PipelineRuntime(nn.Module):
                                 t.requires_grad_(True)
                         inputs[rc][rm] = tuple(tensors)
                     else:
-                        out_grads[rc][rm] = tensors
+                        mask = mask_recv[meta_key(rc)]
+                        out_grads[rc][rm] = tensors if mask is True else \
+                            [g if keep else None for g, keep in zip(tensors, mask)]
                 if device_clock:
                     e0 = take()
                     e0.record(stream)
@@ -956,7 +1135,7 @@ class PipelineRuntime(nn.Module):
                     loss_out = torch.stack([x.detach() for x in losses[c]])
                 if return_outputs:
                     o = gather(kept_outputs[c], self.batch_dim)
-                    outs_out = o[0] if len(o) == 1 else o
+                    outs_out = o[0] if len(o) == 1 else tuple(o)
         self.steps_done += 1
         if device_clock:
             end = take()
@@ -1030,7 +1209,11 @@ class PipelineRuntime(nn.Module):
             first = _write(store, key, msg)
             err = PipelineTimeout(msg, rank, action)
         else:
-            msg = f"pipeline rank {rank}, action {action}: {type(e).__name__}: {e}"
+            prefix = f"pipeline rank {rank}, action {action}: "
+            text = str(e)
+            if text.startswith(prefix):  # said where already: do not say it twice
+                text = text[len(prefix):]
+            msg = f"{prefix}{type(e).__name__}: {text}"
             first = _write(store, key, msg)
             err = PipelineError(msg, rank, action)
         log.error("%s", err)
@@ -1065,16 +1248,17 @@ class PipelineRuntime(nn.Module):
         gc.collect()  # gloo closes the connections when the last reference goes
 
 
-    def _check_declared(self, metas: list[TensorMeta], c: int, text: str) -> None:
+    @staticmethod
+    def _check_declared(metas: list[TensorMeta]) -> None:
+        """What a stage sends against set_p2p_tensor_shapes/dtype (the caller's failure
+        path names the rank and the action)."""
         if _p2p_shapes is not None and [m.shape for m in metas] != _p2p_shapes:
-            raise ValueError(f"pipeline rank {self.rank}, action {text}: the stage sends shapes "
-                             f"{[list(m.shape) for m in metas]} but set_p2p_tensor_shapes "
-                             f"declared {[list(s) for s in _p2p_shapes]}")
+            raise ValueError(f"the stage sends shapes {[list(m.shape) for m in metas]} but "
+                             f"set_p2p_tensor_shapes declared {[list(s) for s in _p2p_shapes]}")
         if _p2p_dtype is not None and any(m.dtype != _p2p_dtype for m in metas
                                           if m.dtype.is_floating_point):
-            raise ValueError(f"pipeline rank {self.rank}, action {text}: the stage sends dtypes "
-                             f"{[str(m.dtype) for m in metas]} but set_p2p_tensor_dtype "
-                             f"declared {_p2p_dtype}")
+            raise ValueError(f"the stage sends dtypes {[str(m.dtype) for m in metas]} but "
+                             f"set_p2p_tensor_dtype declared {_p2p_dtype}")
 
 
 _clone_count: dict[str, int] = {}

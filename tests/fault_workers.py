@@ -85,11 +85,6 @@ def misuse(rank: int, world: int):
     return out
 
 
-class ViewStage(Stage):
-    def forward(self, x):
-        return super().forward(x)[:, :]  # a view of a fresh tensor
-
-
 class FailingStage(Stage):
     fail_at = None   # (kind, microbatch) on the failing rank: "F" or "B"
     seen = {"F": 0, "B": 0}
@@ -123,11 +118,6 @@ def _pipe(rank, world, cls, name="dualpipe", N=8, timeout=10.0):
     s = get_schedule(name, world, N)
     mods = [cls(stage) for (_st, stage) in s.placement[rank]]
     return (DualPipe if name == "dualpipe" else DualPipeV)(mods, timeout=timeout), s
-
-
-def view_output(rank: int, world: int):
-    p, s = _pipe(rank, world, ViewStage)
-    return _outcome(lambda: _step(p, s, rank, 8))
 
 
 def fail_mid_step(rank: int, world: int, failing_rank: int, fail_at, port2: int):

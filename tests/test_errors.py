@@ -44,13 +44,6 @@ def test_misuse_raises_on_every_rank_and_leaves_the_group_usable(transport):
     assert all(r["after"][0] == "ok" for r in res)
 
 
-def test_stage_returning_a_view_is_rejected_on_every_rank():
-    res = run_ranks(fw.view_output, 2, timeout=60)
-    assert any("view" in r[1] and "clone" in r[1] for r in res), res
-    for r in res:
-        assert r[0] == "PipelineError", r
-
-
 @pytest.mark.parametrize("failing_rank,fail_at", [(0, ("F", 0)), (2, ("F", 3)), (1, ("B", 1)),
                                                   (3, ("B", 2))])
 @pytest.mark.parametrize("transport", ["auto", "group"], indirect=True)

@@ -1,0 +1,190 @@
+"""Rank functions for the drop-in tests: the published examples' calling convention
+(``deepseek-ai/DualPipe``'s ``examples/example_dualpipe.py`` and ``example_dualpipev.py``)
+transcribed for CPU ranks, and argument-handling cases around it.
+
+The transcription keeps what a user's code does with the API -- stages passed as one
+``nn.Sequential``, ``set_p2p_tensor_shapes`` / ``set_p2p_tensor_dtype`` declared,
+``step(x, num_chunks=, criterion=, labels=(l,), return_outputs=)`` called on every rank
+with ``x = l = None`` on the ranks that hold no first/last stage, a custom autograd linear
+that defers its weight gradient through ``WeightGradStore``, the
+``overlapped_forward_backward`` classmethod, the published cosine check of gradients
+(for DualPipe after adding the partner rank's copy of each stage) and the inference step
+under ``torch.no_grad()`` -- with sizes small enough for CPU tests.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+from dualpipe import WeightGradStore
+from dualpipe.utils import run_backward
+
+
+class _Linear(torch.autograd.Function):
+    """``x @ w.T`` whose weight gradient goes to ``WeightGradStore`` while it is enabled
+    (the zero-bubble W pass), as the published example's linear does."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return Fn.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+
+        def weight_grad():
+            w.grad += gy.flatten(0, -2).T @ x.flatten(0, -2)
+
+        if WeightGradStore.enabled:
+            WeightGradStore.put(weight_grad)
+        else:
+            weight_grad()
+        return gy @ w, None
+
+
+class DeferredLinear(nn.Linear):
+    def forward(self, x):
+        return _Linear.apply(x, self.weight)
+
+
+class ExampleStage(nn.Module):
+    """hidden -> 4 hidden -> gelu -> hidden, no biases."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear1 = DeferredLinear(hidden, 4 * hidden, bias=False)
+        self.linear2 = DeferredLinear(4 * hidden, hidden, bias=False)
+
+    def forward(self, x):
+        return self.linear2(Fn.gelu(self.linear1(x)))
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0,
+                                    module1, loss1, outputs1, output_grads1):
+        # the contract's plain form: forward one chunk, then backward the other
+        out0 = module0(*inputs0)
+        out0 = [out0] if isinstance(out0, torch.Tensor) else out0
+        loss0 = criterion0(*out0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+            loss1.detach_()
+        else:
+            run_backward(outputs1, output_grads1)
+        return out0, loss0
+
+
+def example_criterion(out, target):
+    return Fn.mse_loss(out, target).clone()
+
+
+def reference_step(x, l, model, chunks):
+    """The whole model in one process, micro-batch by micro-batch."""
+    losses, outs = [], []
+    for xm, lm in zip(x.chunk(chunks), l.chunk(chunks)):
+        y = model(xm)
+        loss = example_criterion(y, lm)
+        loss.backward()
+        losses.append(loss.detach())
+        outs.append(y.detach())
+    return torch.stack(losses), torch.cat(outs)
+
+
+def cos_diff(a, b) -> float:
+    """The published gradient measure: ``1 - 2 a.b / (a.a + b.b)``."""
+    a, b = a.double(), b.double()
+    return 1 - 2 * (a * b).sum().item() / (a * a + b * b).sum().item()
+
+
+def published_example(rank: int, world: int, schedule: str, num_chunks: int = 20,
+                      micro_batch_size: int = 3, seq_len: int = 4, hidden: int = 8):
+    """One run of the published example's ``main(rank, pp_size)`` for ``schedule``
+    ("dualpipe" or "dualpipev"); returns what the parent checks."""
+    from dualpipe import DualPipe, DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+    dual = schedule == "dualpipe"
+    first, last = rank == 0, rank == world - 1
+    torch.manual_seed(233)
+    set_p2p_tensor_shapes([(micro_batch_size, seq_len, hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    nstages = world if dual else 2 * world
+    full = nn.Sequential(*[ExampleStage(hidden) for _ in range(nstages)])
+    full_x = torch.randn(num_chunks * micro_batch_size, seq_len, hidden)
+    full_l = torch.randn(num_chunks * micro_batch_size, seq_len, hidden)
+    loss_ref, out_ref = reference_step(full_x, full_l, full, num_chunks)
+
+    local_full = nn.Sequential(full[rank], full[nstages - 1 - rank])
+    local = nn.Sequential(ExampleStage(hidden), ExampleStage(hidden))
+    local[0].load_state_dict(local_full[0].state_dict())
+    local[1].load_state_dict(local_full[1].state_dict())
+    model = (DualPipe if dual else DualPipeV)(local)
+
+    if dual:
+        # rank 0 feeds the first half and scores the second; the last rank the reverse
+        x = full_x.chunk(2)[0] if first else full_x.chunk(2)[1] if last else None
+        l = full_l.chunk(2)[1] if first else full_l.chunk(2)[0] if last else None
+        want = loss_ref.chunk(2)[1] if first else loss_ref.chunk(2)[0] if last else None
+        want_out = out_ref.chunk(2)[1] if first else out_ref.chunk(2)[0] if last else None
+    else:
+        x, l = (full_x, full_l) if first else (None, None)
+        want, want_out = (loss_ref, out_ref) if first else (None, None)
+    res = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, outputs = model.step(x, num_chunks=num_chunks, criterion=example_criterion,
+                                   labels=(l,), return_outputs=False)
+    res["warnings"] = [str(w.message) for w in caught]
+    res["train_loss_ok"] = (loss is None) if want is None else bool(torch.equal(loss, want))
+    res["train_outputs_none"] = outputs is None
+    if dual:  # each stage's gradient is the sum of its two copies' (rank r and P-1-r)
+        for p0, p1 in zip(local[0].parameters(), local[1].parameters()):
+            all0 = [torch.empty_like(p0) for _ in range(world)]
+            all1 = [torch.empty_like(p1) for _ in range(world)]
+            dist.all_gather(all0, p0.grad)
+            dist.all_gather(all1, p1.grad)
+            p0.grad += all1[world - 1 - rank]
+            p1.grad += all0[world - 1 - rank]
+    res["grad_diffs"] = [cos_diff(p.grad, q.grad)
+                         for p, q in zip(local.parameters(), local_full.parameters())]
+    model.zero_grad()
+    with torch.no_grad():
+        loss, outputs = model.step(x, num_chunks=num_chunks, criterion=example_criterion,
+                                   labels=(l,), return_outputs=True)
+    res["infer_loss_ok"] = (loss is None) if want is None else bool(torch.equal(loss, want))
+    res["infer_outputs_ok"] = (outputs is None) if want_out is None else \
+        bool(torch.equal(outputs, want_out))
+    set_p2p_tensor_shapes(None)
+    set_p2p_tensor_dtype(None)
+    return res
+
+
+def module_containers(rank: int, world: int):
+    """Every container the reference accepts for the two stages builds the same pipeline,
+    and a wrong count says what was passed."""
+    from dualpipe import DualPipeV, Pipeline
+    from tests.models import Stage
+    out = {}
+    a, b = Stage(rank), Stage(2 * world - 1 - rank)
+    for kind, mods in (("tuple", (a, b)), ("list", [a, b]), ("ModuleList", nn.ModuleList([a, b])),
+                       ("Sequential", nn.Sequential(a, b))):
+        p = DualPipeV(mods, timeout=30)
+        out[kind] = (p.module[0] is a and p.module[1] is b,
+                     sorted(p.state_dict()) == sorted(
+                         [f"module.0.{k}" for k in a.state_dict()]
+                         + [f"module.1.{k}" for k in b.state_dict()]))
+    for kind, mods in (("three", nn.Sequential(a, b, Stage(0))), ("one", a)):
+        try:
+            DualPipeV(mods, timeout=30)
+            out[kind] = "built"
+        except ValueError as e:
+            out[kind] = str(e)
+    # one stage per rank: a Sequential is the stage itself, a ModuleList holds it
+    seq = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    out["pipeline_sequential"] = Pipeline(seq, schedule="1f1b").module[0] is seq
+    out["pipeline_modulelist"] = Pipeline(nn.ModuleList([seq]), schedule="1f1b").module[0] is seq
+    return out
