@@ -470,6 +470,7 @@ class PipelineRuntime(nn.Module):
         # input gradients are None (sent once with the first gradient)
         self._meta_sent: dict[tuple, list[TensorMeta]] = {}
         self._meta_recv: dict[tuple, list[TensorMeta]] = {}
+        self._meta_checked: dict[tuple, int] = {}  # declaration version checked against
         self._mask_sent: dict[tuple, tuple] = {}
         self._mask_recv: dict[tuple, tuple | bool] = {}
         self._sig_keys: dict[tuple, None] = {}  # input signatures seen, least recent first
@@ -612,7 +613,8 @@ class PipelineRuntime(nn.Module):
         if len(keys) > _MAX_SIGNATURES:
             old = next(iter(keys))
             del keys[old]
-            for d in (self._meta_sent, self._meta_recv, self._mask_sent, self._mask_recv):
+            for d in (self._meta_sent, self._meta_recv, self._meta_checked, self._mask_sent,
+                      self._mask_recv):
                 for k in [k for k in d if (k[0], k[1], k[3]) == old]:
                     del d[k]
 
@@ -792,6 +794,7 @@ class PipelineRuntime(nn.Module):
         meta_recv = self._meta_recv
         mask_sent = self._mask_sent
         mask_recv = self._mask_recv
+        meta_checked = self._meta_checked
 
         def meta_key(c):
             return (s.num_chunks, forward_only, c, sig)
@@ -874,6 +877,7 @@ class PipelineRuntime(nn.Module):
                 if known is None:
                     self._check_declared(metas)
                     meta_sent[key] = metas
+                    meta_checked[key] = _p2p_version
                     send_handles.append(p2p.isend([pack_meta(metas, self.device)],
                                                   to_group[peer], f"shapes of {text}", _TAG_META))
                 elif known != metas:
@@ -882,6 +886,9 @@ class PipelineRuntime(nn.Module):
                         f"{[str(x) for x in known]} to {[str(x) for x in metas]} for the same "
                         "inputs; every micro-batch must produce the same shapes/dtypes",
                         rank, text)
+                elif meta_checked[key] != _p2p_version:  # declared anew since: check again
+                    self._check_declared(metas)
+                    meta_checked[key] = _p2p_version
                 h = p2p.isend(tensors, to_group[peer], f"send {text}", _TAG_F)
             else:
                 # tensors: this stage's input gradients, None where no gradient reached

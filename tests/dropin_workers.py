@@ -188,3 +188,72 @@ def module_containers(rank: int, world: int):
     out["pipeline_sequential"] = Pipeline(seq, schedule="1f1b").module[0] is seq
     out["pipeline_modulelist"] = Pipeline(nn.ModuleList([seq]), schedule="1f1b").module[0] is seq
     return out
+
+
+def _seq_stage(stage: int, hidden: int) -> nn.Module:
+    torch.manual_seed(300 + stage)
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+
+
+def _outcome(fn):
+    import time
+    t = time.monotonic()
+    try:
+        out = fn()
+        return ("ok", out, time.monotonic() - t)
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        return (type(e).__name__, str(e), time.monotonic() - t)
+
+
+def declared_shapes(rank: int, world: int, mb: int = 2, hidden: int = 4, N: int = 4):
+    """DualPipeV with the published convention (every rank passes x / criterion /
+    labels=(l,), None where unused) while the sequence length changes between steps,
+    with and without set_p2p_tensor_shapes declared.  Returns per step what happened
+    and rank 0's losses next to a single-process run of the same micro-batches."""
+    from dualpipe import DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+    stages = [_seq_stage(s, hidden) for s in range(2 * world)]
+    p = DualPipeV(nn.Sequential(_seq_stage(rank, hidden), _seq_stage(2 * world - 1 - rank,
+                                                                       hidden)), timeout=20)
+
+    def batch(seq, rows=N * mb):
+        g = torch.Generator().manual_seed(seq * 10 + rows)
+        return torch.randn(rows, seq, hidden, generator=g), torch.randn(rows, seq, hidden,
+                                                                         generator=g)
+
+    def ref(seq):
+        x, l = batch(seq)
+        out = []
+        for xm, lm in zip(x.chunk(N), l.chunk(N)):
+            h = xm
+            for st in stages:
+                h = st(h)
+            out.append(Fn.mse_loss(h, lm).detach())
+        return torch.stack(out)
+
+    def step(seq, rows=N * mb):
+        x, l = batch(seq, rows)
+        if rank != 0:
+            x = l = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss, _ = p.step(x, num_chunks=N, criterion=Fn.mse_loss, labels=(l,))
+        assert not caught, [str(w.message) for w in caught]
+        return None if loss is None else bool(torch.equal(loss, ref(seq)))
+
+    res = {}
+    set_p2p_tensor_shapes([(mb, 8, hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    res["declared"] = _outcome(lambda: step(8))
+    res["new_seq"] = _outcome(lambda: step(12))          # refused at the start, every rank
+    res["same_again"] = _outcome(lambda: step(8))        # the pipeline is still usable
+    res["indivisible"] = _outcome(lambda: step(8, rows=N * mb - 1))
+    set_p2p_tensor_shapes([(mb, 12, hidden)])            # declared anew: accepted
+    res["redeclared"] = _outcome(lambda: step(12))
+    set_p2p_tensor_shapes(None)
+    set_p2p_tensor_dtype(None)
+    res["free"] = [_outcome(lambda s=s: step(s)) for s in (8, 12, 5, 8, 12)]
+    # a declaration that is wrong from the start is found at the first send (mid-step)
+    set_p2p_tensor_shapes([(mb, 8, hidden + 1)])
+    res["wrong"] = _outcome(lambda: step(8))
+    set_p2p_tensor_shapes(None)
+    return res

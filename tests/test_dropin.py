@@ -39,3 +39,37 @@ def test_stage_containers_as_the_reference_accepts():
         assert "needs 2 nn.Module stage(s)" in r["three"] and "Sequential of 3" in r["three"]
         assert "needs 2 nn.Module stage(s)" in r["one"] and "one Stage" in r["one"]
         assert r["pipeline_sequential"] and r["pipeline_modulelist"]
+
+
+def test_sequence_length_changes_and_declared_shapes():
+    """Without declared shapes the sequence length may change from step to step (shapes
+    exchanged again; losses still bitwise equal to one process).  With
+    set_p2p_tensor_shapes declared, a step with another sequence length is an argument
+    error at the start of the step on every rank (the pipeline stays usable) until the
+    shapes are declared anew; a declaration wrong from the start stops the pipeline at
+    the first send with an error that names rank and action once."""
+    from tests.dropin_workers import declared_shapes
+    res = run_ranks(declared_shapes, 2, timeout=180)
+    r0, r1 = res
+    for r in res:
+        for key in ("declared", "same_again", "redeclared"):
+            assert r[key][0] == "ok", (key, r[key])
+        assert all(o[0] == "ok" for o in r["free"]), r["free"]
+        assert r["new_seq"][0] == "ValueError", r["new_seq"]
+        assert r["new_seq"][2] < 10, r["new_seq"]
+        assert r["indivisible"][0] == "ValueError", r["indivisible"]
+    for key in ("declared", "same_again", "redeclared"):
+        assert r0[key][1] is True, key            # losses equal the single process
+        assert r1[key][1] is None
+    assert [o[1] for o in r0["free"]] == [True] * 5
+    msg = r0["new_seq"][1]
+    assert "declared the boundary shapes [[2, 8, 4]]" in msg and "float32[8, 12, 4]" in msg, msg
+    assert "set_p2p_tensor_shapes(None)" in msg, msg
+    assert "rank(s) [0] rejected" in r1["new_seq"][1], r1["new_seq"]
+    assert "not divisible into 4 micro-batches" in r0["indivisible"][1], r0["indivisible"]
+    for rank, r in enumerate(res):
+        typ, msg, _ = r["wrong"]
+        assert typ == "PipelineError", r["wrong"]
+        assert "pipeline rank 0, action F0.0: ValueError: the stage sends shapes [[2, 8, 4]] " \
+               "but set_p2p_tensor_shapes declared [[2, 8, 5]]" in msg, msg
+        assert msg.count("pipeline rank 0, action") == 1, msg
