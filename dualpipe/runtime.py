@@ -955,16 +955,15 @@ class PipelineRuntime(nn.Module):
                         release_sent(c, m, out)
 
         def release_sent(c, m, out):
-            """Release the memory of sent outputs that only the runtime still holds.
+            """Release the memory of sent outputs that nothing can read any more.
 
             The send holds its own reference to the storage until it completes, and
-            autograd needs only an output's grad_fn, not its data, so the data of an
-            output that autograd produced (it has a grad_fn), that is not a view (its
-            storage is its base's) and whose tensor nothing else refers to (use count 1:
-            autograd holds a tensor it saved for backward itself, unless it is the
-            output of the op that saved it, which keeps a separate alias) can go.  Everything
-            else is sent and kept: the stage's inputs passed through (leaves), parameters and
-            buffers, tensors without a gradient (ids, masks) or with their own uses."""
+            autograd needs only an output's grad_fn, not its data.  An output's data goes
+            when autograd produced it (it has a grad_fn: no input, parameter, buffer or
+            tensor without gradient), it is not a view (its storage is its base's) and
+            nothing else holds the tensor (use count 1; autograd holds a tensor that a
+            later op saved for its backward, while an op saving its own output keeps a
+            separate alias).  Everything else is sent and kept until its backward."""
             for t in out:
                 if t.grad_fn is None:
                     continue

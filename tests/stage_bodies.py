@@ -12,7 +12,8 @@ slot      recipes
 ========  ===========================================================================
 x         ``fresh`` a new tensor, ``view`` a view of a new tensor, ``identity`` the
           input ``x`` itself, ``detached`` a new tensor detached, ``shared`` a tensor
-          that another output's op also saved for backward
+          that the op computing ``aux`` saved for backward (when ``aux`` is
+          ``fresh``; otherwise that op's result is unused and nothing keeps it)
 aux       ``fresh``, ``pass`` (the input itself), ``view`` (a view of the input),
           ``detached``
 idx       ``pass``, ``new`` (``idx + 1``), ``view`` (``idx[:]``), ``buffer`` (a module
@@ -52,12 +53,13 @@ class BodyStage(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.4)
         self.register_buffer("ids", (torch.arange(MB) * 3 + stage) % V)
         self.recipe = tuple(recipe)
+        self.keep: list | None = None
 
     def forward(self, x, aux, idx, mask):
         rx, raux, ridx, rmask = self.recipe
         h = torch.tanh(self.lin(x)) + self.emb(idx % V)      # saves idx
         h = torch.where(mask[:, None], h, h * 0.5)            # saves mask
-        g = h * aux                                           # saves h and aux
+        g = h * (aux + self.a)                                # saves h and aux + a
         y = h + g
         if rx == "fresh":
             xo = y
@@ -79,6 +81,8 @@ class BodyStage(nn.Module):
             auxo = (aux * self.a).detach()
         idxo = {"pass": idx, "new": idx + 1, "view": idx[:]}.get(ridx, self.ids)
         masko = mask if rmask == "pass" else (idx % 2 == 0)
+        if self.keep is not None:  # the test looks at them after the step
+            self.keep.append((xo, auxo, idxo, masko))
         return xo, auxo, idxo, masko
 
 
@@ -160,6 +164,9 @@ def body_cases(rank: int, world: int, cases: list[dict]):
                                  labels=labels)
             res["warnings"] += [str(x.message) for x in w]
             res["losses"].append(loss)
+        if case.get("reduce"):  # both DualPipe copies get the stage's whole gradient
+            from dualpipe import reduce_dualpipe_grads
+            reduce_dualpipe_grads(p)
         res["grads"] = {stage: [_grads(p.module[c])]
                         for c, (_st, stage) in enumerate(s.placement[rank])}
         res["transport"] = p.transport
@@ -207,3 +214,26 @@ def sum_copies(per_rank: list[dict]) -> dict:
                     have = acc.get(n)
                     acc[n] = t if have is None else (have if t is None else have + t)
     return total
+
+
+def released_outputs(rank: int, world: int, recipes: list[tuple]):
+    """DualPipeV on 2 ranks, stage 0 (rank 0, sends to rank 1) with each recipe: which of
+    its returned tensors had their data released once sent (numel 0 after the step),
+    per slot, over all micro-batches; and the losses, to show the step was right."""
+    from dualpipe import DualPipeV
+    out = []
+    for rec in recipes:
+        case = {"recipes": [rec], "chunks": 4}
+        rs = stage_recipes(case, 2 * world)
+        mods = [BodyStage(rank, rs[rank]), BodyStage(2 * world - 1 - rank, rs[-1 - rank])]
+        mods[0].keep = []
+        p = DualPipeV(mods, timeout=60)
+        xs, ys = make_batch(0, 4)
+        loss, _ = p.step(*(xs if rank == 0 else ()), num_chunks=4,
+                         criterion=criterion if rank == 0 else None,
+                         labels=ys if rank == 0 else ())
+        kept = mods[0].keep
+        out.append({"released": [all(o[i].numel() == 0 for o in kept) for i in range(4)],
+                    "kept": [all(o[i].numel() > 0 for o in kept) for i in range(4)],
+                    "loss": loss})
+    return out

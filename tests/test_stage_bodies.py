@@ -104,7 +104,7 @@ ISSUE_CASES = [_case("dualpipev", PASS_THROUGH, "auto", steps=2),
 # views of inputs and of new tensors, buffers
 EVERY_RECIPE = [_case("dualpipev", [("identity", "fresh", "view", "new"),
                                     ("detached", "view", "buffer", "pass"),
-                                    ("shared", "detached", "new", "new")], "auto", chunks=6),
+                                    ("shared", "fresh", "new", "new")], "auto", chunks=6),
                 _case("dualpipe", [("view", "fresh", "buffer", "new")], "auto", steps=2),
                 _case("1f1b", [("detached", "pass", "pass", "new")], "group", chunks=3)]
 
@@ -130,3 +130,40 @@ def test_a_view_output_is_sent_and_warned_about_once():
     assert len(warned) == WORLD, warned   # once per pipeline (each rank sends a view)
     assert all(".clone()" in w for w in warned)
     assert not [w for per_case in results for w in per_case[1]["warnings"]]
+
+
+def test_sent_outputs_are_released_exactly_when_nothing_reads_them():
+    """The memory half of the rule: a new tensor that only the runtime holds is emptied
+    once sent (so activations do not pile up until the backward); inputs passed through,
+    views, detached and integer tensors, and tensors autograd saved are left intact.
+    (The stage keeps Python references to what it returned to look at them.)"""
+    from tests.stage_bodies import released_outputs
+    recipes = [("fresh", "fresh", "new", "new"), ("shared", "fresh", "pass", "pass"),
+               ("view", "view", "view", "pass"), ("detached", "detached", "buffer", "new"),
+               ("identity", "fresh", "pass", "pass")]
+    want = [[True, True, False, False], [False, True, False, False], [False] * 4, [False] * 4,
+            [False, True, False, False]]
+    res = run_ranks(released_outputs, WORLD, recipes, timeout=120)
+    for rec, w, got in zip(recipes, want, res[0]):
+        assert got["released"] == w, (rec, got)
+        assert got["kept"] == [not x for x in w], (rec, got)
+        ref_losses, _ = reference({"recipes": [rec], "chunks": 4}, 2 * WORLD)
+        assert torch.equal(got["loss"], ref_losses[0]), rec
+
+
+def test_reduce_dualpipe_grads_keeps_none():
+    """DualPipe: after reduce_dualpipe_grads each copy holds the stage's whole gradient,
+    and a stage no gradient reached (its outputs are detached) keeps None on both."""
+    case = _case("dualpipe", [("detached", "detached", "pass", "pass")], steps=2)
+    case["reduce"] = True
+    results = run_ranks(body_cases, WORLD, [case], timeout=120)
+    _, ref = reference(case, WORLD)
+    assert all(g is None for g in ref[0].values()) and all(g is not None
+                                                           for g in ref[1].values())
+    for per_case in results:
+        for stage, (copy,) in per_case[0]["grads"].items():
+            for n, want in ref[stage].items():
+                if want is None:
+                    assert copy[n] is None, (stage, n)
+                else:
+                    torch.testing.assert_close(copy[n], want, rtol=1e-5, atol=1e-6)
