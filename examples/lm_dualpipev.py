@@ -32,7 +32,6 @@ and the step number in every process alike.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

@@ -97,7 +97,7 @@ class HookBodyStage(BodyStage):
         loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
         if loss1 is not None:
             loss1.backward()
-        elif outputs1:
+        else:  # outputs1 may be empty: no gradient reached this chunk's outputs
             run_backward(outputs1, output_grads1)
         return outputs0, loss0
 

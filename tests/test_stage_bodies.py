@@ -28,7 +28,7 @@ from tests.stage_bodies import (AUX_RECIPES, IDX_RECIPES, MASK_RECIPES, X_RECIPE
                                 body_cases, reference, sum_copies)
 
 WORLD = 2
-RUNS = settings(max_examples=4, deadline=None, derandomize=True, database=None,
+RUNS = settings(max_examples=3, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 recipe = st.tuples(st.sampled_from(X_RECIPES), st.sampled_from(AUX_RECIPES),
