@@ -16,8 +16,11 @@ class DualPipe(PipelineRuntime):
     of the two copies' (see :func:`dualpipe.reduce_dualpipe_grads`).
 
     Args:
-        modules: the two stage modules of this rank, of one class if that class
-            defines ``overlapped_forward_backward``.
+        modules: the two stage modules of this rank, as a tuple, list,
+            ``nn.ModuleList`` or ``nn.Sequential`` (as the reference accepts them), of
+            one class if that class defines ``overlapped_forward_backward``.  A stage
+            may return any tensors, its inputs passed through included (see
+            docs/training.md).
         batch_dim: the batch dimension of inputs and labels.
         process_group: the pipeline group (default: the world).
         rank_mapping: ``rank_mapping[group_rank] = pipeline rank`` (default identity).

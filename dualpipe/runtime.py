@@ -560,13 +560,15 @@ class PipelineRuntime(nn.Module):
             *inputs: the batch, on the ranks that hold a stream's first stage (rank 0;
                 DualPipe also the last rank); split into micro-batches along
                 ``batch_dim``; its size must be divisible by the micro-batch count.
+                Other ranks pass nothing or ``None`` (as the published examples do).
             num_chunks: micro-batches per step, the same on every rank.
             criterion: ``criterion(*outputs, *labels) -> scalar loss``, on the ranks
                 that hold a stream's last stage (DualPipe: first and last rank;
                 DualPipeV: rank 0; 1F1B/ZB1P: the last rank).
-            labels: the labels for the micro-batches whose loss this rank computes
-                (DualPipe: on rank 0 they belong to the last rank's inputs and vice
-                versa).
+            labels: a tensor or a tuple/list of tensors: the labels for the
+                micro-batches whose loss this rank computes (DualPipe: on rank 0 they
+                belong to the last rank's inputs and vice versa).  Ranks without a last
+                stage may pass ``criterion`` and ``labels=(None,)`` (ignored, quietly).
             return_outputs: also return the last stage's outputs (concatenated).
 
         Returns ``(loss, outputs)``: on ranks holding a last stage, ``loss`` is the
