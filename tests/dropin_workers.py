@@ -257,3 +257,32 @@ def declared_shapes(rank: int, world: int, mb: int = 2, hidden: int = 4, N: int 
     res["wrong"] = _outcome(lambda: step(8))
     set_p2p_tensor_shapes(None)
     return res
+
+
+def many_lengths(rank: int, world: int, mb: int = 2, hidden: int = 4, N: int = 4):
+    """More sequence lengths than the pipeline keeps boundary shapes for (the limit set
+    to 3 here): every rank forgets the same signatures, and a length seen again after
+    being forgotten has its shapes exchanged anew.  Rank 0's losses against one process."""
+    from dualpipe import DualPipeV
+    from dualpipe import runtime as rt
+    rt._MAX_SIGNATURES = 3
+    stages = [_seq_stage(s, hidden) for s in range(2 * world)]
+    p = DualPipeV((_seq_stage(rank, hidden), _seq_stage(2 * world - 1 - rank, hidden)),
+                  timeout=20)
+    out = []
+    for seq in (3, 5, 7, 9, 3, 5, 11, 3, 3):
+        g = torch.Generator().manual_seed(seq)
+        x, l = torch.randn(N * mb, seq, hidden, generator=g), torch.randn(N * mb, seq, hidden,
+                                                                           generator=g)
+        loss, _ = p.step(x if rank == 0 else None, num_chunks=N, criterion=Fn.mse_loss,
+                         labels=(l if rank == 0 else None,))
+        if rank == 0:
+            ref = []
+            for xm, lm in zip(x.chunk(N), l.chunk(N)):
+                h = xm
+                for st in stages:
+                    h = st(h)
+                ref.append(Fn.mse_loss(h, lm).detach())
+            out.append(bool(torch.equal(loss, torch.stack(ref))))
+        out.append(len(p._sig_keys))
+    return out

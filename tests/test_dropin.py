@@ -73,3 +73,10 @@ def test_sequence_length_changes_and_declared_shapes():
         assert "pipeline rank 0, action F0.0: ValueError: the stage sends shapes [[2, 8, 4]] " \
                "but set_p2p_tensor_shapes declared [[2, 8, 5]]" in msg, msg
         assert msg.count("pipeline rank 0, action") == 1, msg
+
+
+def test_forgetting_old_sequence_lengths_is_the_same_on_every_rank():
+    from tests.dropin_workers import many_lengths
+    r0, r1 = run_ranks(many_lengths, 2, timeout=120)
+    assert r0[0::2] == [True] * 9, r0        # losses equal one process at every step
+    assert r0[1::2] == r1 == [1, 2, 3, 3, 3, 3, 3, 3, 3], (r0, r1)
