@@ -1190,8 +1190,8 @@ class PipelineRuntime(nn.Module):
         once, those ranks read the record, acknowledge it and raise naming the rank
         that failed first.  The user's process group is left usable; this pipeline
         object is not: build a new one to go on."""
-        if isinstance(e, PipelineError):
-            return e
+        if isinstance(e, PipelineError) and getattr(e, "_reported", False):
+            return e  # made here already (recorded, or read from another rank's record)
         if tb is not None:  # finished frames below the caller may hold transfers
             traceback.clear_frames(tb)
         rank, key = self.rank, self._failure_key()
@@ -1217,13 +1217,17 @@ class PipelineRuntime(nn.Module):
             first = _write(store, key, msg)
             err = PipelineTimeout(msg, rank, action)
         else:
+            # also the runtime's own checks in the loop (a PipelineError that says what
+            # went wrong): recorded like any failure, so the other ranks stop too
             prefix = f"pipeline rank {rank}, action {action}: "
             text = str(e)
             if text.startswith(prefix):  # said where already: do not say it twice
                 text = text[len(prefix):]
-            msg = f"{prefix}{type(e).__name__}: {text}"
+            what = "" if isinstance(e, PipelineError) else f"{type(e).__name__}: "
+            msg = f"{prefix}{what}{text}"
             first = _write(store, key, msg)
             err = PipelineError(msg, rank, action)
+        err._reported = True
         log.error("%s", err)
         self._release(failed=True)
         self._stopped = ("this pipeline stopped after a failure (see the earlier "

@@ -286,3 +286,31 @@ def many_lengths(rank: int, world: int, mb: int = 2, hidden: int = 4, N: int = 4
             out.append(bool(torch.equal(loss, torch.stack(ref))))
         out.append(len(p._sig_keys))
     return out
+
+
+class _DetachesOnce(nn.Module):
+    """Detaches its output in its second forward only: its input's gradient is None for
+    that micro-batch and not for the others."""
+
+    def __init__(self, stage: int, hidden: int):
+        super().__init__()
+        self.inner = _seq_stage(stage, hidden)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.inner(x)
+        return y.detach() if self.calls == 2 else y
+
+
+def none_layout_changes(rank: int, world: int, hidden: int = 4, N: int = 4):
+    """DualPipeV, 2 ranks: stage 1 (rank 1) detaches one micro-batch's output, so which of
+    its input gradients are None differs between micro-batches: every rank must raise
+    PipelineError saying so (never a wrong gradient)."""
+    from dualpipe import DualPipeV
+    mods = ((_seq_stage(0, hidden), _seq_stage(3, hidden)) if rank == 0
+            else (_DetachesOnce(1, hidden), _seq_stage(2, hidden)))
+    p = DualPipeV(mods, timeout=20)
+    x, l = torch.randn(N * 2, hidden), torch.randn(N * 2, hidden)
+    return _outcome(lambda: p.step(x if rank == 0 else None, num_chunks=N,
+                                   criterion=Fn.mse_loss, labels=(l if rank == 0 else None,)))

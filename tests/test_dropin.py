@@ -80,3 +80,13 @@ def test_forgetting_old_sequence_lengths_is_the_same_on_every_rank():
     r0, r1 = run_ranks(many_lengths, 2, timeout=120)
     assert r0[0::2] == [True] * 9, r0        # losses equal one process at every step
     assert r0[1::2] == r1 == [1, 2, 3, 3, 3, 3, 3, 3, 3], (r0, r1)
+
+
+def test_gradient_none_in_some_micro_batches_only_is_an_error_on_every_rank():
+    from tests.dropin_workers import none_layout_changes
+    res = run_ranks(none_layout_changes, 2, timeout=120)
+    for typ, msg, took in res:
+        assert typ == "PipelineError", (typ, msg)
+        assert "pipeline rank 1, action" in msg and "which input gradients are None changed " \
+               "from [grad] to [None]" in msg, msg
+        assert took < 15, took
