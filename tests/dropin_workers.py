@@ -314,3 +314,24 @@ def none_layout_changes(rank: int, world: int, hidden: int = 4, N: int = 4):
     x, l = torch.randn(N * 2, hidden), torch.randn(N * 2, hidden)
     return _outcome(lambda: p.step(x if rank == 0 else None, num_chunks=N,
                                    criterion=Fn.mse_loss, labels=(l if rank == 0 else None,)))
+
+
+class _NarrowsOnce(_DetachesOnce):
+    """Returns one column fewer in its second forward: another shape, same inputs."""
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.inner(x)
+        return y[:, :-1].clone() if self.calls == 2 else y
+
+
+def output_shape_changes(rank: int, world: int, hidden: int = 4, N: int = 4):
+    """DualPipeV, 2 ranks: stage 0 (rank 0, sends to rank 1) changes its output's shape
+    in one micro-batch: every rank must raise PipelineError naming rank 0."""
+    from dualpipe import DualPipeV
+    mods = ((_NarrowsOnce(0, hidden), _seq_stage(3, hidden)) if rank == 0
+            else (_seq_stage(1, hidden), _seq_stage(2, hidden)))
+    p = DualPipeV(mods, timeout=20)
+    x, l = torch.randn(N * 2, hidden), torch.randn(N * 2, hidden)
+    return _outcome(lambda: p.step(x if rank == 0 else None, num_chunks=N,
+                                   criterion=Fn.mse_loss, labels=(l if rank == 0 else None,)))

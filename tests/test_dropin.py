@@ -90,3 +90,12 @@ def test_gradient_none_in_some_micro_batches_only_is_an_error_on_every_rank():
         assert "pipeline rank 1, action" in msg and "which input gradients are None changed " \
                "from [grad] to [None]" in msg, msg
         assert took < 15, took
+
+
+def test_stage_output_changing_shape_is_an_error_on_every_rank():
+    from tests.dropin_workers import output_shape_changes
+    res = run_ranks(output_shape_changes, 2, timeout=120)
+    for typ, msg, took in res:
+        assert typ == "PipelineError", (typ, msg)
+        assert msg.startswith("pipeline rank 0, action F0.1: stage output changed"), msg
+        assert took < 15, took
