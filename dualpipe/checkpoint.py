@@ -56,6 +56,23 @@ def _decode(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+_COMPILED = "_orig_mod."
+
+
+def _key(name: str) -> str:
+    """A state-dict / parameter name without ``torch.compile``'s wrapper prefix, so a
+    compiled and a plain stage share a checkpoint."""
+    return name.replace(_COMPILED, "")
+
+
+def _state(m: nn.Module) -> dict:
+    return {_key(k): v for k, v in m.state_dict(keep_vars=False).items()}
+
+
+def _params(m: nn.Module):
+    return ((_key(n), p) for n, p in m.named_parameters())
+
+
 def _hparams(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict | None:
     for g in optimizer.param_groups:
         if any(q is p for q in g["params"]):
@@ -67,11 +84,11 @@ def _collect(stages: Sequence[tuple[int, nn.Module]], optimizer, total: int) -> 
     """The flat state dict of ``stages`` (``(stage index, module)`` pairs) to save."""
     sd: dict = {_META: _encode({"format": _FORMAT, "num_stages": total})}
     for s, m in stages:
-        for name, t in m.state_dict(keep_vars=False).items():
+        for name, t in _state(m).items():
             sd[f"model.stage{s}.{name}"] = t
         if optimizer is None:
             continue
-        for name, p in m.named_parameters():
+        for name, p in _params(m):
             hp = _hparams(optimizer, p)
             if hp is None:  # not optimized (e.g. frozen): nothing to save for it
                 continue
@@ -96,7 +113,7 @@ def _plan_load(path, stages: Sequence[tuple[int, nn.Module]], optimizer, total: 
         return None, f"{os.fspath(path)!r} is not a dualpipe checkpoint (no {_META} entry)"
     reader_sd = {_META: None}
     for s, m in stages:
-        own = m.state_dict(keep_vars=False)
+        own = _state(m)
         prefix = f"model.stage{s}."
         saved = {k[len(prefix):]: v for k, v in md.items() if k.startswith(prefix)}
         if not saved:
@@ -115,7 +132,7 @@ def _plan_load(path, stages: Sequence[tuple[int, nn.Module]], optimizer, total: 
             reader_sd[prefix + name] = t
         if optimizer is None:
             continue
-        for name, p in m.named_parameters():
+        for name, p in _params(m):
             if _hparams(optimizer, p) is None:  # not optimized here: nothing to load
                 continue
             oprefix = f"optim.stage{s}.{name}."
@@ -146,7 +163,7 @@ def _apply_optimizer(sd: dict, stages: Sequence[tuple[int, nn.Module]], optimize
         for idx in g["params"]:
             group_of[idx] = gi
     for s, m in stages:
-        for name, p in m.named_parameters():
+        for name, p in _params(m):
             if id(p) not in index:
                 continue
             oprefix = f"optim.stage{s}.{name}."

@@ -252,6 +252,13 @@ def _stage_modules(modules, want: int, name: str) -> tuple[nn.Module, ...]:
         raise ValueError(f"schedule {name!r} needs {want} nn.Module stage(s) per rank "
                          f"({'stage r and its partner stage' if want == 2 else 'the stage'}), "
                          f"got {what}")
+    from torch.nn.parallel import DistributedDataParallel
+    if any(isinstance(x, DistributedDataParallel) for m in stages for x in m.modules()):
+        raise ValueError("a stage is wrapped in DistributedDataParallel, which reduces "
+                         "gradients inside every backward; a pipeline runs one backward per "
+                         "micro-batch (split into input- and weight-gradient parts): pass the "
+                         "plain stage and call dualpipe.all_reduce_grads(pipe, dp_group) after "
+                         "step(), or shard the stage with FSDP2's fully_shard (docs/training.md)")
     return stages
 
 

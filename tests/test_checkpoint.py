@@ -116,3 +116,14 @@ def test_another_stage_count_is_refused_on_every_rank(saved):
         checkpoint.load_stages(path, [Stage(0), Stage(1)])
     with pytest.raises(ValueError, match="no checkpoint"):
         checkpoint.load_stages(path + "-missing", [Stage(0)])
+
+
+def test_compiled_and_plain_stages_share_a_checkpoint(tmp_path):
+    compiled = [torch.compile(Stage(s), backend="eager") for s in range(2)]
+    assert any("_orig_mod." in k for k in compiled[0].state_dict())
+    checkpoint.save_stages(tmp_path / "c", compiled)
+    plain = [Stage(s + 50) for s in range(2)]
+    checkpoint.load_stages(tmp_path / "c", plain)
+    for c, p in zip(compiled, plain):
+        assert all(torch.equal(a, b) for a, b in zip(c.state_dict().values(),
+                                                     p.state_dict().values()))

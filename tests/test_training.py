@@ -145,3 +145,10 @@ def test_fsdp2_refuses_split_linear_and_runs_whole_backwards_for_weight_grad_sto
             for n, g in ref.items():
                 d_ = cosine_distance(got[stage][n], g / 2)
                 assert d_ < 1e-13, f"stage {stage} {n}: cosine distance {d_}"
+
+
+def test_ddp_wrapped_stages_are_refused_saying_what_to_use():
+    from tests.training_workers import ddp_stage_refused
+    (msg,) = run_ranks(ddp_stage_refused, 1, timeout=120)
+    assert msg.startswith("ValueError") and "DistributedDataParallel" in msg and \
+        "all_reduce_grads" in msg, msg

@@ -183,3 +183,12 @@ def fsdp_wgs(rank: int, world: int, N: int):
     return {"replica": d, "grads": {stage: [{n: q.grad.full_tensor() for n, q in
                                              p.module[c].named_parameters()}]
                                     for c, (_st, stage) in enumerate(s.placement[r])}}
+
+
+def ddp_stage_refused(rank: int, world: int):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dualpipe import DualPipeV
+    from tests.models import Stage
+    mods = [DistributedDataParallel(Stage(0)), Stage(1)]
+    return _outcome(lambda: DualPipeV(mods, timeout=30))
