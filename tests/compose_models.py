@@ -10,6 +10,7 @@ import torch.nn.functional as Fn
 from torch.utils.checkpoint import checkpoint
 
 from dualpipe import WeightGradStore
+from tests.models import microbatch_losses
 
 D = 8
 MB = 2
@@ -128,16 +129,8 @@ def reference(num_stages: int, N: int, case: dict, steps: int = 1):
         losses = []
         for step in range(steps):
             x, y = batch(step, N, case)
-            out = []
-            for i in range(N):
-                with autocast(case):
-                    h = x[i * MB:(i + 1) * MB]
-                    for st in stages:
-                        h = st(h)
-                    loss = criterion(h, y[i * MB:(i + 1) * MB])
-                loss.backward()
-                out.append(loss.detach())
-            losses.append(torch.stack(out))
+            losses.append(microbatch_losses(stages, x, y, N, criterion, MB,
+                                            lambda: autocast(case)))
         grads = {s: {n: p.grad.clone() for n, p in st.named_parameters()}
                  for s, st in enumerate(stages)}
         return losses, grads

@@ -80,6 +80,25 @@ def make_batch(step: int, num_chunks: int, tuple_io: bool):
     return (x,), (y,)
 
 
+def microbatch_losses(stages, x: torch.Tensor, y: torch.Tensor, num_chunks: int, crit,
+                      rows: int = MB, context=None) -> torch.Tensor:
+    """One process: each of ``num_chunks`` micro-batches (``rows`` rows of ``x``/``y``)
+    through every stage in order, its loss backpropagated at once, as a pipeline
+    schedule does them; returns the per-micro-batch losses (``float[num_chunks]``).
+    ``context``: a callable giving a context manager for each forward (autocast)."""
+    import contextlib
+    out = []
+    for i in range(num_chunks):
+        with (context() if context is not None else contextlib.nullcontext()):
+            h = x[i * rows:(i + 1) * rows]
+            for st in stages:
+                h = st(h)
+            loss = crit(h, y[i * rows:(i + 1) * rows])
+        loss.backward()
+        out.append(loss.detach())
+    return torch.stack(out)
+
+
 def reference(num_stages: int, num_chunks: int, steps: int, tuple_io: bool,
               train: bool = True):
     """Single process: per micro-batch losses/outputs of every step and the stage grads

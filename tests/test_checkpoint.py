@@ -7,7 +7,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dualpipe import checkpoint
-from tests.models import MB, Stage, criterion, make_batch
+from tests.models import Stage, criterion, make_batch, microbatch_losses
 from tests.mp import run_ranks
 from tests.training_workers import checkpoint_round
 
@@ -93,13 +93,7 @@ def test_the_single_process_model_loads_it_and_continues(saved):
     got = torch.zeros(2, N)
     for i, step in enumerate((2, 3)):
         (x,), (y,) = make_batch(step, N, False)
-        for m in range(N):
-            h = x[m * MB:(m + 1) * MB]
-            for st in stages:
-                h = st(h)
-            loss = criterion(h, y[m * MB:(m + 1) * MB])
-            loss.backward()
-            got[i, m] = loss.detach()
+        got[i] = microbatch_losses(stages, x, y, N, criterion)
         opt.step()
         opt.zero_grad()
     torch.testing.assert_close(got, losses, rtol=1e-5, atol=1e-7)

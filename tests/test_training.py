@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.models import MB, Stage, cosine_distance, criterion, make_batch
+from tests.models import Stage, cosine_distance, criterion, make_batch, microbatch_losses
 from tests.mp import run_ranks
 from tests.training_workers import clip_norms, dp_pp
 
@@ -26,15 +26,7 @@ def _reference(num_stages: int, N: int, batches):
         losses = []
         for b in batches:
             (x,), (y,) = make_batch(b, N, False)
-            out = []
-            for i in range(N):
-                h = x[i * MB:(i + 1) * MB]
-                for st in stages:
-                    h = st(h)
-                loss = criterion(h, y[i * MB:(i + 1) * MB])
-                loss.backward()
-                out.append(loss.detach())
-            losses.append(torch.stack(out))
+            losses.append(microbatch_losses(stages, x, y, N, criterion))
         for st in stages:
             for q in st.parameters():
                 q.grad /= len(batches)
