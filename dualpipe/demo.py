@@ -24,8 +24,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schedule", default="dualpipe",
-                   choices=["dualpipe", "dualpipev", "1f1b", "zb1p"])
+    from .schedules import SCHEDULES
+    p.add_argument("--schedule", default="dualpipe", choices=sorted(SCHEDULES))
     p.add_argument("--ranks", type=int, default=4, help="pipeline ranks (processes)")
     p.add_argument("--chunks", type=int, default=None,
                    help="micro-batches per step (default: 2 x ranks x 2)")
@@ -78,7 +78,8 @@ def _criterion(out, label):
 
 
 def _num_stages(schedule: str, ranks: int) -> int:
-    return 2 * ranks if schedule == "dualpipev" else ranks
+    from .schedules import placement_schedule
+    return placement_schedule(schedule, ranks).num_stages
 
 
 def _rank_main(rank: int, world: int, cfg: dict):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
-                        parse_action)
+                        REGISTRY, parse_action)
 from .simulate import Interval
 
 __all__ = ["draw", "to_png", "to_chrome_trace", "SUFFIXES", "MissingDrawDependency"]
@@ -80,7 +80,6 @@ _KIND_LABEL = {
     SEND_B: "send gradient",
     RECV_B: "receive gradient",
 }
-_PRETTY = {"dualpipe": "DualPipe", "dualpipev": "DualPipeV", "1f1b": "1F1B", "zb1p": "ZB1P"}
 _OTHER_FILL = ("#999999", "#dddddd")  # free labels beyond the palette
 # Free labels of measured spans (sub-stages such as "attn" or "dispatch"), in order of
 # first appearance; one colour per label, the same for both directions.
@@ -215,7 +214,8 @@ def _lanes(intervals: Sequence[Interval]) -> list[str]:
 
 
 def _pretty(name: str) -> str:
-    return _PRETTY.get(name, name)
+    spec = REGISTRY.get(name)
+    return spec.title if spec is not None else name
 
 
 def _default_title(schedule: Schedule) -> str:
@@ -233,7 +233,8 @@ def _direction_labels(schedule: Schedule) -> tuple[str, str] | None:
                 f"light: stream 1, enters at rank {P - 1} "
                 f"(micro-batches {s1.first_microbatch}–{s1.first_microbatch + s1.num_microbatches - 1})")
     if any(len(chunks) > 1 for chunks in schedule.placement):
-        legs = (", down the V", ", back up the V") if schedule.name == "dualpipev" else ("", "")
+        spec = REGISTRY.get(schedule.name)
+        legs = spec.legs if spec is not None else ("", "")
         out = []
         for c, shade in ((0, "dark"), (1, "light")):
             stages = [chunks[c][1] for chunks in schedule.placement if len(chunks) > c]

@@ -40,7 +40,7 @@ from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerError, PeerExit
 from overlap.shm import DEFAULT_RING_BYTES, ShmP2P, ShmUnavailable
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
-                        gc_paused, get_schedule, lower)
+                        gc_paused, get_schedule, lower, placement_schedule, spec_of)
 from .simulate import Interval
 from .utils import gather, run_backward, scatter
 from .weight_grad import WeightGradStore, split_linear_weight_grads
@@ -50,7 +50,6 @@ __all__ = ["PipelineRuntime", "PipelineError", "PipelineTimeout", "StepStats",
 
 log = logging.getLogger(__name__)
 
-_SCHEDULE_IDS = {"dualpipe": 1, "dualpipev": 2, "1f1b": 3, "zb1p": 4}
 _TAG_F, _TAG_B, _TAG_META = 1, 2, 3
 _TAG_MASK = 5  # which input gradients are None (4: reduce_dualpipe_grads)
 # transport= values -> overlap.shm.ShmP2P.create modes
@@ -346,18 +345,21 @@ class PipelineRuntime(nn.Module):
         self._groups_finalizer = None
         self._stopped: str | None = None
         name = schedule or self.schedule_name
-        if name not in _SCHEDULE_IDS:
-            raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(_SCHEDULE_IDS)}")
+        spec_of(name)  # ValueError naming the registered schedules
         self.schedule_name = name
-        modules = _stage_modules(modules, 2 if name in ("dualpipe", "dualpipev") else 1, name)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call "
                                "torch.distributed.init_process_group() (gloo on CPU, nccl on "
                                "GPUs) on every rank before building the pipeline")
+        group = process_group if process_group is not None else \
+            dist.distributed_c10d._get_default_group()
+        # the placement says how many stages a rank holds (and refuses a rank count the
+        # schedule cannot run, e.g. DualPipe on an odd one)
+        placed = placement_schedule(name, group.size())
+        modules = _stage_modules(modules, placed.stages_per_rank, name)
         self.module = nn.ModuleList(modules)
         self.batch_dim = batch_dim
-        self.group = process_group if process_group is not None else \
-            dist.distributed_c10d._get_default_group()
+        self.group = group
         self.num_ranks = self.group.size()
         if rank_mapping is None:
             rank_mapping = list(range(self.num_ranks))
@@ -369,9 +371,6 @@ class PipelineRuntime(nn.Module):
         for g, p in enumerate(rank_mapping):
             self._to_group[p] = g
         self.rank = rank_mapping[self.group.rank()]
-        if name == "dualpipe" and self.num_ranks % 2:
-            raise ValueError(f"DualPipe needs an even number of ranks, the group has "
-                             f"{self.num_ranks}; use DualPipeV for an odd count")
         params = [p for m in modules for p in m.parameters()]
         devs = {p.device for p in params}
         if len(devs) > 1:
@@ -707,7 +706,7 @@ class PipelineRuntime(nn.Module):
     def _handshake(self, num_chunks, forward_only, return_outputs, err, inputs) -> tuple:
         hs = torch.zeros(_HS_LEN, dtype=torch.int64)
         hs[0] = 0x4450
-        hs[1] = _SCHEDULE_IDS[self.schedule_name]
+        hs[1] = zlib.crc32(self.schedule_name.encode()) & 0x7FFFFFFF
         hs[2] = num_chunks if isinstance(num_chunks, int) else -1
         hs[3] = int(forward_only)
         hs[4] = int(return_outputs)

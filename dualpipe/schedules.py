@@ -55,7 +55,8 @@ __all__ = [
     "COMPUTE_KINDS", "COMM_KINDS",
     "Action", "Stream", "Schedule", "parse_action",
     "dualpipe", "dualpipev", "one_f_one_b", "zb1p",
-    "SCHEDULES", "get_schedule", "lower", "gc_paused",
+    "SCHEDULES", "get_schedule", "lower", "ScheduleSpec", "REGISTRY", "register",
+    "unregister", "spec_of", "placement_schedule", "gc_paused",
 ]
 
 F, B, I, W, FB = "F", "B", "I", "W", "FB"
@@ -203,6 +204,34 @@ class Schedule:
                 row.append((prev, None if last else owner[(stream, stage + 1)]))
             out.append(tuple(row))
         return tuple(out)
+
+    @property
+    def stages_per_rank(self) -> int:
+        """How many stage modules every rank holds (2 for DualPipe/DualPipeV)."""
+        return len(self.placement[0])
+
+    @cached_property
+    def num_stages(self) -> int:
+        """Distinct stages of the model (DualPipe's two streams run the same stages):
+        ``PP`` as the published tables use it."""
+        return len({stage for chunks in self.placement for _st, stage in chunks})
+
+    @cached_property
+    def primary(self) -> tuple[tuple[bool, ...], ...]:
+        """``primary[r][c]``: chunk ``c`` of rank ``r`` is the copy of its stage that is
+        counted once (the copy on the lowest stream; False for DualPipe's second copy of
+        a stage that another rank also holds)."""
+        first: dict[int, int] = {}
+        for chunks in self.placement:
+            for stream, stage in chunks:
+                first[stage] = min(stream, first.get(stage, stream))
+        return tuple(tuple(stream == first[stage] for stream, stage in chunks)
+                     for chunks in self.placement)
+
+    @property
+    def duplicated_stages(self) -> bool:
+        """Some stage lives on two (rank, chunk)s whose gradients must be added."""
+        return not all(all(row) for row in self.primary)
 
     @cached_property
     def lowered(self) -> tuple[tuple[Action, ...], ...]:
@@ -471,22 +500,96 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     return _single_stage("zb1p", P, N, zero_bubble=True)
 
 
-SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
-    "dualpipe": dualpipe,
-    "dualpipev": dualpipev,
-    "1f1b": one_f_one_b,
-    "zb1p": zb1p,
-}
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What the tools know about a schedule beyond what its action lists and placement
+    say (those facts are :class:`Schedule` properties: ``stages_per_rank``,
+    ``num_stages``, ``primary``, ``duplicated_stages``, ``neighbours``, ...).
+
+    ``build(num_ranks, num_chunks) -> Schedule`` is the generator; ``title`` names it in
+    drawings and tables; ``min_chunks(num_ranks)`` is the smallest valid chunk count
+    (the placement does not depend on the count, so tools that need only the placement
+    build that one); ``bubble(PP, costs)`` and ``activations(PP)`` are the published
+    formulas (``None`` where nothing is published), in terms of ``PP =
+    Schedule.num_stages``; ``legs`` labels the two directions in drawings.
+    """
+
+    name: str
+    build: Callable[[int, int], "Schedule"]
+    title: str
+    min_chunks: Callable[[int], int]
+    bubble: Callable[[int, object], float] | None = None
+    activations: Callable[[int], int] | None = None
+    legs: tuple[str, str] = ("", "")
+
+
+REGISTRY: dict[str, ScheduleSpec] = {}
+
+
+def register(spec: ScheduleSpec) -> ScheduleSpec:
+    """Add a schedule: the runtime, simulator, validator, drawer, demo and CLI then
+    handle it (a new schedule is this call and its generator, nothing else).  Raises
+    ``ValueError`` if the name is taken; :func:`unregister` removes one (tests)."""
+    if not isinstance(spec, ScheduleSpec):
+        raise TypeError(f"register() takes a ScheduleSpec, got {type(spec).__name__}")
+    if spec.name in REGISTRY:
+        raise ValueError(f"a schedule named {spec.name!r} is registered already")
+    REGISTRY[spec.name] = spec
+    SCHEDULES[spec.name] = spec.build
+    get_schedule.cache_clear()
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a registered schedule (tests that register toys clean up with it)."""
+    REGISTRY.pop(name, None)
+    SCHEDULES.pop(name, None)
+    get_schedule.cache_clear()
+
+
+def spec_of(name: str) -> ScheduleSpec:
+    """The registry entry of ``name``; ``ValueError`` naming the choices otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(REGISTRY)}") from None
+
+
+#: name -> generator, for every registered schedule (kept in step with REGISTRY)
+SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {}
 
 
 @lru_cache(maxsize=64)
 def get_schedule(name: str, num_ranks: int, num_chunks: int) -> Schedule:
     """Look up a generator by name and run it (cached: schedules are immutable)."""
-    try:
-        gen = SCHEDULES[name]
-    except KeyError:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}") from None
-    return gen(num_ranks, num_chunks)
+    return spec_of(name).build(num_ranks, num_chunks)
+
+
+def placement_schedule(name: str, num_ranks: int) -> Schedule:
+    """The smallest valid schedule of ``name`` on ``num_ranks`` ranks: for questions
+    about the placement (stages per rank, which copy is primary), which does not depend
+    on the number of micro-batches.  Raises the generator's ``ValueError`` for a rank
+    count the schedule does not support (DualPipe: odd)."""
+    return get_schedule(name, num_ranks, spec_of(name).min_chunks(num_ranks))
+
+
+def _dual_bubble(PP, c):
+    return (PP / 2 - 1) * (c.pair + c.b - 3 * c.w)
+
+
+register(ScheduleSpec("dualpipe", dualpipe, "DualPipe", lambda P: 2 * P,
+                      bubble=_dual_bubble, activations=lambda PP: PP + 1))
+register(ScheduleSpec("dualpipev", dualpipev, "DualPipeV", lambda P: 2 * P,
+                      bubble=_dual_bubble, activations=lambda PP: PP + 1,
+                      legs=(", down the V", ", back up the V")))
+register(ScheduleSpec("1f1b", one_f_one_b, "1F1B", lambda P: P,
+                      bubble=lambda PP, c: (PP - 1) * (c.f + c.b), activations=lambda PP: PP))
+register(ScheduleSpec("zb1p", zb1p, "ZB1P", lambda P: P,
+                      bubble=lambda PP, c: (PP - 1) * (c.f + c.b - 2 * c.w),
+                      activations=lambda PP: PP))
 
 
 # --------------------------------------------------------------------------- lowering

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .schedules import B, F, FB, I, W, Action, Schedule, gc_paused
+from .schedules import B, F, FB, I, W, Action, Schedule, gc_paused, placement_schedule, spec_of
 
 __all__ = ["Costs", "Interval", "SimResult", "simulate", "formula_bubble", "formula_activations"]
 
@@ -214,26 +214,17 @@ def bubble_of(res: SimResult) -> float:
 
 def pipeline_degree(name: str, num_ranks: int) -> int:
     """PP as the published table uses it: the number of pipeline stages."""
-    return 2 * num_ranks if name == "dualpipev" else num_ranks
+    return placement_schedule(name, num_ranks).num_stages
 
 
 def formula_bubble(name: str, num_ranks: int, c: Costs) -> float | None:
-    """The published bubble for ``name`` (``None`` for unknown schedules)."""
-    PP = pipeline_degree(name, num_ranks)
-    if name == "1f1b":
-        return (PP - 1) * (c.f + c.b)
-    if name == "zb1p":
-        return (PP - 1) * (c.f + c.b - 2 * c.w)
-    if name in ("dualpipe", "dualpipev"):
-        return (PP / 2 - 1) * (c.pair + c.b - 3 * c.w)
-    return None
+    """The published bubble for ``name`` (``None`` where none is published)."""
+    spec = spec_of(name)
+    return None if spec.bubble is None else spec.bubble(pipeline_degree(name, num_ranks), c)
 
 
 def formula_activations(name: str, num_ranks: int) -> int | None:
     """The published activations per device, in stage-chunk units."""
-    PP = pipeline_degree(name, num_ranks)
-    if name in ("1f1b", "zb1p"):
-        return PP
-    if name in ("dualpipe", "dualpipev"):
-        return PP + 1
-    return None
+    spec = spec_of(name)
+    return None if spec.activations is None else spec.activations(
+        pipeline_degree(name, num_ranks))

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .runtime import PipelineRuntime
-from .schedules import get_schedule
+from .schedules import placement_schedule
 
 __all__ = ["LocalStage", "local_stages", "clip_grad_norm_", "all_reduce_grads",
            "reduce_dualpipe_grads"]
@@ -42,22 +42,17 @@ class LocalStage(NamedTuple):
 
 
 def local_stages(pipe: PipelineRuntime) -> list[LocalStage]:
-    """This rank's stages in chunk order (the placement does not depend on the number
-    of micro-batches; ``2 * num_ranks`` is valid for every schedule)."""
+    """This rank's stages in chunk order (from the schedule's placement, which does not
+    depend on the number of micro-batches)."""
     _check_pipe(pipe, "local_stages")
-    s = get_schedule(pipe.schedule_name, pipe.num_ranks, 2 * pipe.num_ranks)
-    first_stream: dict[int, int] = {}
-    for chunks in s.placement:
-        for stream, stage in chunks:
-            first_stream[stage] = min(stream, first_stream.get(stage, stream))
-    return [LocalStage(c, stage, stream == first_stream[stage])
-            for c, (stream, stage) in enumerate(s.placement[pipe.rank])]
+    s = placement_schedule(pipe.schedule_name, pipe.num_ranks)
+    return [LocalStage(c, stage, s.primary[pipe.rank][c])
+            for c, (_stream, stage) in enumerate(s.placement[pipe.rank])]
 
 
 def num_stages(pipe: PipelineRuntime) -> int:
     """Distinct stages of the whole pipeline (DualPipe: ``P``; DualPipeV: ``2R``)."""
-    s = get_schedule(pipe.schedule_name, pipe.num_ranks, 2 * pipe.num_ranks)
-    return len({stage for chunks in s.placement for _st, stage in chunks})
+    return placement_schedule(pipe.schedule_name, pipe.num_ranks).num_stages
 
 
 def _dtensor_cls():
@@ -104,38 +99,56 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
     twice: that raises ``RuntimeError``.
     """
     _check_pipe(pipe, "reduce_dualpipe_grads")
-    if pipe.schedule_name != "dualpipe":
+    sched = placement_schedule(pipe.schedule_name, pipe.num_ranks)
+    if not sched.duplicated_stages:
         return
     _check_stepped(pipe, "reduce_dualpipe_grads")
     if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe._stopped is None:
         raise RuntimeError("reduce_dualpipe_grads was already called after this step; calling "
                            "it again would add the partner rank's gradients twice")
-    partner = pipe.num_ranks - 1 - pipe.rank
-    mine, theirs, have = [], [], []
-    for c in (0, 1):
+    copies: dict[int, list[tuple[int, int]]] = {}
+    for r, chunks in enumerate(sched.placement):
+        for c, (_stream, stage) in enumerate(chunks):
+            copies.setdefault(stage, []).append((r, c))
+    # (stage, my chunk, the rank holding the stage's other copy), in stage order on both
+    # sides of every exchange, so sends and receives pair up
+    pairs = []
+    for c, (_stream, stage) in enumerate(sched.placement[pipe.rank]):
+        others = [rc for rc in copies[stage] if rc != (pipe.rank, c)]
+        if len(others) > 1:
+            raise ValueError(f"stage {stage} has {len(others) + 1} copies; the gradient "
+                             "reduction handles two")
+        if others:
+            pairs.append((stage, c, others[0][0]))
+    pairs.sort()
+    mine, theirs, have, have_theirs = {}, {}, {}, {}
+    for _stage, c, _peer in pairs:
         params = list(pipe.module[c].parameters())
-        # FSDP2-sharded stages: the partner holds the same shard of the same stage
+        # FSDP2-sharded stages: the other copy holds the same shard of the same stage
         grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))
                  for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads]) if params else \
+        mine[c] = torch.cat([g.reshape(-1) for g in grads]) if params else \
             torch.zeros(0, device=pipe.device)
-        mine.append(flat)
-        theirs.append(torch.empty_like(flat))
-        have.append(torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
-                                 device=pipe.device))
-    have_theirs = [torch.empty_like(h) for h in have]
-    # my chunk c holds the stage that the partner holds as chunk 1-c
-    g = pipe._to_group[partner]
+        theirs[c] = torch.empty_like(mine[c])
+        have[c] = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
+                               device=pipe.device)
+        have_theirs[c] = torch.empty_like(have[c])
 
     def swap(p2p):
         what = "gradients of the duplicated stages"
-        recv = p2p.irecv([theirs[1], theirs[0], have_theirs[1], have_theirs[0]], g, what, tag=4)
-        send = p2p.isend(mine + have, g, what, tag=4)
-        recv.wait(pipe.timeout)
-        send.wait(pipe.timeout)
+        handles = []
+        for peer in sorted({peer for _s, _c, peer in pairs}):
+            cs = [c for _s, c, p in pairs if p == peer]
+            g = pipe._to_group[peer]
+            handles.append(p2p.irecv([theirs[c] for c in cs] + [have_theirs[c] for c in cs],
+                                     g, what, tag=4))
+            handles.append(p2p.isend([mine[c] for c in cs] + [have[c] for c in cs], g, what,
+                                     tag=4))
+        for h in handles:
+            h.wait(pipe.timeout)
 
     pipe._exchange("reduce_dualpipe_grads", swap)
-    for c in (0, 1):
+    for _stage, c, _peer in pairs:
         params = list(pipe.module[c].parameters())
         total = mine[c] + theirs[c]
         off = 0
@@ -193,7 +206,8 @@ def clip_grad_norm_(pipe: PipelineRuntime, max_norm: float, norm_type: float = 2
     if not norm_type > 0:
         raise ValueError(f"norm_type must be > 0 or math.inf, got {norm_type}")
     _check_stepped(pipe, "clip_grad_norm_")
-    if pipe.schedule_name == "dualpipe" and getattr(pipe, "_reduced_at_step", None) != \
+    if placement_schedule(pipe.schedule_name, pipe.num_ranks).duplicated_stages and \
+            getattr(pipe, "_reduced_at_step", None) != \
             pipe.steps_done:
         raise RuntimeError("DualPipe: call dualpipe.reduce_dualpipe_grads(pipe) before "
                            "clip_grad_norm_, so each stage's gradient is whole (its two "

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as Fn
 from torch.autograd import Variable
 
-__all__ = ["WeightGradStore", "split_linear_weight_grads", "unsplit_linear_weight_grads"]
+__all__ = ["WeightGradStore", "split_linear_weight_grads", "unsplit_linear_weight_grads",
+           "eager_region"]
 
 
 class WeightGradStore:
@@ -119,6 +120,21 @@ def _accumulate(leaves: tuple, grads: tuple) -> None:
         allow_unreachable=True, accumulate_grad=True)
 
 
+def eager_region(fn):
+    """Run ``fn`` outside ``torch.compile`` (a graph break around it).
+
+    A deferrable backward decides at run time whether ``WeightGradStore`` is enabled (the
+    runtime enables it only around an input-gradient pass).  Traced into a compiled
+    graph, that decision is taken once, when the graph is built, with the store off, so
+    the weight gradient is never deferred (still correct, but the W passes are empty).
+    Wrap the function that applies a deferrable autograd Function with this (as
+    :func:`split_linear_weight_grads` does) to keep the deferral under ``torch.compile``.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+@eager_region
 def _deferred_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _LinearDeferW.apply(x, self.weight, self.bias)
 

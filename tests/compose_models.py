@@ -10,6 +10,7 @@ import torch.nn.functional as Fn
 from torch.utils.checkpoint import checkpoint
 
 from dualpipe import WeightGradStore
+from dualpipe.weight_grad import eager_region
 from tests.models import microbatch_losses
 
 D = 8
@@ -48,6 +49,11 @@ class WGSLinear(torch.autograd.Function):
         return g @ weight, None, None
 
 
+@eager_region  # deferral decided at run time, also inside a torch.compile'd stage
+def _wgs_linear(x, weight, bias):
+    return WGSLinear.apply(x, weight, bias)
+
+
 class Body(nn.Module):
     def __init__(self, stage: int, linear: str):
         super().__init__()
@@ -59,7 +65,7 @@ class Body(nn.Module):
         self.linear = linear
 
     def _lin(self, m: nn.Linear, x):
-        return WGSLinear.apply(x, m.weight, m.bias) if self.linear == "wgs" else m(x)
+        return _wgs_linear(x, m.weight, m.bias) if self.linear == "wgs" else m(x)
 
     def forward(self, x):
         return self._lin(self.l2, torch.tanh(self._lin(self.l1, x))) + x
@@ -143,6 +149,14 @@ def run_case(rank: int, world: int, case: dict):
     from dualpipe import DualPipe, DualPipeV, Pipeline
     from dualpipe.schedules import get_schedule
     name, N = case["schedule"], case["chunks"]
+    deferred = [0]
+    put = WeightGradStore.put.__func__
+
+    def counting_put(cls, fn):  # how many weight gradients really went to a W pass
+        deferred[0] += 1
+        put(cls, fn)
+
+    WeightGradStore.put = classmethod(counting_put)
     s = get_schedule(name, world, N)
     mods = [make_stage(stage, case) for (_st, stage) in s.placement[rank]]
     kw = dict(timeout=120, split_linear_weight_grads=case.get("split", False))
@@ -163,8 +177,9 @@ def run_case(rank: int, world: int, case: dict):
         grads.setdefault(stage, []).append({n.replace("_orig_mod.", ""): q.grad.clone()
                                             for n, q in p.module[c].named_parameters()
                                             if q.grad is not None})
+    WeightGradStore.put = classmethod(put)
     return {"losses": losses, "loss_slice": None if outs is None else (outs.start, outs.stop),
-            "grads": grads}
+            "grads": grads, "deferred": deferred[0]}
 
 
 def run_cases(rank: int, world: int, cases: list[dict]):

@@ -33,6 +33,8 @@ def pipeline_cases(rank: int, world: int, cases: list[dict]):
     from dualpipe import runtime as rt
     out = []
     for case in cases:
+        if case.get("toy"):
+            import tests.toy_schedule  # noqa: F401 - registers it in this process
         name, N = case["schedule"], case["chunks"]
         tuple_io, hook = case.get("tuple_io", False), case.get("hook", False)
         train = case.get("train", True)
