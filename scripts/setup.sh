@@ -12,11 +12,11 @@
 # Which interpreter:
 #   1. $PYTHON, when set: used as it is if it imports torch 2.6-2.14, else .venv is made
 #      from it;
-#   2. else an existing .venv of this checkout;
-#   3. else `python3` on PATH, as it is, if it imports torch 2.6-2.14 (a GPU image, a
+#   2. else `python3` on PATH, as it is, if it imports torch 2.6-2.14 (a GPU image, a
 #      conda env, a venv you activated): offline, no second torch, nothing downloaded
 #      unless a test dependency is missing;
-#   4. else a new .venv from python3 with the CPU build of torch==2.13.0 from the index.
+#   3. else this checkout's .venv (made from python3 the first time, with the CPU build
+#      of torch==2.13.0: PyTorch's CPU index is added to pip's).
 # The package is never pip-installed into the interpreter: the extension (overlap._C) is
 # built in place with `setup.py build_ext --inplace` against that interpreter's torch (no
 # build isolation, any pip version) and the packages are put on PYTHONPATH (through
@@ -54,8 +54,9 @@ choose() {  # sets PY (interpreter) and MODE (asis | venv) and BASE (for a new v
     fi
     BASE="$PYTHON"; PY="$VENV/bin/python"; MODE=venv; return
   fi
-  if [ -x "$VENV/bin/python" ]; then PY="$VENV/bin/python"; MODE=venv; BASE=python3; return; fi
   command -v python3 >/dev/null 2>&1 || die "python3 not found: install Python >= 3.10 or set PYTHON"
+  # python3 with torch (an activated env, a GPU image) comes before this checkout's own
+  # .venv; without torch the import fails at once, so this costs ~50 ms
   rc=0; torch_ok python3 || rc=$?
   if [ "$rc" = 0 ]; then PY="$(command -v python3)"; MODE=asis; return; fi
   BASE=python3; PY="$VENV/bin/python"; MODE=venv
@@ -116,7 +117,12 @@ if [ "$MODE" = venv ]; then
   fi
   if [ ! -f "$STAMP" ] && ! torch_ok "$PY"; then
     say "installing torch into $VENV (the CPU build, torch==2.13.0)"
-    "$PY" -m pip install -q torch==2.13.0 || "$PY" -m pip install -q "torch>=2.6,<2.15" \
+    # PyPI's default torch wheel for Linux is the multi-GB CUDA build; PyTorch's CPU index
+    # holds 2.13.0+cpu, which == 2.13.0 matches and pip prefers (a local copy of that
+    # wheel, where pip is configured with one, is taken just the same)
+    cpu_index=(--extra-index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 20)
+    "$PY" -m pip install -q "${cpu_index[@]}" torch==2.13.0 \
+      || "$PY" -m pip install -q "${cpu_index[@]}" "torch>=2.6,<2.15" \
       || die "could not install torch into $VENV: install torch 2.6-2.14 yourself, or set PYTHON to a Python that has it"
   fi
 fi
