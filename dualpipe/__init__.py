@@ -26,10 +26,16 @@ _LAZY = {
     "SCHEDULES": "schedules", "get_schedule": "schedules",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+# submodules reachable as attributes (``dualpipe.checkpoint.save(...)``), imported on use
+_SUBMODULES = ("checkpoint", "training", "schedules", "simulate", "validate", "draw", "utils",
+               "weight_grad", "launch")
+
+__all__ = sorted(_LAZY) + ["__version__"] + list(_SUBMODULES)
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'dualpipe' has no attribute {name!r}")

@@ -217,8 +217,8 @@ def save(pipe: PipelineRuntime, path: str | os.PathLike,
     stages = _pipe_stages(pipe, primary_only=True)
     try:
         sd, err = _collect(stages, optimizer, num_stages(pipe)), None
-    except ValueError as e:
-        sd, err = None, str(e)
+    except Exception as e:  # noqa: BLE001 - agreed on below, as in load
+        sd, err = None, f"{type(e).__name__}: {e}"
     _agree(pipe, err, "dualpipe.checkpoint.save")
     dcp.save(sd, checkpoint_id=os.fspath(path), process_group=pipe.user_group)
 
@@ -246,8 +246,8 @@ def load(pipe: PipelineRuntime, path: str | os.PathLike,
                 err = (f"the checkpoint has {meta.get('num_stages')} stages, this "
                        f"{pipe.schedule_name} pipeline on {pipe.num_ranks} ranks has "
                        f"{num_stages(pipe)}")
-    except ValueError as e:
-        err = str(e)
+    except Exception as e:  # noqa: BLE001 - any local failure (I/O, a corrupt file) is
+        err = f"{type(e).__name__}: {e}"  # agreed on, so no rank waits in dcp.load alone
     _agree(pipe, err, "dualpipe.checkpoint.load")
     dcp.load(sd, checkpoint_id=os.fspath(path), process_group=pipe.user_group)
     if optimizer is not None:
