@@ -45,6 +45,25 @@ _META = "dualpipe.meta"
 _FORMAT = 1
 
 
+def _is_dtensor(t) -> bool:
+    from .training import _dtensor_cls
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def _group_for(pipe: PipelineRuntime, stages, process_group, what: str):
+    """The group DCP coordinates over: the pipeline's by default; sharded (FSDP2)
+    stages need one that spans their shards too."""
+    if process_group is not None:
+        return process_group
+    if any(_is_dtensor(p) for _s, m in stages for p in m.parameters()):
+        raise ValueError(f"{what}: these stages are FSDP2-sharded (DTensor parameters): pass "
+                         "process_group= a group holding every shard as well as the pipeline "
+                         "ranks (e.g. torch.distributed.group.WORLD), and call it on all of "
+                         "those ranks")
+    return pipe.user_group
+
+
 def _encode(obj) -> bytes:
     """A non-tensor value as one opaque leaf (DCP would flatten dicts and lists)."""
     buf = io.BytesIO()
@@ -143,7 +162,13 @@ def _plan_load(path, stages: Sequence[tuple[int, nn.Module]], optimizer, total: 
             for k in keys:
                 meta = md[k]
                 if hasattr(meta, "size") and hasattr(meta, "properties"):
-                    reader_sd[k] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                    size = tuple(meta.size)
+                    if _is_dtensor(p) and size == tuple(p.shape):
+                        # an FSDP2-sharded parameter's state is sharded like it: DCP
+                        # fills this rank's shard
+                        reader_sd[k] = torch.zeros_like(p.detach(), dtype=meta.properties.dtype)
+                    else:
+                        reader_sd[k] = torch.empty(size, dtype=meta.properties.dtype)
                 else:
                     reader_sd[k] = None
     return reader_sd, None
@@ -205,26 +230,37 @@ def _pipe_stages(pipe: PipelineRuntime, primary_only: bool):
 
 
 def save(pipe: PipelineRuntime, path: str | os.PathLike,
-         optimizer: torch.optim.Optimizer | None = None) -> None:
+         optimizer: torch.optim.Optimizer | None = None, *,
+         process_group: dist.ProcessGroup | None = None) -> None:
     """Save this pipeline's stages (and ``optimizer``'s state for them) to ``path``.
 
-    Collective: every rank of the pipeline calls it.  Each stage is written once (by the
-    rank holding its primary copy); ``path`` is a directory, created if needed.  Call it
-    between steps (after ``optimizer.step()``), when both DualPipe copies are identical.
+    Collective: every rank of ``process_group`` calls it.  Each stage is written once (by
+    the rank holding its primary copy); ``path`` is a directory, created if needed.  Call
+    it between steps (after ``optimizer.step()``), when both DualPipe copies are
+    identical.
+
+    ``process_group`` (default: the pipeline's group) is what DCP coordinates over.
+    With data parallelism, either one replica's pipeline saves (the default), or every
+    rank calls it with a group spanning all of them (e.g. ``torch.distributed.group.WORLD``;
+    replicated entries are written once); FSDP2-sharded stages need the latter, so that
+    every shard is written.
     """
     if not isinstance(pipe, PipelineRuntime):
         raise TypeError(f"save takes the pipeline, got {type(pipe).__name__}")
     stages = _pipe_stages(pipe, primary_only=True)
+    group = None
     try:
+        group = _group_for(pipe, stages, process_group, "dualpipe.checkpoint.save")
         sd, err = _collect(stages, optimizer, num_stages(pipe)), None
     except Exception as e:  # noqa: BLE001 - agreed on below, as in load
         sd, err = None, f"{type(e).__name__}: {e}"
     _agree(pipe, err, "dualpipe.checkpoint.save")
-    dcp.save(sd, checkpoint_id=os.fspath(path), process_group=pipe.user_group)
+    dcp.save(sd, checkpoint_id=os.fspath(path), process_group=group)
 
 
 def load(pipe: PipelineRuntime, path: str | os.PathLike,
-         optimizer: torch.optim.Optimizer | None = None) -> None:
+         optimizer: torch.optim.Optimizer | None = None, *,
+         process_group: dist.ProcessGroup | None = None) -> None:
     """Load the stages this rank holds (both DualPipe copies) from a checkpoint written
     by :func:`save` (any layout) or :func:`save_stages`; with ``optimizer``, also the
     state and hyper-parameters of those stages' parameters.
@@ -232,13 +268,17 @@ def load(pipe: PipelineRuntime, path: str | os.PathLike,
     Collective over the pipeline.  Raises ``ValueError`` on every rank when the
     checkpoint has another number of stages, or a stage whose entries or shapes differ
     from this rank's module, or no optimizer state where one is asked for.
+    ``process_group``: as in :func:`save` (FSDP2-sharded stages need a group spanning
+    their shards; every one of its ranks calls ``load``).
     """
     if not isinstance(pipe, PipelineRuntime):
         raise TypeError(f"load takes the pipeline, got {type(pipe).__name__}")
     stages = _pipe_stages(pipe, primary_only=False)
     err = None
     sd = None
+    group = None
     try:
+        group = _group_for(pipe, stages, process_group, "dualpipe.checkpoint.load")
         sd, err = _plan_load(path, stages, optimizer, num_stages(pipe))
         if err is None:
             meta = _decode(_read_metadata_value(path))
@@ -249,7 +289,7 @@ def load(pipe: PipelineRuntime, path: str | os.PathLike,
     except Exception as e:  # noqa: BLE001 - any local failure (I/O, a corrupt file) is
         err = f"{type(e).__name__}: {e}"  # agreed on, so no rank waits in dcp.load alone
     _agree(pipe, err, "dualpipe.checkpoint.load")
-    dcp.load(sd, checkpoint_id=os.fspath(path), process_group=pipe.user_group)
+    dcp.load(sd, checkpoint_id=os.fspath(path), process_group=group)
     if optimizer is not None:
         _apply_optimizer(sd, stages, optimizer)
 

@@ -163,3 +163,15 @@ def test_single_process_misuse_says_what_is_wrong(saved, tmp_path):
         checkpoint.load_stages(other, stages)
     with pytest.raises(TypeError, match="stages must be"):
         checkpoint.load_stages(plain, Stage(0))
+
+
+def test_fsdp2_sharded_stages_save_and_continue_bit_identically(tmp_path):
+    from tests.training_workers import fsdp_checkpoint
+    path = str(tmp_path / "fsdp")
+    saved = run_ranks(fsdp_checkpoint, 4, path, "save", timeout=300)
+    loaded = run_ranks(fsdp_checkpoint, 4, path, "load", timeout=300)
+    for a, b in zip(saved, loaded):
+        assert "FSDP2-sharded" in a["error"] and "process_group" in a["error"], a["error"]
+        for x, y in zip(a["losses"], b["losses"]):
+            assert (x is None and y is None) or torch.equal(x, y)
+    assert any(a["losses"][0] is not None for a in saved)

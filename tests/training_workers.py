@@ -197,3 +197,48 @@ def ddp_stage_refused(rank: int, world: int):
     from tests.models import Stage
     mods = [DistributedDataParallel(Stage(0)), Stage(1)]
     return _outcome(lambda: DualPipeV(mods, timeout=30))
+
+
+def fsdp_checkpoint(rank: int, world: int, path: str, mode: str):
+    """DualPipeV over 2 FSDP2 replicas: "save" trains 2 steps, saves (every rank, over
+    the world), trains 2 more; "load" starts from other weights and a fresh optimizer,
+    loads, trains the same 2 steps.  Same layout: the losses must be bitwise equal."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dualpipe import DualPipeV, checkpoint, clip_grad_norm_
+    from dualpipe.schedules import get_schedule
+    from tests.models import Stage
+    N = 4
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "pp"))
+    d, r = mesh.get_local_rank("dp"), mesh.get_local_rank("pp")
+    s = get_schedule("dualpipev", world // 2, N)
+    mods = []
+    for _st, stage in s.placement[r]:
+        m = Stage(stage + (0 if mode == "save" else 50))
+        fully_shard(m, mesh=mesh["dp"])
+        mods.append(m)
+    p = DualPipeV(mods, process_group=mesh.get_group("pp"), timeout=60)
+    opt = torch.optim.Adam(p.parameters(), lr=0.01 if mode == "save" else 0.5)
+    out = {"error": _outcome(lambda: checkpoint.save(p, path + "-refused"))}
+
+    def steps(ids):
+        got = []
+        for step in ids:
+            xs, ys = make_batch(10 * d + step, N, False)
+            inputs, labels, _ = rank_io(s, r, xs, ys)
+            loss, _ = p.step(*inputs, num_chunks=N, criterion=criterion if labels else None,
+                             labels=labels)
+            clip_grad_norm_(p, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            got.append(loss)
+        return got
+
+    if mode == "save":
+        steps([0, 1])
+        checkpoint.save(p, path, opt, process_group=dist.group.WORLD)
+    else:
+        checkpoint.load(p, path, opt, process_group=dist.group.WORLD)
+    out["losses"] = steps([2, 3])
+    return out
