@@ -48,8 +48,8 @@ def _require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise MissingDrawDependency(
-            f"drawing a PNG needs matplotlib ({exc}): pip install 'dualpipe-overlap[draw]' "
-            "(or pip install matplotlib); a .json Chrome/Perfetto trace needs nothing") from exc
+            f"drawing a PNG needs matplotlib ({exc}): pip install matplotlib (the [draw] "
+            "extra of this package); a .json Chrome/Perfetto trace needs nothing") from exc
 
 #: The file suffixes :func:`draw` accepts.
 SUFFIXES = (".png", ".json")

@@ -705,19 +705,27 @@ class SubStageBlock(SubStageModule):
 
     calls = 0
 
-    def __init__(self, stage, tuple_io=False):
+    recomputes = 0
+
+    def __init__(self, stage, tuple_io=False, recompute=False):
         super().__init__()
         from tests.models import Stage
         ref = Stage(stage)
         self.l1, self.l2 = ref.l1, ref.l2
+        self.recompute = recompute
 
     def substages(self):
         def move(*ts):
             return run_async(lambda: tuple(t.clone() for t in ts))
 
-        return [compute("a", lambda x: (torch.tanh(self.l1(x)), x)),
+        def a(x):
+            if torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
+                type(self).recomputes += 1  # running inside a backward: the recompute
+            return torch.tanh(self.l1(x)), x
+
+        return [compute("a", a, recompute=self.recompute),
                 comm("c", move, move),
-                compute("b", lambda h, x: self.l2(h) + x)]
+                compute("b", lambda h, x: self.l2(h) + x, recompute=self.recompute)]
 
     @classmethod
     def overlapped_forward_backward(cls, *args):
@@ -725,13 +733,13 @@ class SubStageBlock(SubStageModule):
         return super().overlapped_forward_backward(*args)
 
 
-def _runtime_worker(rank, world, name, n):
+def _runtime_worker(rank, world, name, n, recompute=False):
     from dualpipe import DualPipe, DualPipeV
     from dualpipe.schedules import get_schedule
     from tests.models import criterion, make_batch
     from tests.workers import rank_io
     s = get_schedule(name, world, n)
-    mods = [SubStageBlock(stage) for (_st, stage) in s.placement[rank]]
+    mods = [SubStageBlock(stage, recompute=recompute) for (_st, stage) in s.placement[rank]]
     pipe = (DualPipe if name == "dualpipe" else DualPipeV)(mods)
     xs, ys = make_batch(0, n, False)
     inputs, labels, loss_slice = rank_io(s, rank, xs, ys)
@@ -740,15 +748,23 @@ def _runtime_worker(rank, world, name, n):
         loss, _ = pipe.step(*inputs, num_chunks=n, criterion=criterion, labels=labels)
     grads = {stage: {k: p.grad.clone() for k, p in m.named_parameters()}
              for m, (_s, stage) in zip(mods, s.placement[rank])}
-    return dict(loss=loss, loss_slice=loss_slice, grads=grads, calls=SubStageBlock.calls)
+    return dict(loss=loss, loss_slice=loss_slice, grads=grads, calls=SubStageBlock.calls,
+                recomputes=SubStageBlock.recomputes)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
 @pytest.mark.parametrize("name,world,n", [("dualpipev", 2, 6)])
-def test_dualpipe_runtime_uses_generated_overlap(name, world, n):
+def test_dualpipe_runtime_uses_generated_overlap(name, world, n, recompute):
+    """The runtime's F&B pairs through overlap.fb, also with every compute sub-stage
+    recomputed (activation checkpointing inside the overlapped pair): numbers equal one
+    process's."""
     run_ranks = pytest.importorskip("tests.mp").run_ranks
     from tests.models import cosine_distance, reference
-    res = run_ranks(_runtime_worker, world, name, n, timeout=120)
+    res = run_ranks(_runtime_worker, world, name, n, recompute, timeout=120)
     assert all(r["calls"] > 0 for r in res)  # the F&B pairs went through overlap.fb
+    # one recompute of "a" per micro-batch per chunk when recomputing, none otherwise
+    assert all(r["recomputes"] == (2 * n if recompute else 0) for r in res), \
+        [r["recomputes"] for r in res]
     stages = 2 * world if name == "dualpipev" else world
     ref_losses, _, ref_grads = reference(stages, n, 1, False)
     for r in res:
