@@ -239,3 +239,14 @@ def test_clean_venv_route(tmp_path):
     t = run(["./run", "test", "tests/test_ext.py", "-p", "no:cacheprovider"], repo, env,
             timeout=600)
     assert t.returncode == 0 and "passed" in t.stdout, explain(t)
+
+
+def test_version_hints_say_what_to_do():
+    from overlap._build import build_hint, format_build_info
+    base = {"extension": "cpu", "extension_error": None, "torch_cuda": None}
+    assert build_hint(base) is None
+    none = dict(base, extension="none", extension_error="overlap._C is not importable")
+    assert "./run setup" in build_hint(none) and "--no-build-isolation" in build_hint(none)
+    assert format_build_info(none).splitlines()[-1].startswith("hint: ")
+    cpu_on_cuda = dict(base, torch_cuda="13.0")
+    assert "nvcc" in build_hint(cpu_on_cuda) and "CUDA_HOME" in build_hint(cpu_on_cuda)
