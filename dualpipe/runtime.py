@@ -443,8 +443,10 @@ class PipelineRuntime(nn.Module):
         if max_ctas is not None and self.transport != "nccl":
             log.info("nccl_max_ctas=%d ignored: this pipeline's transport is %s, not NCCL",
                      max_ctas, self.transport)
+        # F&B pairs go through the stage class's overlapped_forward_backward when every
+        # stage of this rank is of that class (one stage: a pair of two micro-batches of it)
         self.overlapped_forward_backward = (
-            len(modules) == 2 and type(modules[0]) is type(modules[1])
+            all(type(m) is type(modules[0]) for m in modules)
             and hasattr(type(modules[0]), "overlapped_forward_backward"))
         self.timeout = datetime.timedelta(seconds=float(timeout))
         if lookahead < 1:

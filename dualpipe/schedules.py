@@ -54,7 +54,7 @@ __all__ = [
     "F", "B", "I", "W", "FB", "SEND_F", "RECV_F", "SEND_B", "RECV_B",
     "COMPUTE_KINDS", "COMM_KINDS",
     "Action", "Stream", "Schedule", "parse_action",
-    "dualpipe", "dualpipev", "one_f_one_b", "zb1p",
+    "dualpipe", "dualpipev", "one_f_one_b", "zb1p", "fb_only",
     "SCHEDULES", "get_schedule", "lower", "ScheduleSpec", "REGISTRY", "register",
     "unregister", "spec_of", "placement_schedule", "gc_paused",
 ]
@@ -500,6 +500,29 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     return _single_stage("zb1p", P, N, zero_bubble=True)
 
 
+@gc_paused()
+def fb_only(num_ranks: int, num_chunks: int) -> Schedule:
+    """Overlapped forward/backward with no pipeline: one rank, one stage (the whole
+    model), ``F0, F1+B0, F2+B1, ..., B(N-1)``.  Each pair runs the forward of one
+    micro-batch with the backward of the previous one, so a stage that overlaps them
+    (``overlapped_forward_backward``, e.g. an expert-parallel MoE layer built with
+    ``overlap.fb``) hides one's all-to-alls under the other's compute, as DualPipe's
+    steady state does, without pipeline parallelism (Megatron's "combined 1F1B without
+    pipelining").  Every rank of an expert-parallel group runs its own such pipeline of
+    one rank; the weight gradients are not split (nothing to fill)."""
+    P, N = _check_int("num_ranks", num_ranks), _check_int("num_chunks", num_chunks)
+    if P != 1:
+        raise ValueError(f"fb-only has no pipeline: it runs on 1 rank (give each "
+                         f"expert-parallel rank its own pipeline group of one), got "
+                         f"num_ranks={P}")
+    if N < 1:
+        raise ValueError(f"fb-only needs num_chunks >= 1, got {N}")
+    acts = [Action(F, 0, 0)]
+    acts += [Action(FB, 0, m, 0, m - 1) for m in range(1, N)]
+    acts.append(Action(B, 0, N - 1))
+    return Schedule("fb-only", 1, N, (Stream(1, N, 0),), (((0, 0),),), (tuple(acts),))
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -514,7 +537,9 @@ class ScheduleSpec:
     (the placement does not depend on the count, so tools that need only the placement
     build that one); ``bubble(PP, costs)`` and ``activations(PP)`` are the published
     formulas (``None`` where nothing is published), in terms of ``PP =
-    Schedule.num_stages``; ``legs`` labels the two directions in drawings.
+    Schedule.num_stages``; ``legs`` labels the two directions in drawings;
+    ``supports(num_ranks)`` says which rank counts it runs on (the generator raises
+    ``ValueError`` for the others; sweeps and tests ask this instead).
     """
 
     name: str
@@ -524,6 +549,7 @@ class ScheduleSpec:
     bubble: Callable[[int, object], float] | None = None
     activations: Callable[[int], int] | None = None
     legs: tuple[str, str] = ("", "")
+    supports: Callable[[int], bool] = lambda num_ranks: num_ranks >= 1
 
 
 REGISTRY: dict[str, ScheduleSpec] = {}
@@ -581,12 +607,15 @@ def _dual_bubble(PP, c):
 
 
 register(ScheduleSpec("dualpipe", dualpipe, "DualPipe", lambda P: 2 * P,
-                      bubble=_dual_bubble, activations=lambda PP: PP + 1))
+                      bubble=_dual_bubble, activations=lambda PP: PP + 1,
+                      supports=lambda P: P >= 2 and P % 2 == 0))
 register(ScheduleSpec("dualpipev", dualpipev, "DualPipeV", lambda P: 2 * P,
                       bubble=_dual_bubble, activations=lambda PP: PP + 1,
                       legs=(", down the V", ", back up the V")))
 register(ScheduleSpec("1f1b", one_f_one_b, "1F1B", lambda P: P,
                       bubble=lambda PP, c: (PP - 1) * (c.f + c.b), activations=lambda PP: PP))
+register(ScheduleSpec("fb-only", fb_only, "F&B, no pipeline", lambda P: 1,
+                      supports=lambda P: P == 1))
 register(ScheduleSpec("zb1p", zb1p, "ZB1P", lambda P: P,
                       bubble=lambda PP, c: (PP - 1) * (c.f + c.b - 2 * c.w),
                       activations=lambda PP: PP))

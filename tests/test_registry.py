@@ -7,10 +7,17 @@ import pytest
 
 import tests.toy_schedule as toy
 from dualpipe.draw import draw
-from dualpipe.schedules import REGISTRY, ScheduleSpec, get_schedule, register, spec_of
+from dualpipe.schedules import REGISTRY, ScheduleSpec, get_schedule, register, spec_of, unregister
 from dualpipe.simulate import Costs, formula_bubble, pipeline_degree, simulate
 from dualpipe.validate import validate
 from tests.test_runtime import check
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _toy_registered():
+    toy.ensure_registered()
+    yield
+    unregister(toy.NAME)
 
 
 def test_the_toy_is_registered_and_its_facts_come_from_the_placement():

@@ -114,6 +114,12 @@ def test_single_stage_schedules(name):
                                                             return_outputs=True)])
 
 
+def test_fb_only_without_a_pipeline():
+    """fb-only: one rank, F0, F1+B0, ..., B(N-1); with a stage defining
+    overlapped_forward_backward every pair goes through it (one module in both roles)."""
+    check("fb-only", 1, _cases(4))
+
+
 @pytest.mark.parametrize("name,world", [("dualpipe", 4), ("dualpipev", 4), ("1f1b", 2)])
 def test_on_the_process_groups_gloo(name, world):
     """transport="group": the same runs over the pipeline's private gloo group (the

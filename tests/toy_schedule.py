@@ -1,7 +1,8 @@
 """A schedule the project does not ship, registered the way a user adds one: GPipe
-(every forward, then every backward), one stage per rank.  Importing this module
-registers it (once per process); tests/test_registry.py checks that the runtime,
-simulator, validator and drawer handle it with no other change."""
+(every forward, then every backward), one stage per rank.  :func:`ensure_registered`
+registers it in this process (tests/test_registry.py does, and removes it after;
+spawned ranks do through tests.workers); the runtime, simulator, validator and drawer
+then handle it with no other change."""
 from __future__ import annotations
 
 from dualpipe.schedules import (B, F, REGISTRY, Action, Schedule, ScheduleSpec, Stream,
@@ -20,7 +21,8 @@ def gpipe(num_ranks: int, num_chunks: int) -> Schedule:
                     tuple(((0, r),) for r in range(num_ranks)), acts)
 
 
-if NAME not in REGISTRY:
-    register(ScheduleSpec(NAME, gpipe, "GPipe", lambda P: 1,
-                          bubble=lambda PP, c: (PP - 1) * (c.f + c.b),
-                          activations=lambda PP: None))
+def ensure_registered() -> None:
+    if NAME not in REGISTRY:
+        register(ScheduleSpec(NAME, gpipe, "GPipe", lambda P: 1,
+                              bubble=lambda PP, c: (PP - 1) * (c.f + c.b),
+                              activations=lambda PP: None))

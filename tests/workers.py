@@ -34,7 +34,8 @@ def pipeline_cases(rank: int, world: int, cases: list[dict]):
     out = []
     for case in cases:
         if case.get("toy"):
-            import tests.toy_schedule  # noqa: F401 - registers it in this process
+            from tests.toy_schedule import ensure_registered
+            ensure_registered()
         name, N = case["schedule"], case["chunks"]
         tuple_io, hook = case.get("tuple_io", False), case.get("hook", False)
         train = case.get("train", True)
