@@ -41,6 +41,7 @@ from overlap.shm import DEFAULT_RING_BYTES, ShmP2P, ShmUnavailable
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
                         gc_paused, get_schedule, lower, placement_schedule, spec_of)
+from .failures import AGREE_DEADLINE, Record, ShmBoard, StoreBoard, StoreUnresponsive
 from .simulate import Interval
 from .utils import gather, run_backward, scatter
 from .weight_grad import WeightGradStore, split_linear_weight_grads
@@ -65,6 +66,7 @@ def _ring_bytes() -> int:
         raise ValueError(f"DUALPIPE_SHM_RING_BYTES must be an integer number of bytes, "
                          f"got {v!r}") from None
 _HS_LEN = 12
+_AGREEMENT = "end of step (agreement)"
 _MAX_SIGNATURES = 64  # input signatures whose boundary shapes a pipeline keeps
 
 _p2p_shapes: list[tuple[int, ...]] | None = None
@@ -98,15 +100,22 @@ def set_p2p_tensor_dtype(dtype: torch.dtype | None) -> None:
 
 
 class PipelineError(RuntimeError):
-    """A step failed on this rank; ``rank`` and ``action`` say where."""
+    """A step failed; every rank of the pipeline raises it, with the same message.
 
-    def __init__(self, msg: str, rank: int | None = None, action: str | None = None):
-        self.rank, self.action = rank, action
+    ``rank`` and ``action``: where *this* rank stopped.  ``failed_rank``: the pipeline
+    rank where the failure began -- the rank whose code raised first, the rank whose
+    process died, or the rank that stopped answering -- or ``None`` when no rank can
+    tell (for example a handshake that timed out while every rank was responsive)."""
+
+    def __init__(self, msg: str, rank: int | None = None, action: str | None = None,
+                 failed_rank: int | None = None):
+        self.rank, self.action, self.failed_rank = rank, action, failed_rank
         super().__init__(msg)
 
 
 class PipelineTimeout(PipelineError):
-    """A peer did not answer within the timeout."""
+    """A rank stopped answering: a peer did not send or receive within the timeout
+    (``failed_rank`` names the rank that is not responding when it can be told)."""
 
 
 @dataclass
@@ -343,7 +352,10 @@ class PipelineRuntime(nn.Module):
         self._p2p = None
         self._pg = None
         self._groups_finalizer = None
+        self._board = None
         self._stopped: str | None = None
+        self._stopped_error: PipelineError | None = None  # raised by the next step
+        self._agreements = 0  # end-of-step agreements completed
         name = schedule or self.schedule_name
         spec_of(name)  # ValueError naming the registered schedules
         self.schedule_name = name
@@ -371,6 +383,7 @@ class PipelineRuntime(nn.Module):
         for g, p in enumerate(rank_mapping):
             self._to_group[p] = g
         self.rank = rank_mapping[self.group.rank()]
+        self._to_pipe = rank_mapping  # group rank -> pipeline rank
         params = [p for m in modules for p in m.parameters()]
         devs = {p.device for p in params}
         if len(devs) > 1:
@@ -422,7 +435,7 @@ class PipelineRuntime(nn.Module):
             try:
                 shm = ShmP2P.create(self._store, self._prefix, self.group.rank(),
                                     self.num_ranks, mode=_TRANSPORTS[mode], timeout=timeout,
-                                    abort=self._failure_record, ring_bytes=_ring_bytes())
+                                    ring_bytes=_ring_bytes())
             except ShmUnavailable as e:
                 raise ValueError(str(e)) from e
         if shm is not None:
@@ -440,6 +453,21 @@ class PipelineRuntime(nn.Module):
                                                self.num_ranks, 2 * to, max_ctas))
         else:  # another backend: the user's group carries the traffic itself
             self.transport = str(backend)
+        # where a failure is recorded for every rank to read (dualpipe.failures)
+        if shm is not None:
+            self._board = ShmBoard(shm, rank_mapping)
+        elif self._store is not None:
+            try:
+                self._board = StoreBoard(self._store, self._prefix, self.rank, self.num_ranks,
+                                         _store_host(self.group, rank_mapping), timeout)
+            except StoreUnresponsive as e:
+                self._release(failed=True)
+                raise PipelineTimeout(f"building the pipeline on pipeline rank {self.rank}: the "
+                                      f"process group's store did not answer within {timeout:g} "
+                                      "s (its host, global rank 0, is stopped or hung)",
+                                      self.rank, "construction", 0) from e
+            weakref.finalize(self, self._board.close)
+        self._hosts_store = dist.get_rank() == 0  # the TCPStore's server (env:// init)
         if max_ctas is not None and self.transport != "nccl":
             log.info("nccl_max_ctas=%d ignored: this pipeline's transport is %s, not NCCL",
                      max_ctas, self.transport)
@@ -498,6 +526,9 @@ class PipelineRuntime(nn.Module):
     # ------------------------------------------------------------------ helpers
     def _schedule(self, num_chunks: int) -> Schedule:
         if self._stopped is not None:
+            err, self._stopped_error = self._stopped_error, None
+            if err is not None:  # the last step completed on every rank, then this one failed
+                raise err
             raise RuntimeError(self._stopped)
         return get_schedule(self.schedule_name, self.num_ranks, num_chunks)
 
@@ -721,7 +752,7 @@ class PipelineRuntime(nn.Module):
             with self._private_stream():
                 out = self._p2p.all_gather(hs.to(self.device), self.num_ranks,
                                            "step handshake").wait(
-                    self.timeout, self._failure_record, host=True)
+                    self.timeout, self._abort, host=True)
         except PeerError as e:
             if isinstance(e, PeerTimeout):
                 e = PeerTimeout(f"the step-start handshake timed out after "
@@ -789,7 +820,7 @@ class PipelineRuntime(nn.Module):
         # transfers just never arrive), so poll the failure record; gloo's receives end
         # when the failing rank drops its connections (and report completion only once
         # waited for, so they cannot be polled)
-        meta_abort = self._failure_record if self.transport == "nccl" else None
+        meta_abort = self._abort if self.transport == "nccl" else None
         if device_clock:  # the stream the stages' kernels go to (the device's current one)
             stream = torch.cuda.current_stream(self.device)
             take = iter(self._take_events(2 * (len(plan.ops) + len(plan.recvs)) + 1)).__next__
@@ -1047,6 +1078,7 @@ class PipelineRuntime(nn.Module):
                 wgrads[(c, m)] = WeightGradStore.take()
 
         text = "start of step"
+        agreed = False
         poll = p2p.poll  # None when the transport needs no driving between actions
         try:
             for (kind, c, m, c2, m2, need, sends, post_upto, text) in plan.ops:
@@ -1119,12 +1151,16 @@ class PipelineRuntime(nn.Module):
                 # failing in its last actions cannot leave the others stepping their
                 # optimizers on a step it did not finish; after it, every receive has
                 # been posted, so draining the sends below cannot block
-                text = "end of step (agreement)"
+                text = _AGREEMENT
                 # (on NCCL the collective queues behind everything this step's kernels
                 # waited for, so this host-side deadline also bounds every transfer)
                 p2p.all_gather(torch.ones(1, dtype=torch.int64, device=self.device),
                                self.num_ranks, "end-of-step agreement").wait(
-                    timeout, self._failure_record, host=True)
+                    timeout, self._abort, host=True)
+                agreed = True
+                self._agreements += 1
+                if self._board is not None:
+                    self._board.agreed = self._agreements  # the heartbeat says it
             text = "end of step (sends)"
             for h in send_handles:
                 h.wait(timeout)
@@ -1141,8 +1177,21 @@ class PipelineRuntime(nn.Module):
             send_handles.clear()
             pending.clear()
             h = None  # noqa: F841
+            # the step is complete on every rank once any rank completed the agreement
+            # (every rank had contributed to it): then this rank returns too, and the
+            # failure is raised by the next step, so no two ranks disagree on which
+            # step failed (dualpipe.failures)
+            committed = agreed or (text == _AGREEMENT and self._board is not None
+                                   and isinstance(e, PeerError)
+                                   and self._board.agreement_committed(self._agreements + 1))
             err = self._failed(e, text, e.__traceback__)
-            raise err from e
+            if not committed:
+                raise err from e
+            log.warning("pipeline rank %d: step %d completed on every rank; the failure "
+                        "after it is raised by the next step: %s", rank, self.steps_done + 1, err)
+            if not agreed:
+                self._agreements += 1
+            self._stopped_error = err
         # results
         loss_out, outs_out = None, None
         for c in range(nchunk):
@@ -1176,73 +1225,110 @@ class PipelineRuntime(nn.Module):
             raise self._failed(e, what, e.__traceback__) from e
 
     # ------------------------------------------------------------------ failures
-    def _failure_key(self) -> str:
-        return f"{self._prefix}/failure"
-
     def _failure_record(self) -> str | None:
-        """The failure another rank recorded for this pipeline, if any (one store query)."""
-        store, key = self._store, self._failure_key()
-        try:
-            if store is not None and store.check([key]):
-                return store.get(key).decode()
-        except Exception:  # noqa: BLE001 - no store: rely on timeouts
-            pass
-        return None
+        """The failure another rank recorded for this pipeline, if any (one board read)."""
+        rec = self._board.read() if self._board is not None else None
+        return None if rec is None else rec.text
+
+    @property
+    def _abort(self):
+        """The abort callback of host-side waits: the store-backed record (gloo, NCCL).
+        Shared memory needs none: a failing rank's stop flag ends every wait itself."""
+        return self._failure_record if isinstance(self._board, StoreBoard) else None
 
     def _failed(self, e: BaseException, action: str, tb=None) -> PipelineError:
         """Turn ``e`` (raised at ``action`` on this rank) into the error every rank raises.
 
-        The first rank to fail records "pipeline rank R, action A: error" in the
-        process group's store and destroys the pipeline's process group, which closes
-        its connections: every transfer pending on every other rank then fails at
-        once, those ranks read the record, acknowledge it and raise naming the rank
-        that failed first.  The user's process group is left usable; this pipeline
-        object is not: build a new one to go on."""
+        A failure of this rank's own (an exception in a stage, a check of the runtime)
+        is recorded as it is.  A failed transfer (:class:`overlap.p2p.PeerError`) is
+        first looked up: when another rank recorded a failure, this rank raises that
+        one, adding where it stopped.  Otherwise this rank finds the culprit: a rank
+        whose process died or stopped answering (dualpipe.failures), else the peer of
+        the transfer.  The first record written is the one every rank raises; then
+        the transports are dropped, which ends every other rank's pending transfer at
+        once.  The user's process group stays usable; this pipeline object does not:
+        build a new one to go on."""
         if isinstance(e, PipelineError) and getattr(e, "_reported", False):
             return e  # made here already (recorded, or read from another rank's record)
         if tb is not None:  # finished frames below the caller may hold transfers
             traceback.clear_frames(tb)
-        rank, key = self.rank, self._failure_key()
-        store = self._store
-        first = False
-        if isinstance(e, PeerAborted):
-            msg = f"{e} (pipeline rank {rank} stopped at action {action})"
-            _ack(store, key)
-            err: PipelineError = PipelineError(msg, rank, action)
-        elif isinstance(e, PeerLost):
-            # a peer that exited without reporting leaves no record to wait for
-            record = _read(store, key, wait=0.0 if isinstance(e, PeerExited) else 5.0)
-            if record is not None:
-                msg = f"{record} (pipeline rank {rank} stopped at action {action})"
-                _ack(store, key)
-            else:
-                msg = (f"pipeline rank {rank}, action {action}: {e}; another rank crashed, was "
-                       "killed or lost its connection")
-                first = _write(store, key, msg)
-            err = PipelineError(msg, rank, action)
-        elif isinstance(e, PeerTimeout):
-            msg = f"pipeline rank {rank}, action {action}: {e}"
-            first = _write(store, key, msg)
-            err = PipelineTimeout(msg, rank, action)
+        rank, board = self.rank, self._board
+        where = f"pipeline rank {rank}, action {action}"
+        rec, mine = None, True
+        if isinstance(e, PeerError):
+            rec = board.read() if board is not None else None
+            mine = rec is None
+            if mine:
+                rec, mine = self._diagnose(e, where)
         else:
             # also the runtime's own checks in the loop (a PipelineError that says what
             # went wrong): recorded like any failure, so the other ranks stop too
-            prefix = f"pipeline rank {rank}, action {action}: "
             text = str(e)
-            if text.startswith(prefix):  # said where already: do not say it twice
-                text = text[len(prefix):]
+            if text.startswith(where + ": "):  # said where already: do not say it twice
+                text = text[len(where) + 2:]
             what = "" if isinstance(e, PipelineError) else f"{type(e).__name__}: "
-            msg = f"{prefix}{what}{text}"
-            first = _write(store, key, msg)
-            err = PipelineError(msg, rank, action)
+            rec = Record(rank, "error", f"{where}: {what}{text}")
+        if mine and board is not None and not board.write(rec):
+            other = board.read()  # another rank recorded first: every rank raises that one
+            if other is not None:
+                rec, mine = other, False
+        msg = rec.text if mine else f"{rec.text} (pipeline rank {rank} stopped at action {action})"
+        if not mine and board is not None:
+            board.ack()
+        cls = PipelineTimeout if rec.kind == "timeout" else PipelineError
+        err = cls(msg, rank, action, rec.culprit)
         err._reported = True
         log.error("%s", err)
         self._release(failed=True)
         self._stopped = ("this pipeline stopped after a failure (see the earlier "
                          "PipelineError); build a new DualPipe/DualPipeV to go on")
-        if first:  # keep the store (hosted by rank 0) up until the others have read
-            _wait_acks(store, key, self.num_ranks - 1, deadline=5.0)
+        if board is not None and self._hosts_store:
+            board.wait_for_readers_at_exit()
         return err
+
+    def _diagnose(self, e: PeerError, where: str) -> tuple[Record, bool]:
+        """The record for a failed transfer nobody has recorded: ``(record, mine)``, where
+        ``mine`` is False when another rank's record turned up meanwhile."""
+        board = self._board
+        g = getattr(e, "peer", -1)
+        peer = self._to_pipe[g] if 0 <= g < self.num_ranks else None
+        if board is None:
+            kind = "timeout" if isinstance(e, PeerTimeout) else "lost"
+            return Record(peer, kind, f"{where}: {e}"), True
+        try:
+            silent = board.not_responding()
+        except StoreUnresponsive:
+            silent = None
+        if silent is None or board.unresponsive:  # the store's host itself is silent
+            h = board.host
+            who = f"pipeline rank {h}" if h is not None else "global rank 0 (not in this pipeline)"
+            if getattr(board, "gone", False):
+                return Record(h, "lost", f"{where}: {e}; the process group's store, hosted by "
+                              f"{who}, is gone: that process died"), True
+            return Record(h, "timeout", f"{where}: {e}; the process group's store, hosted by "
+                          f"{who}, does not answer either: that process is stopped or "
+                          "hung"), True
+        if silent:
+            v = peer if peer in silent else min(silent)
+            state = board.state(v) if isinstance(board, ShmBoard) else None
+            if state == "exited" or (state is None and not isinstance(e, PeerTimeout)):
+                return Record(v, "lost", f"{where}: rank {v} died (its process exited or was "
+                              f"killed; {e})"), True
+            return Record(v, "timeout", f"{where}: {e}; rank {v} is not responding (its "
+                          "process is stopped or hung)"), True
+        if isinstance(e, PeerTimeout):
+            return Record(peer, "timeout", f"{where}: {e}"), True
+        if not isinstance(e, PeerExited):
+            # the peer is alive and closed the connection: it is stopping the pipeline,
+            # and its record is on the way
+            end = time.monotonic() + AGREE_DEADLINE
+            while time.monotonic() < end:
+                rec = board.read()
+                if rec is not None:
+                    return rec, False
+                time.sleep(0.02)
+        return Record(peer, "lost", f"{where}: {e}; another rank crashed, was killed or lost "
+                      "its connection"), True
 
     def _own_nccl_groups(self, groups: tuple) -> None:
         """Keep ``groups`` (private NCCL communicators) as the transport's backends and
@@ -1264,8 +1350,13 @@ class PipelineRuntime(nn.Module):
         if fin is not None and fin.detach() is not None:  # NCCL (never gloo: see below)
             _release_groups(pgs, failed)
         del pgs
+        if not failed and self._board is not None:
+            # (after a failure the heartbeat goes on while this object lives: a rank
+            # diagnosing a failure must not take this one for a silent one)
+            self._board.close()
         self.group = None
         gc.collect()  # gloo closes the connections when the last reference goes
+
 
 
     @staticmethod
@@ -1377,48 +1468,13 @@ def _group_store(group):
             return None
 
 
-def _write(store, key: str, msg: str) -> bool:
-    """Record ``msg`` unless a failure is recorded already; True if this one was first."""
-    if store is None:
-        return False
+def _store_host(group, rank_mapping) -> int | None:
+    """The pipeline rank whose process hosts the process group's store: global rank 0
+    (the TCPStore server under env:// and torchrun), if it is in ``group``."""
     try:
-        if store.add(key + "/count", 1) == 1:
-            store.set(key, msg)
-            return True
-    except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0
-        pass
-    return False
-
-
-def _read(store, key: str, wait: float) -> str | None:
-    if store is None:
+        return rank_mapping[dist.get_group_rank(group, 0)]
+    except Exception:  # noqa: BLE001 - global rank 0 is not in this group
         return None
-    try:
-        if wait > 0:
-            store.wait([key], datetime.timedelta(seconds=wait))
-        elif not store.check([key]):
-            return None
-        return store.get(key).decode()
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _ack(store, key: str) -> None:
-    try:
-        store.add(key + "/acks", 1)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def _wait_acks(store, key: str, n: int, deadline: float) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            if store.add(key + "/acks", 0) >= n:
-                return
-        except Exception:  # noqa: BLE001
-            return
-        time.sleep(0.01)
 
 
 _parse_memo: dict[str, Action] = {}

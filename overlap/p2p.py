@@ -242,6 +242,13 @@ def _peer_error(e: RuntimeError, h: Handle, timeout: datetime.timedelta) -> Peer
     return PeerLost(f"{h.what}: the connection failed ({_short(e)})", h.peer, h.what)
 
 
+def _posting_error(e: RuntimeError, what: str, peer: int) -> PeerError:
+    """The :class:`PeerLost` for a transfer the backend refused to post (its connection
+    to ``peer`` closed).  Not chained to ``e``: the backend's exception would keep the
+    frames (and the transfers) it was raised in alive."""
+    return PeerLost(f"{what}: the connection failed ({_short(e)})", peer, what)
+
+
 def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:200] if s else type(e).__name__
@@ -297,22 +304,40 @@ class P2P:
         return b
 
     def isend(self, tensors: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
-        if self.backend is not None:
-            be = self._backend(self.rank, peer)
-            works = [be.send([t.detach()], peer, tag) for t in tensors]
+        works = []
+        try:
+            if self.backend is not None:
+                be = self._backend(self.rank, peer)
+                for t in tensors:
+                    works.append(be.send([t.detach()], peer, tag))
+            else:
+                g, dst = self.group, self._global[peer]
+                for t in tensors:
+                    works.append(dist.isend(t.detach(), dst, group=g, tag=tag))
+        except RuntimeError as e:  # gloo refuses to post on a connection that closed
+            err = _posting_error(e, what, peer)
         else:
-            g, dst = self.group, self._global[peer]
-            works = [dist.isend(t.detach(), dst, group=g, tag=tag) for t in tensors]
-        return Handle(works, list(tensors), what, peer, self._ordered(tensors))
+            return Handle(works, list(tensors), what, peer, self._ordered(tensors))
+        works.clear()
+        raise err
 
     def irecv(self, buffers: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
-        if self.backend is not None:
-            be = self._backend(peer, self.rank)
-            works = [be.recv([t], peer, tag) for t in buffers]
+        works = []
+        try:
+            if self.backend is not None:
+                be = self._backend(peer, self.rank)
+                for t in buffers:
+                    works.append(be.recv([t], peer, tag))
+            else:
+                g, src = self.group, self._global[peer]
+                for t in buffers:
+                    works.append(dist.irecv(t, src, group=g, tag=tag))
+        except RuntimeError as e:
+            err = _posting_error(e, what, peer)
         else:
-            g, src = self.group, self._global[peer]
-            works = [dist.irecv(t, src, group=g, tag=tag) for t in buffers]
-        return Handle(works, list(buffers), what, peer, self._ordered(buffers))
+            return Handle(works, list(buffers), what, peer, self._ordered(buffers))
+        works.clear()
+        raise err
 
     def close(self, failed: bool = False) -> None:
         """Nothing to release here: the owner of the backend drops it (for gloo that

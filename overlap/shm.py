@@ -64,7 +64,9 @@ _BLOCKED = 40                  # > 0: the writer waits for space (the reader rin
 _GATHER_BYTES = 256            # largest all_gather payload per rank
 _ROW = 1024                    # per-rank board row: bell @0, sleepers @4, pid @8, process start
                                # time @16, pid namespace @24, closed @32; gather slots @64
-_BOARD_HEADER = 64             # joined @8, stopped by (group rank + 1) @16, stop count @24
+_BOARD_HEADER = 64             # joined @8, stopped by (group rank + 1) @16, stop count @24,
+                               # stop message length @32 (the message follows the rows)
+_STOP_MESSAGE = 4096           # bytes for the stop message (see ShmP2P.stop)
 _MAGIC = 0x44505348           # "DPSH"
 _CHECK_EVERY = 0.05            # s between liveness / abort-callback checks while blocked
 _HEADER = 24                   # message header: tag, bytes, layout (hash of each tensor's bytes)
@@ -255,6 +257,7 @@ class ShmP2P:
         # pids mean the same thing to every rank only inside one pid namespace
         self._liveness = len(ns) == 1 and 0 not in ns and 0 not in self._starts
         self._closed = False
+        self._stopped_here = False
         self._broken: str | None = None
         # ring files only one side has opened keep their names: this rank's (it is one
         # end) are removed at close or exit; never other pairs', which may be in use
@@ -306,7 +309,7 @@ class ShmP2P:
                 if st.f_bavail * st.f_frsize < need:
                     raise ShmUnavailable(f"{directory} has {st.f_bavail * st.f_frsize >> 20} MiB "
                                          f"free, the rings may need {need >> 20} MiB")
-                keep, base = _map(board_path, _BOARD_HEADER + world * _ROW)
+                keep, base = _map(board_path, _BOARD_HEADER + world * _ROW + _STOP_MESSAGE)
                 row = base + _BOARD_HEADER + rank * _ROW
                 start, ns = _identity()
                 mods.store_release(row + 8, os.getpid())
@@ -473,23 +476,83 @@ class ShmP2P:
             if load(ring.addr + _BLOCKED):
                 self._pull(ring)
 
-    def close(self, failed: bool = False) -> None:
-        """Release this rank's side.  ``failed=True`` marks the pipeline stopped, which
-        ends every peer's pending wait with :class:`PeerLost` at once (naming the first
-        rank that stopped it).  A normal close drops sends still queued (wait for their
-        handles first); a peer waiting for this rank gets :class:`PeerLost` within
-        ~50 ms; completed sends whose reader has not opened the ring yet stay readable."""
-        if self._mods is None:
-            return
+    def stop(self, message: str | None = None) -> bool:
+        """Mark the pipeline stopped, which ends every rank's pending wait at once with
+        :class:`PeerLost`.  The first rank to stop it is named, and its ``message`` (at
+        most 4 KiB of text, e.g. why it stopped) is kept on the board for every rank to
+        read (:meth:`stop_message`).  Returns True if this rank was the first.  Needs no
+        other process: it works while any of them is stopped or dead."""
+        if self._mods is None or self._stopped_here:
+            return False
+        self._stopped_here = True
         mods = self._mods
-        if failed:
-            if mods.fetch_add(self._base + 24, 1) == 0:  # the first rank to stop is named
-                mods.store_release(self._base + 16, self.rank + 1)
-        else:
-            mods.store_release(self._row(self.rank) + 32, 1)  # peers waiting on us stop
+        first = mods.fetch_add(self._base + 24, 1) == 0
+        if first:
+            if message:
+                data = message.encode()[: _STOP_MESSAGE]
+                off = _BOARD_HEADER + self.world * _ROW
+                self._board[1][off: off + len(data)].copy_(
+                    torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                mods.store_release(self._base + 32, len(data))
+            mods.store_release(self._base + 16, self.rank + 1)
         for r in range(self.world):
             if r != self.rank:
                 mods.bell_ring(self._bells[r])
+        return first
+
+    def stop_message(self, wait: float = 0.5) -> str | None:
+        """The message of the rank that stopped the pipeline (:meth:`stop`), or ``None``
+        if it is not stopped or its first stopper left none.  The first stopper writes
+        the message before it raises the flag; a rank that stopped second waits up to
+        ``wait`` s for the first one's message."""
+        if self._mods is None:
+            return None
+        load = self._mods.load_acquire
+        off = _BOARD_HEADER + self.world * _ROW
+        end = time.monotonic() + wait
+        while True:
+            n = load(self._base + 32)
+            if n:
+                return bytes(self._board[1][off: off + n].numpy()).decode(errors="replace")
+            if not load(self._base + 24):
+                return None  # nobody stopped it
+            if load(self._base + 16) and not load(self._base + 32):
+                return None  # the flag follows the message: the first stopper left none
+            if time.monotonic() >= end:
+                return None
+            time.sleep(0.001)
+
+    def peer_state(self, r: int) -> str | None:
+        """``"exited"`` (or closed its transport), ``"stopped"`` (SIGSTOP, a debugger),
+        ``"alive"``, or ``None`` where processes cannot be seen (other pid namespaces)."""
+        if self._mods is not None and self._mods.load_acquire(self._row(r) + 32):
+            return "exited"
+        if not self._liveness:
+            return None
+        try:
+            st = _proc_stat(self._pids[r])
+        except (OSError, ValueError, IndexError):
+            return None
+        if st is None or st[0] in (b"Z", b"X") or st[1] != self._starts[r]:
+            return "exited"
+        return "stopped" if st[0] in (b"T", b"t") else "alive"
+
+    def close(self, failed: bool = False) -> None:
+        """Release this rank's side.  ``failed=True`` stops the pipeline first
+        (:meth:`stop`, unless this rank did already).  A normal close drops sends still
+        queued (wait for their handles first); a peer waiting for this rank gets
+        :class:`PeerLost` within ~50 ms; completed sends whose reader has not opened the
+        ring yet stay readable."""
+        if self._mods is None or self._closed:
+            return
+        mods = self._mods
+        if failed:
+            self.stop()
+        else:
+            mods.store_release(self._row(self.rank) + 32, 1)  # peers waiting on us stop
+            for r in range(self.world):
+                if r != self.rank:
+                    mods.bell_ring(self._bells[r])
         self._closed = True
         _cleanup(self._patterns, self._out, self._mods, failed)
         self._sendq.clear()
