@@ -769,10 +769,10 @@ def _store_error(e: Exception, missing: list[int], to: datetime.timedelta) -> Pe
     the group ranks that had not arrived (``missing``; empty: unknown)."""
     text = str(e).strip().splitlines()
     short = text[0][:200] if text else type(e).__name__
-    who = (f"rank(s) {missing} did not arrive" if missing else "not every rank arrived")
+    who = (f"group rank(s) {missing} did not arrive" if missing else "not every rank arrived")
     peer = missing[0] if missing else -1
+    what = "the ranks' agreement on a transport (ShmP2P.create)"
     if "imeout" in short or "imed out" in short:
-        return PeerTimeout(f"setting up the shared-memory transport: {who} within "
-                           f"{to.total_seconds():g} s ({short})", peer, "transport setup")
-    return PeerError(f"setting up the shared-memory transport: the store failed ({short})",
-                     peer, "transport setup")
+        return PeerTimeout(f"{what}: {who} within {to.total_seconds():g} s ({short})", peer,
+                           "transport setup")
+    return PeerError(f"{what}: the store failed ({short})", peer, "transport setup")
