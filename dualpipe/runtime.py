@@ -415,40 +415,8 @@ class PipelineRuntime(nn.Module):
         if backend == "gloo" and self.device.type == "cuda":
             raise ValueError("gloo cannot send CUDA tensors between ranks: use an NCCL "
                              "process group for modules on GPUs")
-        shm = None
-        if backend == "gloo" and self.device.type == "cpu" and self._store is not None:
-            # collective: every rank agrees on shared memory (all on one host, extension
-            # built) or on the private gloo group below
-            try:
-                shm = ShmP2P.create(self._store, self._prefix, self.group.rank(),
-                                    self.num_ranks, mode=_TRANSPORTS[mode], timeout=timeout,
-                                    abort=self._failure_record, ring_bytes=_ring_bytes())
-            except ShmUnavailable as e:
-                raise ValueError(str(e)) from e
-        if shm is not None:
-            self.transport = "shm"
-        elif backend == "gloo":
-            self.transport = "gloo"
-            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(self._prefix, self._store),
-                                             self.group.rank(), self.num_ranks, to)
-        elif backend == "nccl":  # unverified: no GPU has run this path yet
-            self.transport = "nccl"
-            # the communicators' watchdog is a backstop behind the host-side deadlines
-            # (overlap.p2p.Handle): twice the timeout, so that a hang is reported as a
-            # PipelineTimeout on every rank, not by the watchdog tearing a process down
-            self._own_nccl_groups(_nccl_groups(self._store, self._prefix, self.group.rank(),
-                                               self.num_ranks, 2 * to, max_ctas))
-        else:  # another backend: the user's group carries the traffic itself
-            self.transport = str(backend)
-        if max_ctas is not None and self.transport != "nccl":
-            log.info("nccl_max_ctas=%d ignored: this pipeline's transport is %s, not NCCL",
-                     max_ctas, self.transport)
-        # F&B pairs go through the stage class's overlapped_forward_backward when every
-        # stage of this rank is of that class (one stage: a pair of two micro-batches of it)
-        self.overlapped_forward_backward = (
-            all(type(m) is type(modules[0]) for m in modules)
-            and hasattr(type(modules[0]), "overlapped_forward_backward"))
-        self.timeout = datetime.timedelta(seconds=float(timeout))
+        # checked before the transports are set up: misuse is refused at once, with
+        # nothing to release (the same arguments on every rank raise on every rank)
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1 compute action, got {lookahead}")
         self.lookahead = int(lookahead)
@@ -462,6 +430,49 @@ class PipelineRuntime(nn.Module):
                              "a stage's backward ends, before a deferred weight gradient would "
                              "be computed; drop split_linear_weight_grads (their weight "
                              "gradients are then computed in the backward itself)")
+        shm = None
+        # collective with every rank of the group: a rank that never builds this
+        # pipeline, builds pipelines in another order, or fails or exits meanwhile makes
+        # the others raise PipelineError here (PipelineTimeout after `timeout`), never a
+        # transport's or the store's own exception
+        try:
+            if backend == "gloo" and self.device.type == "cpu" and self._store is not None:
+                # collective: every rank agrees on shared memory (all on one host, extension
+                # built) or on the private gloo group below
+                try:
+                    shm = ShmP2P.create(self._store, self._prefix, self.group.rank(),
+                                        self.num_ranks, mode=_TRANSPORTS[mode], timeout=timeout,
+                                        abort=self._failure_record, ring_bytes=_ring_bytes())
+                except ShmUnavailable as e:
+                    raise ValueError(str(e)) from e
+            if shm is not None:
+                self.transport = "shm"
+            elif backend == "gloo":
+                self.transport = "gloo"
+                self._pg = dist.ProcessGroupGloo(dist.PrefixStore(self._prefix, self._store),
+                                                 self.group.rank(), self.num_ranks, to)
+            elif backend == "nccl":  # unverified: no GPU has run this path yet
+                self.transport = "nccl"
+                # the communicators' watchdog is a backstop behind the host-side deadlines
+                # (overlap.p2p.Handle): twice the timeout, so that a hang is reported as a
+                # PipelineTimeout on every rank, not by the watchdog tearing a process down
+                self._own_nccl_groups(_nccl_groups(self._store, self._prefix, self.group.rank(),
+                                                   self.num_ranks, 2 * to, max_ctas))
+            else:  # another backend: the user's group carries the traffic itself
+                self.transport = str(backend)
+        except (ValueError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - another rank is missing, gone or failed
+            raise _setup_error(e, self.rank, self.num_ranks, timeout) from e
+        if max_ctas is not None and self.transport != "nccl":
+            log.info("nccl_max_ctas=%d ignored: this pipeline's transport is %s, not NCCL",
+                     max_ctas, self.transport)
+        # F&B pairs go through the stage class's overlapped_forward_backward when every
+        # stage of this rank is of that class (one stage: a pair of two micro-batches of it)
+        self.overlapped_forward_backward = (
+            all(type(m) is type(modules[0]) for m in modules)
+            and hasattr(type(modules[0]), "overlapped_forward_backward"))
+        self.timeout = datetime.timedelta(seconds=float(timeout))
         if split_linear_weight_grads:
             for m in modules:
                 split_linear_weight_grads_fn(m)
@@ -1365,6 +1376,31 @@ def _release_groups(groups, failed: bool) -> None:
             fn()
         except Exception as exc:  # noqa: BLE001 - the communicator may be gone already
             log.debug("releasing the pipeline's NCCL communicator failed: %s", exc)
+
+
+def _setup_error(e: Exception, rank: int, world: int, timeout: float) -> PipelineError:
+    """The error a rank raises when setting up the pipeline's transports fails: another
+    rank did not arrive in time (:class:`PipelineTimeout`), failed or exited meanwhile
+    (:class:`PipelineError`).  Whatever raised it (the shared-memory agreement's
+    ``PeerError``, the store's or a process group's own error), it says what to check."""
+    if isinstance(e, PeerError):
+        what, timed_out = str(e), isinstance(e, PeerTimeout)
+    else:
+        lines = str(e).strip().splitlines()
+        first = lines[0][:200] if lines else ""
+        what = f"setting up the pipeline's communicators: {type(e).__name__}: {first}"
+        timed_out = "imeout" in first or "imed out" in first
+    msg = f"pipeline rank {rank}, building the pipeline: {what}; "
+    if timed_out:
+        msg += (f"building a pipeline is collective (timeout={timeout:g} s): check that every "
+                f"rank of the process group ({world} ranks) builds this pipeline, that every "
+                "rank builds its pipelines in the same order, and that no rank failed or "
+                "is stuck before it")
+        return PipelineTimeout(msg, rank, "building the pipeline")
+    msg += ("another rank failed, exited or lost its connection while the pipeline was "
+            "being built: see the error on the other ranks, and check that every rank builds "
+            "its pipelines in the same order")
+    return PipelineError(msg, rank, "building the pipeline")
 
 
 def _group_store(group):

@@ -86,3 +86,26 @@ def test_transport_misuse_raises_on_every_rank():
             (rank, r["disagree"])
         assert took < 15, took
         assert r["then"] == (("ok", "", r["then"][0][2]), "shm"), r["then"]
+
+
+@pytest.mark.parametrize("transport,missing,late", [("auto", 0, False), ("auto", 2, True),
+                                                    ("group", 1, False)],
+                         indirect=["transport"])
+def test_constructor_timeout_is_a_pipeline_timeout_and_leaves_no_file(transport, missing, late):
+    """A rank that never builds the pipeline (or builds it after the others gave up): every
+    rank that builds it raises PipelineTimeout within its timeout (2 s) + 2 s, naming the
+    missing rank and what to check, and no rank leaves a file in /dev/shm."""
+    res = run_ranks(fw.ctor_missing, 3, missing, late, timeout=90)
+    for rank, (r, files, allreduce) in enumerate(res):
+        assert allreduce == 3.0
+        if r is None:
+            assert rank == missing and not late
+            continue
+        typ, msg, took, is_pe, is_pt = r
+        assert typ == "PipelineTimeout" and is_pe and is_pt, (rank, r)
+        assert "building the pipeline" in msg and "same order" in msg, (rank, msg)
+        assert f"did not arrive" in msg, (rank, msg)
+        if rank != missing:
+            assert f"group rank(s) [{missing}]" in msg, (rank, msg)
+        assert took < 2.0 + 2.0, (rank, took)
+        assert files in (None, []), (rank, files)
