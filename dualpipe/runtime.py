@@ -344,6 +344,7 @@ class PipelineRuntime(nn.Module):
         self._pg = None
         self._groups_finalizer = None
         self._stopped: str | None = None
+        self._arg_sizes = (-1, -1)  # this step's (inputs, labels) batch sizes, -1: none
         name = schedule or self.schedule_name
         spec_of(name)  # ValueError naming the registered schedules
         self.schedule_name = name
@@ -602,6 +603,7 @@ class PipelineRuntime(nn.Module):
         forward_only = not torch.is_grad_enabled()
         err = None
         self._decl_pending = None
+        self._arg_sizes = (-1, -1)
         try:
             s = self._schedule(num_chunks) if isinstance(num_chunks, int) else None
             if s is None:
@@ -610,7 +612,7 @@ class PipelineRuntime(nn.Module):
         except ValueError as e:
             err, s = e, None
         sig = self._handshake(num_chunks, forward_only, return_outputs, err,
-                              inputs if err is None else ())
+                              inputs if err is None else (), s)
         self._remember_signature((num_chunks, forward_only, sig))
         plan = self._plan(s, forward_only)
         try:
@@ -643,6 +645,7 @@ class PipelineRuntime(nn.Module):
         r = self.rank
         c_in, c_loss = s.input_chunk(r), s.loss_chunk(r)
         batches = {}
+        in_size = -1
         if c_in is not None:
             if not inputs or all(x is None for x in inputs):
                 raise ValueError(f"pipeline rank {r} holds the first stage of a stream: pass the "
@@ -652,10 +655,12 @@ class PipelineRuntime(nn.Module):
                     raise ValueError(f"step() inputs must be tensors, got {type(x).__name__}")
             batches[c_in] = self._split(inputs, len(s.input_microbatches(r)), "inputs")
             self._check_declaration(inputs)
+            in_size = self._batch_size(inputs)
         elif inputs and any(x is not None for x in inputs):
             warnings.warn(f"pipeline rank {r} holds no first stage: its step() inputs are "
                           "ignored", stacklevel=3)
         label_mbs = {}
+        label_size = -1
         if c_loss is not None:
             if criterion is None and not forward_only:
                 raise ValueError(f"pipeline rank {r} holds the last stage of a stream: pass "
@@ -664,12 +669,27 @@ class PipelineRuntime(nn.Module):
                 n = len(s.loss_microbatches(r))
                 labels = (labels,) if isinstance(labels, torch.Tensor) else tuple(labels)
                 label_mbs[c_loss] = self._split(labels, n, "labels") if labels else [()] * n
+                label_size = self._batch_size(labels)
         elif _has_tensor(labels):
             # the published examples pass criterion= and labels=(None,) on every rank:
             # only labels that are really there are worth a word
             warnings.warn(f"pipeline rank {r} holds no last stage: its step() labels are "
                           "ignored", stacklevel=3)
+        self._arg_sizes = (in_size, label_size)
         return batches, label_mbs
+
+    def _batch_size(self, xs) -> int:
+        """The batch size (along batch_dim) of step() inputs or labels, -1 when none of
+        them has that dimension; refused when they disagree (each would be split into
+        micro-batches of another size)."""
+        d = self.batch_dim
+        sizes = {x.shape[d] for x in xs if isinstance(x, torch.Tensor) and x.dim() > d}
+        if len(sizes) > 1:
+            raise ValueError(f"step() tensors of one argument have different batch sizes "
+                             f"{sorted(sizes)} along batch_dim={d}: every input (and every "
+                             "label) tensor is split into the same micro-batches, so they "
+                             "must have the same size there")
+        return sizes.pop() if sizes else -1
 
     def _check_declaration(self, inputs) -> None:
         """Refuse a step whose inputs differ from those that a set_p2p_tensor_shapes/dtype
@@ -705,6 +725,11 @@ class PipelineRuntime(nn.Module):
             if x.dim() <= d:
                 raise ValueError(f"step() {what}: a tensor of shape {list(x.shape)} has no "
                                  f"batch dimension {d}")
+            if x.shape[d] == 0:
+                raise ValueError(f"step() {what}: batch size 0 (dim {d}, a tensor of shape "
+                                 f"{list(x.shape)}): an empty batch gives empty micro-batches, "
+                                 "whose losses are NaN; pass at least one sample per "
+                                 f"micro-batch ({n} here), or skip the step on every rank")
             if x.shape[d] % n:
                 raise ValueError(f"step() {what}: batch size {x.shape[d]} (dim {d}) is not "
                                  f"divisible into {n} micro-batches; make it a multiple of {n}")
@@ -716,7 +741,8 @@ class PipelineRuntime(nn.Module):
         return [tuple(None if t is None else t.contiguous() for t in mb)
                 for mb in scatter(xs, n, d)]
 
-    def _handshake(self, num_chunks, forward_only, return_outputs, err, inputs) -> tuple:
+    def _handshake(self, num_chunks, forward_only, return_outputs, err, inputs,
+                   s: Schedule | None = None) -> tuple:
         hs = torch.zeros(_HS_LEN, dtype=torch.int64)
         hs[0] = 0x4450
         hs[1] = zlib.crc32(self.schedule_name.encode()) & 0x7FFFFFFF
@@ -726,6 +752,7 @@ class PipelineRuntime(nn.Module):
         hs[5] = 0 if err is None else 1
         hs[6] = zlib.crc32(_sig(inputs).encode()) if inputs else 0
         hs[7] = self.rank
+        hs[8], hs[9] = self._arg_sizes if err is None else (-1, -1)
         try:
             # CUDA: on a private stream, so neither the copy nor the collective queues
             # behind the previous step's work on the current stream
@@ -753,7 +780,34 @@ class PipelineRuntime(nn.Module):
                 per = ", ".join(f"rank {row[7]}: {v}" for row, v in zip(rows, vals))
                 raise ValueError(f"step() called with different {what} across pipeline ranks "
                                  f"({per}); call it identically on every rank")
+        if s is not None:
+            self._check_label_sizes(s, {row[7]: row for row in rows})
         return tuple(row[6] for row in rows)
+
+    def _check_label_sizes(self, s: Schedule, rows: dict) -> None:
+        """Labels hold one entry per input sample (split along batch_dim like the
+        inputs): compare each rank's labels with the inputs of the stream whose loss it
+        computes, which may be on another rank (DualPipe: rank 0's labels belong to the
+        last rank's inputs; 1F1B: the last rank's to rank 0's).  Every rank has every
+        rank's sizes from the handshake and finds the same answer, so all refuse the
+        step together, before anything ran (torch would otherwise broadcast a label
+        batch of 1 with only a warning)."""
+        d = self.batch_dim
+        for r in range(self.num_ranks):
+            c = s.loss_chunk(r)
+            labels = rows[r][9]
+            if c is None or labels < 0:
+                continue
+            q, _ = s.stage_owner[(s.placement[r][c][0], 0)]
+            n = rows[q][8]
+            if n >= 0 and n != labels:
+                where = "this rank" if q == r else f"pipeline rank {q}"
+                raise ValueError(
+                    f"step() labels on pipeline rank {r} have batch size {labels} (dim {d}) "
+                    f"but the inputs they belong to ({where}) have batch size {n}: pass one "
+                    "label per input sample, split along batch_dim like the inputs"
+                    + (" (DualPipe: each end rank passes the labels of the other end's "
+                       "inputs)" if q != r and self.schedule_name == "dualpipe" else ""))
 
     # ------------------------------------------------------------------ the loop
     def _run(self, s: Schedule, plan: _Plan, sig, batches, label_mbs, criterion,

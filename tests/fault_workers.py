@@ -56,8 +56,32 @@ def misuse(rank: int, world: int):
             _step(p, s, rank, 4)
     out["mixed_grad_mode"] = _outcome(mixed_mode)
     out["diff_return_outputs"] = _outcome(lambda: _step(p, s, rank, 4, return_outputs=rank == 0))
+    # an empty batch (every rank; one rank), too few labels (rank 0's labels belong to
+    # rank 1's inputs: 2 labels for 4 samples, each micro-batch's 1 label would broadcast)
+    out["empty"] = _outcome(lambda: p.step(inputs[0][:0], num_chunks=4, criterion=criterion,
+                                           labels=(labels[0][:0],)))
+    out["empty_one"] = _outcome(lambda: p.step(inputs[0][:0] if rank == 0 else inputs[0],
+                                               num_chunks=4, criterion=criterion,
+                                               labels=labels))
+    out["few_labels"] = _outcome(lambda: p.step(
+        inputs[0], num_chunks=4, criterion=criterion,
+        labels=(labels[0][:2],) if rank == 0 else labels))
+    out["mixed_sizes"] = _outcome(lambda: p.step(
+        inputs[0], num_chunks=4, criterion=criterion,
+        labels=(labels[0], labels[0][:2]) if rank == 1 else labels))
     # still usable after all of the above: a normal step
     out["after"] = _outcome(lambda: _step(p, s, rank, 4))
+    # the same where one rank holds the inputs and the labels of a stream (DualPipeV:
+    # rank 0), and where they are on different ranks (1F1B: rank 0 and rank 1)
+    for name in ("dualpipev", "1f1b"):
+        q, sq = build(name, rank, world, 4, timeout=20)
+        xs, ys = make_batch(0, 4, False)
+        ins, labs, _ = rank_io(sq, rank, xs, ys)
+        few = (labs[0][:4],) if labs else ()
+        out[f"few_labels_{name}"] = _outcome(lambda: q.step(
+            *ins, num_chunks=4, criterion=criterion if labs else None, labels=few))
+        out[f"after_{name}"] = _outcome(lambda: _step(q, sq, rank, 4))
+        q.close()
     # NaN loss: reported in the losses, not an error
     xs, ys = make_batch(0, 4, False)
     ys = (ys[0].clone().fill_(float("nan")),)

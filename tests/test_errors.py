@@ -37,6 +37,27 @@ def test_misuse_raises_on_every_rank_and_leaves_the_group_usable(transport):
             assert r[key][0] == "ValueError", (key, rank, r[key])
         assert any(text in r[key][1] for r in res), key
     assert all(r["after"][0] == "ok" for r in res)
+    # an empty batch is refused, not run into NaN losses; on every rank
+    for rank, r in enumerate(res):
+        assert r["empty"][0] == "ValueError" and "batch size 0" in r["empty"][1], (rank, r)
+    assert r0["empty_one"][0] == "ValueError" and "batch size 0" in r0["empty_one"][1]
+    assert r1["empty_one"][0] == "ValueError" and "rank(s) [0]" in r1["empty_one"][1]
+    # too few labels, found on every rank at the step's start (the labels are on rank 0,
+    # the inputs they belong to on rank 1)
+    for rank, r in enumerate(res):
+        typ, msg, _ = r["few_labels"]
+        assert typ == "ValueError" and "labels on pipeline rank 0 have batch size 2" in msg \
+            and "(pipeline rank 1) have batch size 4" in msg, (rank, msg)
+    assert r1["mixed_sizes"][0] == "ValueError" and "different batch sizes" in \
+        r1["mixed_sizes"][1], r1["mixed_sizes"]
+    assert r0["mixed_sizes"][0] == "ValueError" and "rank(s) [1]" in r0["mixed_sizes"][1]
+    for name, where in (("dualpipev", "(this rank) have batch size 8"),
+                        ("1f1b", "(pipeline rank 0) have batch size 8")):
+        for rank, r in enumerate(res):
+            typ, msg, _ = r[f"few_labels_{name}"]
+            assert typ == "ValueError" and "have batch size 4" in msg and where in msg, \
+                (name, rank, msg)
+            assert r[f"after_{name}"][0] == "ok", (name, rank, r[f"after_{name}"])
     assert r0["nan_loss"] is True and r1["nan_loss"] is True
     assert r0["noncontig_equal"] is True
     assert any("no first stage" in w or "no last stage" in w for r in res for w in r["warned"]) \
