@@ -345,6 +345,7 @@ class PipelineRuntime(nn.Module):
         self._groups_finalizer = None
         self._stopped: str | None = None
         self._arg_sizes = (-1, -1)  # this step's (inputs, labels) batch sizes, -1: none
+        self._label_pairs: dict[int, tuple] = {}
         name = schedule or self.schedule_name
         spec_of(name)  # ValueError naming the registered schedules
         self.schedule_name = name
@@ -781,10 +782,10 @@ class PipelineRuntime(nn.Module):
                 raise ValueError(f"step() called with different {what} across pipeline ranks "
                                  f"({per}); call it identically on every rank")
         if s is not None:
-            self._check_label_sizes(s, {row[7]: row for row in rows})
+            self._check_label_sizes(s, rows)
         return tuple(row[6] for row in rows)
 
-    def _check_label_sizes(self, s: Schedule, rows: dict) -> None:
+    def _check_label_sizes(self, s: Schedule, rows: list) -> None:
         """Labels hold one entry per input sample (split along batch_dim like the
         inputs): compare each rank's labels with the inputs of the stream whose loss it
         computes, which may be on another rank (DualPipe: rank 0's labels belong to the
@@ -792,16 +793,18 @@ class PipelineRuntime(nn.Module):
         rank's sizes from the handshake and finds the same answer, so all refuse the
         step together, before anything ran (torch would otherwise broadcast a label
         batch of 1 with only a warning)."""
-        d = self.batch_dim
-        for r in range(self.num_ranks):
-            c = s.loss_chunk(r)
-            labels = rows[r][9]
-            if c is None or labels < 0:
+        pairs = self._label_pairs.get(s.num_chunks)
+        if pairs is None:  # (loss rank, its stream's input rank), once per schedule
+            pairs = self._label_pairs[s.num_chunks] = tuple(
+                (r, s.stage_owner[(s.placement[r][c][0], 0)][0])
+                for r in range(self.num_ranks) if (c := s.loss_chunk(r)) is not None)
+        d, to_group = self.batch_dim, self._to_group
+        for r, q in pairs:
+            labels, n = rows[to_group[r]][9], rows[to_group[q]][8]
+            if labels < 0:
                 continue
-            q, _ = s.stage_owner[(s.placement[r][c][0], 0)]
-            n = rows[q][8]
             if n >= 0 and n != labels:
-                where = "this rank" if q == r else f"pipeline rank {q}"
+                where = f"pipeline rank {q}" + (", the same rank" if q == r else "")
                 raise ValueError(
                     f"step() labels on pipeline rank {r} have batch size {labels} (dim {d}) "
                     f"but the inputs they belong to ({where}) have batch size {n}: pass one "

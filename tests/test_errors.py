@@ -51,7 +51,7 @@ def test_misuse_raises_on_every_rank_and_leaves_the_group_usable(transport):
     assert r1["mixed_sizes"][0] == "ValueError" and "different batch sizes" in \
         r1["mixed_sizes"][1], r1["mixed_sizes"]
     assert r0["mixed_sizes"][0] == "ValueError" and "rank(s) [1]" in r0["mixed_sizes"][1]
-    for name, where in (("dualpipev", "(this rank) have batch size 8"),
+    for name, where in (("dualpipev", "(pipeline rank 0, the same rank) have batch size 8"),
                         ("1f1b", "(pipeline rank 0) have batch size 8")):
         for rank, r in enumerate(res):
             typ, msg, _ = r[f"few_labels_{name}"]

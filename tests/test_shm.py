@@ -610,3 +610,19 @@ def test_rings_are_resident_from_the_start():
         del keep, lazy
     finally:
         shm._unlink(path)
+
+
+def test_pipeline_rss_is_flat_from_the_first_step():
+    """The rings are mapped with every page present: a rank's RSS holds both rings of
+    each peer (2 x 4 MiB) from its first step and does not creep up with traffic
+    (before, it grew by the bytes each step sent until it reached the same ceiling)."""
+    marks = [1, 10, 60]
+    res = run_ranks(sw.pipeline_rss, 2, 60, marks, timeout=120)
+    ring_kib = (4 << 20) // 1024
+    for rank, r in enumerate(res):
+        assert r["transport"] == "shm", r
+        print(f"rank {rank}: RssShmem (KiB) before/after steps {marks}: "
+              f"{[r[k] for k in [0] + marks]}")
+        assert r[1] >= 2 * ring_kib, (rank, r)        # one ring each way, all resident
+        assert r[60] - r[1] <= 16, (rank, r)          # and nothing more afterwards
+        assert r[60] <= 2 * ring_kib + 64, (rank, r)  # the ceiling: 8 MiB per peer + board
