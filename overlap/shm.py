@@ -6,7 +6,8 @@ calls dominating both our runtime and torch's).  When every rank of a pipeline r
 the same host, :class:`ShmP2P` moves the same messages through shared memory instead:
 
 * one single-producer single-consumer byte ring per (sender, receiver) pair, created
-  on first use in ``/dev/shm`` (unlinked as soon as both ends have mapped it);
+  on first use in ``/dev/shm`` (unlinked as soon as both ends have mapped it), its pages
+  reserved and mapped present at once, so RSS does not creep up with traffic;
 * a message is a 24-byte header ``(tag, nbytes, layout)`` plus the bytes of all its
   tensors (several tensors travel as one message; ``layout`` hashes each tensor's size
   so a receive split differently is refused); messages larger than the ring stream
