@@ -356,6 +356,8 @@ class PipelineRuntime(nn.Module):
         self._stopped: str | None = None
         self._stopped_error: PipelineError | None = None  # raised by the next step
         self._agreements = 0  # end-of-step agreements completed
+        self._arg_sizes = (-1, -1)  # this step's (inputs, labels) batch sizes, -1: none
+        self._label_pairs: dict[int, tuple] = {}
         name = schedule or self.schedule_name
         spec_of(name)  # ValueError naming the registered schedules
         self.schedule_name = name
@@ -428,31 +430,55 @@ class PipelineRuntime(nn.Module):
         if backend == "gloo" and self.device.type == "cuda":
             raise ValueError("gloo cannot send CUDA tensors between ranks: use an NCCL "
                              "process group for modules on GPUs")
+        # checked before the transports are set up: misuse is refused at once, with
+        # nothing to release (the same arguments on every rank raise on every rank)
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1 compute action, got {lookahead}")
+        self.lookahead = int(lookahead)
+        # FSDP2 (fully_shard) reduce-scatters a stage's gradients at the end of each of
+        # its backwards: a weight gradient deferred past it would be missed (wrong
+        # gradients, silently), so such stages run whole backwards (W is then empty)
+        self._whole_backward = tuple(_is_fsdp(m) for m in modules)
+        if split_linear_weight_grads and any(self._whole_backward):
+            raise ValueError("split_linear_weight_grads=True cannot be used with FSDP2-sharded "
+                             "stages (fully_shard): FSDP reduce-scatters the gradients when "
+                             "a stage's backward ends, before a deferred weight gradient would "
+                             "be computed; drop split_linear_weight_grads (their weight "
+                             "gradients are then computed in the backward itself)")
         shm = None
-        if backend == "gloo" and self.device.type == "cpu" and self._store is not None:
-            # collective: every rank agrees on shared memory (all on one host, extension
-            # built) or on the private gloo group below
-            try:
-                shm = ShmP2P.create(self._store, self._prefix, self.group.rank(),
-                                    self.num_ranks, mode=_TRANSPORTS[mode], timeout=timeout,
-                                    ring_bytes=_ring_bytes())
-            except ShmUnavailable as e:
-                raise ValueError(str(e)) from e
-        if shm is not None:
-            self.transport = "shm"
-        elif backend == "gloo":
-            self.transport = "gloo"
-            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(self._prefix, self._store),
-                                             self.group.rank(), self.num_ranks, to)
-        elif backend == "nccl":  # unverified: no GPU has run this path yet
-            self.transport = "nccl"
-            # the communicators' watchdog is a backstop behind the host-side deadlines
-            # (overlap.p2p.Handle): twice the timeout, so that a hang is reported as a
-            # PipelineTimeout on every rank, not by the watchdog tearing a process down
-            self._own_nccl_groups(_nccl_groups(self._store, self._prefix, self.group.rank(),
-                                               self.num_ranks, 2 * to, max_ctas))
-        else:  # another backend: the user's group carries the traffic itself
-            self.transport = str(backend)
+        # collective with every rank of the group: a rank that never builds this
+        # pipeline, builds pipelines in another order, or fails or exits meanwhile makes
+        # the others raise PipelineError here (PipelineTimeout after `timeout`), never a
+        # transport's or the store's own exception
+        try:
+            if backend == "gloo" and self.device.type == "cpu" and self._store is not None:
+                # collective: every rank agrees on shared memory (all on one host, extension
+                # built) or on the private gloo group below
+                try:
+                    shm = ShmP2P.create(self._store, self._prefix, self.group.rank(),
+                                        self.num_ranks, mode=_TRANSPORTS[mode], timeout=timeout,
+                                        ring_bytes=_ring_bytes())
+                except ShmUnavailable as e:
+                    raise ValueError(str(e)) from e
+            if shm is not None:
+                self.transport = "shm"
+            elif backend == "gloo":
+                self.transport = "gloo"
+                self._pg = dist.ProcessGroupGloo(dist.PrefixStore(self._prefix, self._store),
+                                                 self.group.rank(), self.num_ranks, to)
+            elif backend == "nccl":  # unverified: no GPU has run this path yet
+                self.transport = "nccl"
+                # the communicators' watchdog is a backstop behind the host-side deadlines
+                # (overlap.p2p.Handle): twice the timeout, so that a hang is reported as a
+                # PipelineTimeout on every rank, not by the watchdog tearing a process down
+                self._own_nccl_groups(_nccl_groups(self._store, self._prefix, self.group.rank(),
+                                                   self.num_ranks, 2 * to, max_ctas))
+            else:  # another backend: the user's group carries the traffic itself
+                self.transport = str(backend)
+        except (ValueError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - another rank is missing, gone or failed
+            raise _setup_error(e, self.rank, self.num_ranks, timeout) from e
         # where a failure is recorded for every rank to read (dualpipe.failures)
         if shm is not None:
             self._board = ShmBoard(shm, rank_mapping)
@@ -477,19 +503,6 @@ class PipelineRuntime(nn.Module):
             all(type(m) is type(modules[0]) for m in modules)
             and hasattr(type(modules[0]), "overlapped_forward_backward"))
         self.timeout = datetime.timedelta(seconds=float(timeout))
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1 compute action, got {lookahead}")
-        self.lookahead = int(lookahead)
-        # FSDP2 (fully_shard) reduce-scatters a stage's gradients at the end of each of
-        # its backwards: a weight gradient deferred past it would be missed (wrong
-        # gradients, silently), so such stages run whole backwards (W is then empty)
-        self._whole_backward = tuple(_is_fsdp(m) for m in modules)
-        if split_linear_weight_grads and any(self._whole_backward):
-            raise ValueError("split_linear_weight_grads=True cannot be used with FSDP2-sharded "
-                             "stages (fully_shard): FSDP reduce-scatters the gradients when "
-                             "a stage's backward ends, before a deferred weight gradient would "
-                             "be computed; drop split_linear_weight_grads (their weight "
-                             "gradients are then computed in the backward itself)")
         if split_linear_weight_grads:
             for m in modules:
                 split_linear_weight_grads_fn(m)
@@ -622,6 +635,7 @@ class PipelineRuntime(nn.Module):
         forward_only = not torch.is_grad_enabled()
         err = None
         self._decl_pending = None
+        self._arg_sizes = (-1, -1)
         try:
             s = self._schedule(num_chunks) if isinstance(num_chunks, int) else None
             if s is None:
@@ -630,7 +644,7 @@ class PipelineRuntime(nn.Module):
         except ValueError as e:
             err, s = e, None
         sig = self._handshake(num_chunks, forward_only, return_outputs, err,
-                              inputs if err is None else ())
+                              inputs if err is None else (), s)
         self._remember_signature((num_chunks, forward_only, sig))
         plan = self._plan(s, forward_only)
         try:
@@ -663,6 +677,7 @@ class PipelineRuntime(nn.Module):
         r = self.rank
         c_in, c_loss = s.input_chunk(r), s.loss_chunk(r)
         batches = {}
+        in_size = -1
         if c_in is not None:
             if not inputs or all(x is None for x in inputs):
                 raise ValueError(f"pipeline rank {r} holds the first stage of a stream: pass the "
@@ -672,10 +687,12 @@ class PipelineRuntime(nn.Module):
                     raise ValueError(f"step() inputs must be tensors, got {type(x).__name__}")
             batches[c_in] = self._split(inputs, len(s.input_microbatches(r)), "inputs")
             self._check_declaration(inputs)
+            in_size = self._batch_size(inputs)
         elif inputs and any(x is not None for x in inputs):
             warnings.warn(f"pipeline rank {r} holds no first stage: its step() inputs are "
                           "ignored", stacklevel=3)
         label_mbs = {}
+        label_size = -1
         if c_loss is not None:
             if criterion is None and not forward_only:
                 raise ValueError(f"pipeline rank {r} holds the last stage of a stream: pass "
@@ -684,12 +701,27 @@ class PipelineRuntime(nn.Module):
                 n = len(s.loss_microbatches(r))
                 labels = (labels,) if isinstance(labels, torch.Tensor) else tuple(labels)
                 label_mbs[c_loss] = self._split(labels, n, "labels") if labels else [()] * n
+                label_size = self._batch_size(labels)
         elif _has_tensor(labels):
             # the published examples pass criterion= and labels=(None,) on every rank:
             # only labels that are really there are worth a word
             warnings.warn(f"pipeline rank {r} holds no last stage: its step() labels are "
                           "ignored", stacklevel=3)
+        self._arg_sizes = (in_size, label_size)
         return batches, label_mbs
+
+    def _batch_size(self, xs) -> int:
+        """The batch size (along batch_dim) of step() inputs or labels, -1 when none of
+        them has that dimension; refused when they disagree (each would be split into
+        micro-batches of another size)."""
+        d = self.batch_dim
+        sizes = {x.shape[d] for x in xs if isinstance(x, torch.Tensor) and x.dim() > d}
+        if len(sizes) > 1:
+            raise ValueError(f"step() tensors of one argument have different batch sizes "
+                             f"{sorted(sizes)} along batch_dim={d}: every input (and every "
+                             "label) tensor is split into the same micro-batches, so they "
+                             "must have the same size there")
+        return sizes.pop() if sizes else -1
 
     def _check_declaration(self, inputs) -> None:
         """Refuse a step whose inputs differ from those that a set_p2p_tensor_shapes/dtype
@@ -725,6 +757,11 @@ class PipelineRuntime(nn.Module):
             if x.dim() <= d:
                 raise ValueError(f"step() {what}: a tensor of shape {list(x.shape)} has no "
                                  f"batch dimension {d}")
+            if x.shape[d] == 0:
+                raise ValueError(f"step() {what}: batch size 0 (dim {d}, a tensor of shape "
+                                 f"{list(x.shape)}): an empty batch gives empty micro-batches, "
+                                 "whose losses are NaN; pass at least one sample per "
+                                 f"micro-batch ({n} here), or skip the step on every rank")
             if x.shape[d] % n:
                 raise ValueError(f"step() {what}: batch size {x.shape[d]} (dim {d}) is not "
                                  f"divisible into {n} micro-batches; make it a multiple of {n}")
@@ -736,7 +773,8 @@ class PipelineRuntime(nn.Module):
         return [tuple(None if t is None else t.contiguous() for t in mb)
                 for mb in scatter(xs, n, d)]
 
-    def _handshake(self, num_chunks, forward_only, return_outputs, err, inputs) -> tuple:
+    def _handshake(self, num_chunks, forward_only, return_outputs, err, inputs,
+                   s: Schedule | None = None) -> tuple:
         hs = torch.zeros(_HS_LEN, dtype=torch.int64)
         hs[0] = 0x4450
         hs[1] = zlib.crc32(self.schedule_name.encode()) & 0x7FFFFFFF
@@ -746,6 +784,7 @@ class PipelineRuntime(nn.Module):
         hs[5] = 0 if err is None else 1
         hs[6] = zlib.crc32(_sig(inputs).encode()) if inputs else 0
         hs[7] = self.rank
+        hs[8], hs[9] = self._arg_sizes if err is None else (-1, -1)
         try:
             # CUDA: on a private stream, so neither the copy nor the collective queues
             # behind the previous step's work on the current stream
@@ -773,7 +812,36 @@ class PipelineRuntime(nn.Module):
                 per = ", ".join(f"rank {row[7]}: {v}" for row, v in zip(rows, vals))
                 raise ValueError(f"step() called with different {what} across pipeline ranks "
                                  f"({per}); call it identically on every rank")
+        if s is not None:
+            self._check_label_sizes(s, rows)
         return tuple(row[6] for row in rows)
+
+    def _check_label_sizes(self, s: Schedule, rows: list) -> None:
+        """Labels hold one entry per input sample (split along batch_dim like the
+        inputs): compare each rank's labels with the inputs of the stream whose loss it
+        computes, which may be on another rank (DualPipe: rank 0's labels belong to the
+        last rank's inputs; 1F1B: the last rank's to rank 0's).  Every rank has every
+        rank's sizes from the handshake and finds the same answer, so all refuse the
+        step together, before anything ran (torch would otherwise broadcast a label
+        batch of 1 with only a warning)."""
+        pairs = self._label_pairs.get(s.num_chunks)
+        if pairs is None:  # (loss rank, its stream's input rank), once per schedule
+            pairs = self._label_pairs[s.num_chunks] = tuple(
+                (r, s.stage_owner[(s.placement[r][c][0], 0)][0])
+                for r in range(self.num_ranks) if (c := s.loss_chunk(r)) is not None)
+        d, to_group = self.batch_dim, self._to_group
+        for r, q in pairs:
+            labels, n = rows[to_group[r]][9], rows[to_group[q]][8]
+            if labels < 0:
+                continue
+            if n >= 0 and n != labels:
+                where = f"pipeline rank {q}" + (", the same rank" if q == r else "")
+                raise ValueError(
+                    f"step() labels on pipeline rank {r} have batch size {labels} (dim {d}) "
+                    f"but the inputs they belong to ({where}) have batch size {n}: pass one "
+                    "label per input sample, split along batch_dim like the inputs"
+                    + (" (DualPipe: each end rank passes the labels of the other end's "
+                       "inputs)" if q != r and self.schedule_name == "dualpipe" else ""))
 
     # ------------------------------------------------------------------ the loop
     def _run(self, s: Schedule, plan: _Plan, sig, batches, label_mbs, criterion,
@@ -1456,6 +1524,31 @@ def _release_groups(groups, failed: bool) -> None:
             fn()
         except Exception as exc:  # noqa: BLE001 - the communicator may be gone already
             log.debug("releasing the pipeline's NCCL communicator failed: %s", exc)
+
+
+def _setup_error(e: Exception, rank: int, world: int, timeout: float) -> PipelineError:
+    """The error a rank raises when setting up the pipeline's transports fails: another
+    rank did not arrive in time (:class:`PipelineTimeout`), failed or exited meanwhile
+    (:class:`PipelineError`).  Whatever raised it (the shared-memory agreement's
+    ``PeerError``, the store's or a process group's own error), it says what to check."""
+    if isinstance(e, PeerError):
+        what, timed_out = str(e), isinstance(e, PeerTimeout)
+    else:
+        lines = str(e).strip().splitlines()
+        first = lines[0][:200] if lines else ""
+        what = f"setting up the pipeline's communicators: {type(e).__name__}: {first}"
+        timed_out = "imeout" in first or "imed out" in first
+    msg = f"pipeline rank {rank}, building the pipeline: {what}; "
+    if timed_out:
+        msg += (f"building a pipeline is collective (timeout={timeout:g} s): check that every "
+                f"rank of the process group ({world} ranks) builds this pipeline, that every "
+                "rank builds its pipelines in the same order, and that no rank failed or "
+                "is stuck before it")
+        return PipelineTimeout(msg, rank, "building the pipeline")
+    msg += ("another rank failed, exited or lost its connection while the pipeline was "
+            "being built: see the error on the other ranks, and check that every rank builds "
+            "its pipelines in the same order")
+    return PipelineError(msg, rank, "building the pipeline")
 
 
 def _group_store(group):

@@ -6,7 +6,8 @@ calls dominating both our runtime and torch's).  When every rank of a pipeline r
 the same host, :class:`ShmP2P` moves the same messages through shared memory instead:
 
 * one single-producer single-consumer byte ring per (sender, receiver) pair, created
-  on first use in ``/dev/shm`` (unlinked as soon as both ends have mapped it);
+  on first use in ``/dev/shm`` (unlinked as soon as both ends have mapped it), its pages
+  reserved and mapped present at once, so RSS does not creep up with traffic;
 * a message is a 24-byte header ``(tag, nbytes, layout)`` plus the bytes of all its
   tensors (several tensors travel as one message; ``layout`` hashes each tensor's size
   so a receive split differently is refused); messages larger than the ring stream
@@ -88,13 +89,25 @@ def _ext():
     return mod
 
 
-def _map(path: str, size: int) -> tuple[tuple, int]:
+def _map(path: str, size: int, populate: bool = False) -> tuple[tuple, int]:
     """Map ``path`` (created at ``size`` bytes if new) shared; return ((mmap, uint8 tensor
     over it), its address).  Keep the first item alive while the address is used.
 
     The file's pages are reserved up front (``posix_fallocate``): on a full tmpfs that
-    fails here with ENOSPC instead of killing the process with SIGBUS at a later write."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fails here with ENOSPC instead of killing the process with SIGBUS at a later write.
+    ``populate`` also maps every page at once (``MAP_POPULATE``), so the process's RSS
+    holds the whole file from the start instead of growing as pages are first touched.
+    A file this call created is removed again if anything here fails (no leftovers)."""
+    while True:  # (the other end may unlink the file between the two opens: retry)
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True
+            break
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+                break
+            except FileNotFoundError:
+                continue
     try:
         if os.fstat(fd).st_size < size:
             try:
@@ -102,10 +115,15 @@ def _map(path: str, size: int) -> tuple[tuple, int]:
             except OSError as e:
                 raise OSError(e.errno, f"cannot reserve {size} bytes for {path} ({e.strerror}); "
                               "free space there, or use transport='group'") from e
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        buf = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping's address stable
+    except BaseException:
+        if created:
+            _unlink(path)
+        raise
     finally:
         os.close(fd)
-    buf = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping's address stable
     return (mm, buf), buf.data_ptr()
 
 
@@ -291,9 +309,25 @@ class ShmP2P:
                 "/dev/shm", os.W_OK) else tempfile.gettempdir()
             token = f"{getattr(os, 'getuid', lambda: 0)()}-{uuid.uuid4().hex[:16]}"
             store.set(f"{key}/where", f"{directory}\n{token}")
-        store.wait([f"{key}/where"], to)
+        try:
+            store.wait([f"{key}/where"], to)
+        except Exception as e:  # noqa: BLE001 - the store's own timeout or connection error
+            raise _store_error(e, [0], to) from e
         directory, token = store.get(f"{key}/where").decode().split("\n")
         board_path = os.path.join(directory, f"dualpipe-{token}-board")
+        try:
+            return cls._agree(store, key, board_path, directory, token, rank, world, mode,
+                              usage, to, ring_bytes, abort)
+        except BaseException:
+            # every rank removes the board on every way out (it may be the only rank left
+            # that has it, or have created it after the others had removed theirs)
+            _unlink(board_path)
+            raise
+
+    @classmethod
+    def _agree(cls, store, key, board_path, directory, token, rank, world, mode, usage, to,
+               ring_bytes, abort) -> "ShmP2P | None":
+        """The two phases of :meth:`create` once the board's name is known."""
         mods = keep = None
         reason = ""
         if usage:
@@ -327,10 +361,8 @@ class ShmP2P:
         sizes = [int(v[1]) for v in p1]
         errors = [f"rank {r}: {w[len('error: '):]}" for r, w in reasons if w.startswith("error: ")]
         if errors:
-            _unlink(board_path)
             raise ValueError("ShmP2P.create: " + "; ".join(errors))
         if len(set(sizes)) > 1 and "off" not in modes:
-            _unlink(board_path)
             raise ShmUnavailable(f"the ranks passed different ring_bytes ({sizes}); pass the "
                                  "same value on every rank")
         # phase 2: the board every rank mapped is one file (same host, same /dev/shm)
@@ -357,7 +389,7 @@ class ShmP2P:
 
     def _ring(self, src: int, dst: int) -> _Ring:
         path = os.path.join(self.directory, f"dualpipe-{self.token}-{src}-{dst}")
-        keep, addr = _map(path, _RING_HEADER + self.ring_bytes)
+        keep, addr = _map(path, _RING_HEADER + self.ring_bytes, populate=True)
         if self._mods.fetch_add(addr + _OPENS, 1) == 1:  # both ends mapped: no name needed
             _unlink(path)
         return _Ring(path, keep, addr, self.ring_bytes, dst if src == self.rank else src)
@@ -787,7 +819,24 @@ def _gather_store(store, key: str, world: int, to: datetime.timedelta) -> list[s
     keys = [f"{key}/{r}" for r in range(world)]
     try:
         store.wait(keys, to)
-    except Exception as e:  # noqa: BLE001 - the store's own timeout error
-        raise PeerTimeout(f"setting up the shared-memory transport: not every rank arrived "
-                          f"within {to.total_seconds():g} s ({e})", -1, "transport setup") from e
+    except Exception as e:  # noqa: BLE001 - the store's own timeout or connection error
+        try:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        except Exception:  # noqa: BLE001 - the store itself is gone
+            missing = []
+        raise _store_error(e, missing, to) from e
     return [store.get(k).decode() for k in keys]
+
+
+def _store_error(e: Exception, missing: list[int], to: datetime.timedelta) -> PeerError:
+    """The :class:`PeerError` for a failed store wait while setting up: a timeout names
+    the group ranks that had not arrived (``missing``; empty: unknown)."""
+    text = str(e).strip().splitlines()
+    short = text[0][:200] if text else type(e).__name__
+    who = (f"group rank(s) {missing} did not arrive" if missing else "not every rank arrived")
+    peer = missing[0] if missing else -1
+    what = "the ranks' agreement on a transport (ShmP2P.create)"
+    if "imeout" in short or "imed out" in short:
+        return PeerTimeout(f"{what}: {who} within {to.total_seconds():g} s ({short})", peer,
+                           "transport setup")
+    return PeerError(f"{what}: the store failed ({short})", peer, "transport setup")

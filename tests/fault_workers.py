@@ -56,8 +56,32 @@ def misuse(rank: int, world: int):
             _step(p, s, rank, 4)
     out["mixed_grad_mode"] = _outcome(mixed_mode)
     out["diff_return_outputs"] = _outcome(lambda: _step(p, s, rank, 4, return_outputs=rank == 0))
+    # an empty batch (every rank; one rank), too few labels (rank 0's labels belong to
+    # rank 1's inputs: 2 labels for 4 samples, each micro-batch's 1 label would broadcast)
+    out["empty"] = _outcome(lambda: p.step(inputs[0][:0], num_chunks=4, criterion=criterion,
+                                           labels=(labels[0][:0],)))
+    out["empty_one"] = _outcome(lambda: p.step(inputs[0][:0] if rank == 0 else inputs[0],
+                                               num_chunks=4, criterion=criterion,
+                                               labels=labels))
+    out["few_labels"] = _outcome(lambda: p.step(
+        inputs[0], num_chunks=4, criterion=criterion,
+        labels=(labels[0][:2],) if rank == 0 else labels))
+    out["mixed_sizes"] = _outcome(lambda: p.step(
+        inputs[0], num_chunks=4, criterion=criterion,
+        labels=(labels[0], labels[0][:2]) if rank == 1 else labels))
     # still usable after all of the above: a normal step
     out["after"] = _outcome(lambda: _step(p, s, rank, 4))
+    # the same where one rank holds the inputs and the labels of a stream (DualPipeV:
+    # rank 0), and where they are on different ranks (1F1B: rank 0 and rank 1)
+    for name in ("dualpipev", "1f1b"):
+        q, sq = build(name, rank, world, 4, timeout=20)
+        xs, ys = make_batch(0, 4, False)
+        ins, labs, _ = rank_io(sq, rank, xs, ys)
+        few = (labs[0][:4],) if labs else ()
+        out[f"few_labels_{name}"] = _outcome(lambda: q.step(
+            *ins, num_chunks=4, criterion=criterion if labs else None, labels=few))
+        out[f"after_{name}"] = _outcome(lambda: _step(q, sq, rank, 4))
+        q.close()
     # NaN loss: reported in the losses, not an error
     xs, ys = make_batch(0, 4, False)
     ys = (ys[0].clone().fill_(float("nan")),)
@@ -174,3 +198,42 @@ def transport_choice(rank: int, world: int):
     p, s = build("dualpipev", rank, world, 4, timeout=10, transport="shm")
     out["then"] = (_outcome(lambda: _step(p, s, rank, 4)), p.transport)
     return out
+
+
+def _ctor_files(world: int) -> list[str] | None:
+    """Files in the ring directory of the shared-memory agreement of the last pipeline
+    this rank tried to build (None: no rank got as far as choosing a directory)."""
+    from dualpipe import runtime as rt
+    store = dist.distributed_c10d._get_default_store()
+    gname = str(getattr(dist.group.WORLD, "group_name", "") or "default")
+    key = f"dualpipe/{gname}/{rt._clone_count[gname]}/shm/1/where"
+    if not store.check([key]):
+        return None
+    directory, token = store.get(key).decode().split("\n")
+    return sorted(f for f in os.listdir(directory) if token in f)
+
+
+def ctor_missing(rank: int, world: int, missing: int, late: bool):
+    """Rank ``missing`` never builds the pipeline (``late``: builds it after the others
+    gave up); every rank that builds it must raise PipelineTimeout within its timeout,
+    and no rank may leave a file of the agreement behind."""
+    from dualpipe import PipelineError, PipelineTimeout
+    store = dist.distributed_c10d._get_default_store()
+    TO = 2.0
+    res = None
+    if rank == missing:
+        time.sleep(TO + 0.5)
+    if rank != missing or late:
+        t = time.monotonic()
+        try:
+            _pipe(rank, world, Stage, name="dualpipev", N=2 * world, timeout=TO)
+            res = ("ok", "", time.monotonic() - t, False, False)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            res = (type(e).__name__, str(e), time.monotonic() - t,
+                   isinstance(e, PipelineError), isinstance(e, PipelineTimeout))
+    store.set(f"ctor_missing/done/{rank}", "1")
+    store.wait([f"ctor_missing/done/{r}" for r in range(world)], datetime.timedelta(seconds=30))
+    files = _ctor_files(world) if rank != missing or late else None
+    t = torch.ones(1)
+    dist.all_reduce(t)  # the user's group still works
+    return res, files, float(t)

@@ -506,3 +506,28 @@ def gather_and_kill(rank: int, world: int) -> dict:
     out["files_a"] = files_with(a.directory, a.token)
     out["files_b"] = files_with(b.directory, b.token)
     return out
+
+
+# ---------------------------------------------------------------- RSS of a pipeline
+def rss_shmem_kib() -> int:
+    """Shared-memory pages mapped into this process (``RssShmem``, KiB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssShmem"))
+
+
+def pipeline_rss(rank: int, world: int, steps: int, marks: list[int]) -> dict:
+    """A DualPipeV pipeline on the shared-memory transport: RssShmem after each step in
+    ``marks`` (and before the first)."""
+    from tests.models import criterion, make_batch
+    from tests.workers import build, rank_io
+    p, s = build("dualpipev", rank, world, 2 * world, timeout=60, transport="shm")
+    out = {"transport": p.transport, 0: rss_shmem_kib()}
+    for i in range(1, steps + 1):
+        xs, ys = make_batch(i, 2 * world, False)
+        inputs, labels, _ = rank_io(s, rank, xs, ys)
+        p.step(*inputs, num_chunks=2 * world, criterion=criterion if labels else None,
+               labels=labels)
+        if i in marks:
+            out[i] = rss_shmem_kib()
+    p.close()
+    return out

@@ -37,6 +37,27 @@ def test_misuse_raises_on_every_rank_and_leaves_the_group_usable(transport):
             assert r[key][0] == "ValueError", (key, rank, r[key])
         assert any(text in r[key][1] for r in res), key
     assert all(r["after"][0] == "ok" for r in res)
+    # an empty batch is refused, not run into NaN losses; on every rank
+    for rank, r in enumerate(res):
+        assert r["empty"][0] == "ValueError" and "batch size 0" in r["empty"][1], (rank, r)
+    assert r0["empty_one"][0] == "ValueError" and "batch size 0" in r0["empty_one"][1]
+    assert r1["empty_one"][0] == "ValueError" and "rank(s) [0]" in r1["empty_one"][1]
+    # too few labels, found on every rank at the step's start (the labels are on rank 0,
+    # the inputs they belong to on rank 1)
+    for rank, r in enumerate(res):
+        typ, msg, _ = r["few_labels"]
+        assert typ == "ValueError" and "labels on pipeline rank 0 have batch size 2" in msg \
+            and "(pipeline rank 1) have batch size 4" in msg, (rank, msg)
+    assert r1["mixed_sizes"][0] == "ValueError" and "different batch sizes" in \
+        r1["mixed_sizes"][1], r1["mixed_sizes"]
+    assert r0["mixed_sizes"][0] == "ValueError" and "rank(s) [1]" in r0["mixed_sizes"][1]
+    for name, where in (("dualpipev", "(pipeline rank 0, the same rank) have batch size 8"),
+                        ("1f1b", "(pipeline rank 0) have batch size 8")):
+        for rank, r in enumerate(res):
+            typ, msg, _ = r[f"few_labels_{name}"]
+            assert typ == "ValueError" and "have batch size 4" in msg and where in msg, \
+                (name, rank, msg)
+            assert r[f"after_{name}"][0] == "ok", (name, rank, r[f"after_{name}"])
     assert r0["nan_loss"] is True and r1["nan_loss"] is True
     assert r0["noncontig_equal"] is True
     assert any("no first stage" in w or "no last stage" in w for r in res for w in r["warned"]) \
@@ -86,3 +107,26 @@ def test_transport_misuse_raises_on_every_rank():
             (rank, r["disagree"])
         assert took < 15, took
         assert r["then"] == (("ok", "", r["then"][0][2]), "shm"), r["then"]
+
+
+@pytest.mark.parametrize("transport,missing,late", [("auto", 0, False), ("auto", 2, True),
+                                                    ("group", 1, False)],
+                         indirect=["transport"])
+def test_constructor_timeout_is_a_pipeline_timeout_and_leaves_no_file(transport, missing, late):
+    """A rank that never builds the pipeline (or builds it after the others gave up): every
+    rank that builds it raises PipelineTimeout within its timeout (2 s) + 2 s, naming the
+    missing rank and what to check, and no rank leaves a file in /dev/shm."""
+    res = run_ranks(fw.ctor_missing, 3, missing, late, timeout=90)
+    for rank, (r, files, allreduce) in enumerate(res):
+        assert allreduce == 3.0
+        if r is None:
+            assert rank == missing and not late
+            continue
+        typ, msg, took, is_pe, is_pt = r
+        assert typ == "PipelineTimeout" and is_pe and is_pt, (rank, r)
+        assert "building the pipeline" in msg and "same order" in msg, (rank, msg)
+        assert f"did not arrive" in msg, (rank, msg)
+        if rank != missing:
+            assert f"group rank(s) [{missing}]" in msg, (rank, msg)
+        assert took < 2.0 + 2.0, (rank, took)
+        assert files in (None, []), (rank, files)

@@ -412,3 +412,217 @@ def test_no_files_left_when_the_killed_rank_had_an_unopened_ring(gk):
     # close() must remove that file too
     for r in _gk_ok(gk):
         assert r["files_b"] == [], r["files_b"]
+
+
+# ================================================================ create(): no file left on any way out
+# In-process, one thread per rank over one HashStore: every rank of create() runs its
+# real code (the board file is mapped once per rank), and failures are injected per rank.
+def _create_ranks(world, store, prefix, ranks=None, kw_of_rank=None):
+    """Run ShmP2P.create on ``ranks`` (default all) in threads; {rank: ("ok", value) or
+    (exception type name, message, exception)}."""
+    out = {}
+
+    def go(r):
+        kw = dict(timeout=5.0)
+        kw.update((kw_of_rank or {}).get(r, {}))
+        try:
+            t = ShmP2P.create(store, prefix, r, world, **kw)
+            out[r] = ("ok", t)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            out[r] = (type(e).__name__, str(e), e)
+
+    threads = [threading.Thread(target=go, args=(r,), name=f"rank{r}")
+               for r in (range(world) if ranks is None else ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def _leftovers(store, prefix, gen=1):
+    import torch.distributed as dist  # noqa: F401
+    directory, token = store.get(f"{prefix}/shm/{gen}/where").decode().split("\n")
+    return sw.files_with(directory, token)
+
+
+def test_create_timeout_names_the_missing_rank_and_leaves_no_file():
+    import torch.distributed as dist
+    from overlap.p2p import PeerTimeout
+    store = dist.HashStore()
+    # rank 1 never comes: rank 0 created the board, then timed out in phase 1
+    res = _create_ranks(2, store, "t", ranks=[0], kw_of_rank={0: dict(timeout=0.3)})
+    kind, msg, e = res[0]
+    assert isinstance(e, PeerTimeout) and "group rank(s) [1] did not arrive within 0.3 s" in msg, \
+        res
+    assert e.peer == 1
+    assert _leftovers(store, "t") == []
+    # rank 1 comes late, after rank 0 gave up: it maps a board of its own, then times out
+    # in phase 2 (rank 0 never got there); that board is gone too
+    res = _create_ranks(2, store, "t", ranks=[1], kw_of_rank={1: dict(timeout=0.3)})
+    kind, msg, e = res[1]
+    assert isinstance(e, PeerTimeout) and "group rank(s) [0] did not arrive" in msg, res
+    assert _leftovers(store, "t") == []
+    # rank 0 never comes: nobody can even learn where the board is
+    store = dist.HashStore()
+    res = _create_ranks(3, store, "u", ranks=[1, 2], kw_of_rank={1: dict(timeout=0.3),
+                                                                  2: dict(timeout=0.3)})
+    for r in (1, 2):
+        kind, msg, e = res[r]
+        assert isinstance(e, PeerTimeout) and "group rank(s) [0] did not arrive" in msg, res
+        assert e.peer == 0
+
+
+@pytest.mark.parametrize("first", [0, 1])
+@pytest.mark.parametrize("where", ["mmap", "fallocate"])
+@pytest.mark.parametrize("mode", ["auto", "shm"])
+def test_create_mapping_failure_on_one_rank_leaves_no_file(monkeypatch, where, mode, first):
+    """Rank 1 cannot map the board (it creates the file and fails, or fails on the file
+    rank 0 created): 'auto' falls back on every rank, 'shm' refuses on every rank; either
+    way no board file is left."""
+    import errno
+    import torch.distributed as dist
+    from overlap import shm
+    real = {"mmap": mmap.mmap, "fallocate": os.posix_fallocate, "ext": shm._ext}
+
+    def failing(*a, **k):
+        if threading.current_thread().name == "rank1":
+            raise OSError(errno.ENOMEM if where == "mmap" else errno.ENOSPC, "injected")
+        return real[where](*a, **k)
+
+    def ext_later():  # the other rank maps the board first
+        if threading.current_thread().name != f"rank{first}":
+            time.sleep(0.3)
+        return real["ext"]()
+
+    monkeypatch.setattr(shm, "_ext", ext_later)
+    if where == "mmap":
+        monkeypatch.setattr(shm.mmap, "mmap", failing)
+    else:
+        monkeypatch.setattr(shm.os, "posix_fallocate", failing)
+    store = dist.HashStore()
+    res = _create_ranks(2, store, "m", kw_of_rank={r: dict(mode=mode) for r in (0, 1)})
+    # (a board rank 0 already reserved needs no posix_fallocate on rank 1: no failure)
+    if where == "fallocate" and first == 0:
+        assert all(res[r][0] == "ok" and res[r][1] is not None for r in (0, 1)), res
+        for r in (0, 1):
+            res[r][1].close()
+    else:
+        for r in (0, 1):
+            if mode == "auto":
+                assert res[r] == ("ok", None), res
+            else:
+                assert res[r][0] == "ShmUnavailable" and "injected" in res[r][1], res
+    assert _leftovers(store, "m") == []
+
+
+def test_create_errors_in_phase_1_and_2_leave_no_file():
+    import torch.distributed as dist
+    from overlap.p2p import PeerTimeout
+    # phase 1: a usage error on one rank, different ring sizes
+    store = dist.HashStore()
+    res = _create_ranks(2, store, "a", kw_of_rank={1: dict(mode="fast")})
+    assert all(res[r][0] == "ValueError" for r in (0, 1)), res
+    assert _leftovers(store, "a") == []
+    store = dist.HashStore()
+    res = _create_ranks(2, store, "b", kw_of_rank={0: dict(mode="shm", ring_bytes=4096),
+                                                    1: dict(mode="shm", ring_bytes=8192)})
+    assert all(res[r][0] == "ShmUnavailable" for r in (0, 1)), res
+    assert _leftovers(store, "b") == []
+
+    # phase 2: rank 1's store fails (an exception, then an interrupt): rank 1 raises
+    # it, rank 0 times out naming rank 1; no board either way
+    class Flaky:
+        def __init__(self, store, exc):
+            self.store, self.exc = store, exc
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+        def set(self, key, value):
+            if "/p2/1" in key:
+                raise self.exc
+            return self.store.set(key, value)
+
+    for exc in (RuntimeError("injected store failure"), KeyboardInterrupt()):
+        store = dist.HashStore()
+        flaky = Flaky(store, exc)
+        out = {}
+
+        def rank0():
+            try:
+                ShmP2P.create(store, "c", 0, 2, timeout=0.5)
+            except PeerTimeout as e:
+                out[0] = e
+
+        def rank1():
+            try:
+                ShmP2P.create(flaky, "c", 1, 2, timeout=0.5)
+            except BaseException as e:  # noqa: BLE001
+                out[1] = e
+
+        ts = [threading.Thread(target=f) for f in (rank0, rank1)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert type(out[1]) is type(exc), out
+        assert "group rank(s) [1] did not arrive" in str(out[0]), out
+        assert _leftovers(store, "c") == []
+
+
+def test_map_removes_only_a_file_it_created(monkeypatch, tmp_path):
+    from overlap import shm
+
+    def failing(*a, **k):
+        raise OSError(12, "injected")
+
+    path = str(tmp_path / "ring")
+    monkeypatch.setattr(shm.mmap, "mmap", failing)
+    with pytest.raises(OSError, match="injected"):
+        shm._map(path, 8192)
+    assert not os.path.exists(path)           # created here: removed
+    with open(path, "wb") as f:
+        f.write(b"\0" * 8192)
+    with pytest.raises(OSError, match="injected"):
+        shm._map(path, 8192)
+    assert os.path.exists(path)               # the other end's file: kept
+
+
+def test_rings_are_resident_from_the_start():
+    """populate=True (the rings): the whole file is in this process's RSS at once, so RSS
+    does not creep up as traffic first touches each page (docs/transport.md)."""
+    from overlap import shm
+
+    def shmem_kib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssShmem"))
+
+    path = f"/dev/shm/dualpipe-test-{os.getpid()}-{time.monotonic_ns()}"
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    before = shmem_kib()
+    try:
+        keep, _ = shm._map(path, 4 << 20, populate=True)
+        assert shmem_kib() - before >= 4096, shmem_kib() - before
+        lazy, _ = shm._map(path, 4 << 20)  # the default: pages map when first touched
+        assert shmem_kib() - before < 2 * 4096
+        del keep, lazy
+    finally:
+        shm._unlink(path)
+
+
+def test_pipeline_rss_is_flat_from_the_first_step():
+    """The rings are mapped with every page present: a rank's RSS holds both rings of
+    each peer (2 x 4 MiB) from its first step and does not creep up with traffic
+    (before, it grew by the bytes each step sent until it reached the same ceiling)."""
+    marks = [1, 10, 60]
+    res = run_ranks(sw.pipeline_rss, 2, 60, marks, timeout=120)
+    ring_kib = (4 << 20) // 1024
+    for rank, r in enumerate(res):
+        assert r["transport"] == "shm", r
+        print(f"rank {rank}: RssShmem (KiB) before/after steps {marks}: "
+              f"{[r[k] for k in [0] + marks]}")
+        assert r[1] >= 2 * ring_kib, (rank, r)        # one ring each way, all resident
+        assert r[60] - r[1] <= 16, (rank, r)          # and nothing more afterwards
+        assert r[60] <= 2 * ring_kib + 64, (rank, r)  # the ceiling: 8 MiB per peer + board
