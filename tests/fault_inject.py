@@ -40,6 +40,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -527,6 +528,7 @@ def run_cases(transport: str, cases: list[dict]) -> dict:
         out["violations"] += summary["violations"]
     if left:
         out["violations"].append(f"{transport}: files left in {SHM_DIR}: {left}")
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -624,6 +626,7 @@ def run_sigkill(transport: str, schedule: str, seed: int,
     t_kill = _read_time(os.path.join(tmp, "killed_at"))
     out = analyze_sigkill(transport, schedule, seed, res, errors, t_kill,
                           _read_where(os.path.join(tmp, "killed_at")), left)
+    shutil.rmtree(tmp, ignore_errors=True)
     out["wall_s"] = wall
     out["kill_to_end_s"] = None if t_kill is None else t_end - t_kill
     return out

@@ -414,7 +414,7 @@ def test_no_files_left_when_the_killed_rank_had_an_unopened_ring(gk):
         assert r["files_b"] == [], r["files_b"]
 
 
-# ================================================================ create(): no file left on any way out
+# ================================================================ create(): no file left
 # In-process, one thread per rank over one HashStore: every rank of create() runs its
 # real code (the board file is mapped once per rank), and failures are injected per rank.
 def _create_ranks(world, store, prefix, ranks=None, kw_of_rank=None):
@@ -441,7 +441,6 @@ def _create_ranks(world, store, prefix, ranks=None, kw_of_rank=None):
 
 
 def _leftovers(store, prefix, gen=1):
-    import torch.distributed as dist  # noqa: F401
     directory, token = store.get(f"{prefix}/shm/{gen}/where").decode().split("\n")
     return sw.files_with(directory, token)
 
