@@ -43,6 +43,7 @@ BEAT_EVERY = 0.15     # s between a rank's heartbeats (StoreBoard)
 STALE_AFTER = 0.5     # s without a heartbeat: that rank is not responding
 CALL_DEADLINE = 1.0   # s: the longest one store call may take
 AGREE_DEADLINE = 2.0  # s a rank whose agreement failed waits to learn what the others did
+RECORD_DEADLINE = 2.0 # s a rank whose peer closed its connection waits for that peer's record
 ACK_DEADLINE = 5.0    # s the process hosting the store waits at exit for readers
 
 
@@ -84,6 +85,8 @@ class _Caller:
         self._lock = threading.Lock()
 
     def _start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="dualpipe-store",
@@ -250,10 +253,14 @@ class StoreBoard:
             self.unresponsive = True
         return False
 
+    def state(self, rank: int) -> str | None:
+        """A rank's process state: a store cannot tell (see :meth:`ShmBoard.state`)."""
+        return None
+
     def wait_for_readers_at_exit(self) -> None:
-        """This process hosts the store: keep it up at exit until the other live ranks
-        have read the record (or :data:`ACK_DEADLINE` passed)."""
-        if self._acks_at_exit:
+        """If this rank's process hosts the store, keep it up at exit until the other
+        live ranks have read the record (or :data:`ACK_DEADLINE` passed)."""
+        if self._acks_at_exit or self.host != self.rank:
             return
         self._acks_at_exit = True
         atexit.register(_wait_acks, self, time.monotonic)

@@ -41,7 +41,7 @@ from overlap.shm import DEFAULT_RING_BYTES, ShmP2P, ShmUnavailable
 
 from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
                         gc_paused, get_schedule, lower, placement_schedule, spec_of)
-from .failures import AGREE_DEADLINE, Record, ShmBoard, StoreBoard, StoreUnresponsive
+from .failures import RECORD_DEADLINE, Record, ShmBoard, StoreBoard, StoreUnresponsive
 from .simulate import Interval
 from .utils import gather, run_backward, scatter
 from .weight_grad import WeightGradStore, split_linear_weight_grads
@@ -493,7 +493,6 @@ class PipelineRuntime(nn.Module):
                                       "s (its host, global rank 0, is stopped or hung)",
                                       self.rank, "construction", 0) from e
             weakref.finalize(self, self._board.close)
-        self._hosts_store = dist.get_rank() == 0  # the TCPStore's server (env:// init)
         if max_ctas is not None and self.transport != "nccl":
             log.info("nccl_max_ctas=%d ignored: this pipeline's transport is %s, not NCCL",
                      max_ctas, self.transport)
@@ -1350,8 +1349,8 @@ class PipelineRuntime(nn.Module):
         self._release(failed=True)
         self._stopped = ("this pipeline stopped after a failure (see the earlier "
                          "PipelineError); build a new DualPipe/DualPipeV to go on")
-        if board is not None and self._hosts_store:
-            board.wait_for_readers_at_exit()
+        if board is not None:
+            board.wait_for_readers_at_exit()  # a no-op unless this process hosts the store
         return err
 
     def _diagnose(self, e: PeerError, where: str) -> tuple[Record, bool]:
@@ -1370,7 +1369,7 @@ class PipelineRuntime(nn.Module):
         if silent is None or board.unresponsive:  # the store's host itself is silent
             h = board.host
             who = f"pipeline rank {h}" if h is not None else "global rank 0 (not in this pipeline)"
-            if getattr(board, "gone", False):
+            if board.gone:
                 return Record(h, "lost", f"{where}: {e}; the process group's store, hosted by "
                               f"{who}, is gone: that process died"), True
             return Record(h, "timeout", f"{where}: {e}; the process group's store, hosted by "
@@ -1378,7 +1377,7 @@ class PipelineRuntime(nn.Module):
                           "hung"), True
         if silent:
             v = peer if peer in silent else min(silent)
-            state = board.state(v) if isinstance(board, ShmBoard) else None
+            state = board.state(v)
             if state == "exited" or (state is None and not isinstance(e, PeerTimeout)):
                 return Record(v, "lost", f"{where}: rank {v} died (its process exited or was "
                               f"killed; {e})"), True
@@ -1389,7 +1388,7 @@ class PipelineRuntime(nn.Module):
         if not isinstance(e, PeerExited):
             # the peer is alive and closed the connection: it is stopping the pipeline,
             # and its record is on the way
-            end = time.monotonic() + AGREE_DEADLINE
+            end = time.monotonic() + RECORD_DEADLINE
             while time.monotonic() < end:
                 rec = board.read()
                 if rec is not None:
@@ -1424,7 +1423,6 @@ class PipelineRuntime(nn.Module):
             self._board.close()
         self.group = None
         gc.collect()  # gloo closes the connections when the last reference goes
-
 
 
     @staticmethod

@@ -239,13 +239,11 @@ def _peer_error(e: RuntimeError, h: Handle, timeout: datetime.timedelta) -> Peer
     if "imed out" in text or "imeout" in text and "closure" not in text:
         return PeerTimeout(f"{h.what}: rank {h.peer} did not answer within "
                            f"{timeout.total_seconds():g} s", h.peer, h.what)
-    return PeerLost(f"{h.what}: the connection failed ({_short(e)})", h.peer, h.what)
+    return _lost(e, h.what, h.peer)
 
 
-def _posting_error(e: RuntimeError, what: str, peer: int) -> PeerError:
-    """The :class:`PeerLost` for a transfer the backend refused to post (its connection
-    to ``peer`` closed).  Not chained to ``e``: the backend's exception would keep the
-    frames (and the transfers) it was raised in alive."""
+def _lost(e: RuntimeError, what: str, peer: int) -> PeerLost:
+    """The :class:`PeerLost` for a transfer with ``peer`` whose connection failed."""
     return PeerLost(f"{what}: the connection failed ({_short(e)})", peer, what)
 
 
@@ -304,38 +302,33 @@ class P2P:
         return b
 
     def isend(self, tensors: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
-        works = []
-        try:
-            if self.backend is not None:
-                be = self._backend(self.rank, peer)
-                for t in tensors:
-                    works.append(be.send([t.detach()], peer, tag))
-            else:
-                g, dst = self.group, self._global[peer]
-                for t in tensors:
-                    works.append(dist.isend(t.detach(), dst, group=g, tag=tag))
-        except RuntimeError as e:  # gloo refuses to post on a connection that closed
-            err = _posting_error(e, what, peer)
-        else:
-            return Handle(works, list(tensors), what, peer, self._ordered(tensors))
-        works.clear()
-        raise err
+        if self.backend is not None:
+            be = self._backend(self.rank, peer)
+            return self._post(lambda t: be.send([t.detach()], peer, tag), tensors, what, peer)
+        g, dst = self.group, self._global[peer]
+        return self._post(lambda t: dist.isend(t.detach(), dst, group=g, tag=tag), tensors,
+                          what, peer)
 
     def irecv(self, buffers: Sequence[torch.Tensor], peer: int, what: str, tag: int = 0) -> Handle:
+        if self.backend is not None:
+            be = self._backend(peer, self.rank)
+            return self._post(lambda t: be.recv([t], peer, tag), buffers, what, peer)
+        g, src = self.group, self._global[peer]
+        return self._post(lambda t: dist.irecv(t, src, group=g, tag=tag), buffers, what, peer)
+
+    def _post(self, start, tensors: Sequence[torch.Tensor], what: str, peer: int) -> Handle:
+        """A handle over ``start(t)`` for each tensor.  gloo refuses to post on a
+        connection that closed: that is :class:`PeerLost`, not chained to gloo's
+        exception, whose frames would keep the posted transfers (and so the backend's
+        connections) alive."""
         works = []
         try:
-            if self.backend is not None:
-                be = self._backend(peer, self.rank)
-                for t in buffers:
-                    works.append(be.recv([t], peer, tag))
-            else:
-                g, src = self.group, self._global[peer]
-                for t in buffers:
-                    works.append(dist.irecv(t, src, group=g, tag=tag))
+            for t in tensors:
+                works.append(start(t))
         except RuntimeError as e:
-            err = _posting_error(e, what, peer)
+            err = _lost(e, what, peer)
         else:
-            return Handle(works, list(buffers), what, peer, self._ordered(buffers))
+            return Handle(works, list(tensors), what, peer, self._ordered(tensors))
         works.clear()
         raise err
 

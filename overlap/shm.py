@@ -173,16 +173,6 @@ def _identity() -> tuple[int, int]:
         return 0, 0
 
 
-def _alive(pid: int, start: int) -> bool:
-    """False once process ``pid`` (started at ``start``) has exited; a zombie, or another
-    process that reused the pid, counts as exited."""
-    try:
-        st = _proc_stat(pid)
-    except (OSError, ValueError, IndexError):
-        return True  # cannot tell: rely on the timeout
-    return st is not None and st[0] not in (b"Z", b"X") and st[1] == start
-
-
 class ShmHandle:
     """A pending send, receive or all_gather; ``wait()`` returns the tensors."""
 
@@ -793,7 +783,7 @@ class ShmP2P:
             gone = None
             if load(self._row(r) + 32):
                 gone = "closed the transport"
-            elif self._liveness and not _alive(self._pids[r], self._starts[r]):
+            elif self.peer_state(r) == "exited":
                 gone = f"(pid {self._pids[r]}) exited"
             if gone is not None:
                 self._progress()  # what it sent before going still counts
