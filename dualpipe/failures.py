@@ -144,6 +144,9 @@ class StoreBoard:
         self.gone = False          # a store call failed (its host exited)
         #: end-of-step agreements this rank completed (the runtime counts; beats carry it)
         self.agreed = 0
+        #: the ranks a failed vote (:meth:`agreement_committed`) saw stop responding;
+        #: the diagnosis that follows uses them instead of looking a second time
+        self.silent_in_vote: set[int] = set()
         self._key = f"{prefix}/failure"
         self._stop = threading.Event()
         self._acks_at_exit = False
@@ -247,6 +250,7 @@ class StoreBoard:
                         first[r], seen_at[r] = beats[r], now
                     elif now - seen_at[r] > STALE_AFTER:
                         pending.discard(r)  # not responding: it completes nothing
+                        self.silent_in_vote.add(r)
                 time.sleep(0.02)
         except Exception as e:  # noqa: BLE001 - no store: nobody can have learnt more
             log.debug("end-of-step vote failed: %s", e)
@@ -284,6 +288,7 @@ class ShmBoard:
 
     unresponsive = gone = False
     host = None
+    silent_in_vote: set[int] = set()  # no votes here (see StoreBoard)
 
     def __init__(self, shm, to_pipe: list[int]) -> None:
         self.shm, self.to_pipe = shm, to_pipe

@@ -1248,9 +1248,15 @@ class PipelineRuntime(nn.Module):
             # (every rank had contributed to it): then this rank returns too, and the
             # failure is raised by the next step, so no two ranks disagree on which
             # step failed (dualpipe.failures)
-            committed = agreed or (text == _AGREEMENT and self._board is not None
-                                   and isinstance(e, PeerError)
-                                   and self._board.agreement_committed(self._agreements + 1))
+            committed = agreed
+            if not agreed and text == _AGREEMENT and isinstance(e, PeerError) \
+                    and self._board is not None:
+                # close this rank's connections first: a rank still blocked in the
+                # all_gather (waiting for data this rank will never forward) then fails
+                # at once and votes, instead of holding the vote to its deadline
+                traceback.clear_frames(e.__traceback__)  # its frames hold the transfers
+                self._release(failed=True)
+                committed = self._board.agreement_committed(self._agreements + 1)
             err = self._failed(e, text, e.__traceback__)
             if not committed:
                 raise err from e
@@ -1363,7 +1369,7 @@ class PipelineRuntime(nn.Module):
             kind = "timeout" if isinstance(e, PeerTimeout) else "lost"
             return Record(peer, kind, f"{where}: {e}"), True
         try:
-            silent = board.not_responding()
+            silent = set(board.silent_in_vote) or board.not_responding()
         except StoreUnresponsive:
             silent = None
         if silent is None or board.unresponsive:  # the store's host itself is silent

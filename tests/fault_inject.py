@@ -33,6 +33,7 @@ pipeline is built.  Pipeline rank == group rank here.
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import math
@@ -345,12 +346,14 @@ def _case_ctor(rank, world, case, d, rec):
 
 def sigkill_worker(rank: int, world: int, transport: str, schedule: str, victim: int,
                    frac: float, tmpdir: str, timeout: float, warm: int = 2,
-                   span: int = 12, max_steps: int = 100000):
+                   span: int = 12, max_steps: int = 100000, in_agreement: bool = False):
     """A training loop (step, SGD) on every rank.  After ``warm`` steps the victim arms
     a timer that kills it (SIGKILL, time written to ``tmpdir/killed_at`` first)
     ``frac * span`` of its measured step times later, so the kill lands anywhere in
     the next ``span`` steps: forwards, backwards, sends, the handshake, the end-of-step
-    agreement.  Survivors run until a step raises and return its index."""
+    agreement.  ``in_agreement``: the victim dies instead as it enters the end-of-step
+    agreement of step ``warm`` (the all_gather some survivors then never finish).
+    Survivors run until a step raises and return its index."""
     import torch
     os.environ["DUALPIPE_TRANSPORT"] = transport
     from tests.models import Stage
@@ -364,7 +367,9 @@ def sigkill_worker(rank: int, world: int, transport: str, schedule: str, victim:
     st, phase = 0, "step"
     try:
         for st in range(max_steps):
-            if rank == victim and st == warm:
+            if rank == victim and st == warm and in_agreement:
+                _die_in_agreement(p, mark)
+            elif rank == victim and st == warm:
                 per_step = (time.perf_counter() - t0) / warm
                 rec["kill_delay"] = frac * span * per_step
                 threading.Timer(rec["kill_delay"], _die, (mark,)).start()
@@ -384,13 +389,26 @@ def sigkill_worker(rank: int, world: int, transport: str, schedule: str, victim:
     # a survivor's record goes to a file and the process ends here: tearing down the
     # user's process group with a dead peer (and, for victim 0, without the store) costs
     # seconds per run that measure nothing
-    import json
     with open(os.path.join(tmpdir, f"rank-{rank}.json"), "w") as f:
         json.dump(rec, f)
+    # what a normal exit runs (the runtime's wait that keeps the store up until the
+    # other live ranks have read the failure record, on the rank hosting it)
+    atexit._run_exitfuncs()
     os._exit(0)
 
 
 _AT = {"step": None, "phase": None}  # where the victim's loop is (read by _die)
+
+
+def _die_in_agreement(p, mark: str) -> None:
+    transport = p._p2p
+    all_gather = transport.all_gather
+
+    def dying(t, world, what):
+        if what == "end-of-step agreement":
+            _die(mark)
+        return all_gather(t, world, what)
+    transport.all_gather = dying
 
 
 def _die(mark: str) -> None:
@@ -602,15 +620,16 @@ def sigkill_plan(seed: int) -> tuple[int, float]:
 
 
 def run_sigkill(transport: str, schedule: str, seed: int,
-                timeout: float = KILL_TIMEOUT) -> dict:
+                timeout: float = KILL_TIMEOUT, in_agreement: bool = False) -> dict:
     """One SIGKILL run; returns the per-survivor numbers, the split flag and the
-    violations of the promises."""
+    violations of the promises.  ``in_agreement``: the victim (drawn from ``seed``)
+    dies as it enters an end-of-step agreement (see :func:`sigkill_worker`)."""
     victim, frac = sigkill_plan(seed)
     tmp = tempfile.mkdtemp(prefix="dualpipe-fault-")
     before = shm_files()
     t0 = time.monotonic()
     res, errors = _spawn(sigkill_worker, transport, schedule, victim, frac, tmp, timeout,
-                         timeout=3 * timeout + 90)
+                         2, 12, 100000, in_agreement, timeout=3 * timeout + 90)
     wall = time.monotonic() - t0
     t_end = time.time()
     res = list(res)
