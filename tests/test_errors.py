@@ -78,7 +78,9 @@ def test_exception_mid_step_stops_every_rank(failing_rank, fail_at, transport):
         assert allreduce == 4.0  # a new process group works
 
 
-@pytest.mark.parametrize("mode", ["no_step", "hang", "killed"])
+# a rank that dies mid-step: also every SIGKILL case of tests/test_fault_injection.py,
+# so this exit(3) variant runs with --slow only (the suite's time)
+@pytest.mark.parametrize("mode", ["no_step", "hang", pytest.param("killed", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("transport", ["auto", "group"], indirect=True)
 def test_silent_or_dead_peer_is_reported_not_hung(mode, transport):
     res, errors = run_ranks(fw.silent_peer, 4, mode, timeout=90, allow_errors=True)
