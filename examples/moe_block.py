@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python examples/moe_block.py                  # 4 CPU ranks: 2 pipeline x 2 expert-parallel
+    python examples/moe_block.py --pp 1 --ep 4    # no pipeline: 4 expert-parallel ranks
     python examples/moe_block.py --help
 
 What it shows
@@ -22,6 +23,10 @@ What it shows
 * DualPipe on a pipeline x expert ``DeviceMesh`` (2 x 2 gloo ranks on the CPU): each of the
   two expert-parallel replicas runs the same DualPipe schedule on its own pipeline group,
   and the two ranks of an expert group exchange tokens with all-to-alls.
+* ``--pp 1``: the same block with **no pipeline parallelism** (the usual shape of an
+  expert-parallel MoE job): every rank runs the ``fb-only`` schedule on a pipeline of one
+  (``F0, F1+B0, ..., B(N-1)``), so each F&B pair still hides one micro-batch's
+  all-to-alls under the other's compute; the same checks and overlap figures follow.
 * Checks: the overlapped order against the sequential order (losses bit for bit, gradients
   to a cosine distance < 1e-13), and both against a single-process reference that emulates
   the expert group (same kernels on the same shapes).
@@ -437,6 +442,12 @@ def reference(cfg: MoEConfig, ep_size: int, num_stages: int, num_chunks: int, ba
 
 
 # ------------------------------------------------------------------------------ ranks
+def schedule_name(pp: int) -> str:
+    """The schedule the example runs on ``pp`` pipeline ranks: DualPipe, or ``fb-only``
+    (overlapped F&B with no pipeline) on one."""
+    return "fb-only" if pp == 1 else "dualpipe"
+
+
 def fb_window_stats(sub: list, rt: list) -> list[dict]:
     """Hidden-communication figures of every F&B pair of one rank's step: the sub-stage
     spans inside each ``sub.fb`` window, labelled with the runtime's F&B action."""
@@ -458,11 +469,11 @@ def fb_window_stats(sub: list, rt: list) -> list[dict]:
 
 def rank_main(rank: int, world: int, opts: dict) -> dict:
     """One rank of the 2-D mesh: build the groups, then for every (order, delay) run a
-    warm-up step and ``steps`` measured steps of DualPipe; return what the parent
-    checks and draws."""
+    warm-up step and ``steps`` measured steps of DualPipe (``fb-only`` when ``pp`` is 1);
+    return what the parent checks and draws."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dualpipe import DualPipe
+    from dualpipe import Pipeline
     from dualpipe.schedules import get_schedule
 
     pp, ep = opts["pp"], opts["ep"]
@@ -473,10 +484,13 @@ def rank_main(rank: int, world: int, opts: dict) -> dict:
     pp_rank, ep_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("ep")
     cfg = MoEConfig(**opts["cfg"])
     n, mb = opts["chunks"], opts["batch"]
-    sched = get_schedule("dualpipe", pp, n)
+    name = schedule_name(pp)
+    sched = get_schedule(name, pp, n)
     x, y = make_data(cfg, ep_rank, n, mb)
     half = n // 2 * mb
-    if pp_rank == 0:  # DualPipe: rank 0 feeds the first half, computes the second's loss
+    if pp == 1:  # no pipeline: this rank feeds every micro-batch and computes every loss
+        inputs, labels, loss_mbs = (x,), (y,), list(range(n))
+    elif pp_rank == 0:  # DualPipe: rank 0 feeds the first half, computes the second's loss
         inputs, labels, loss_mbs = (x[:half],), (y[half:],), list(range(n // 2, n))
     elif pp_rank == pp - 1:
         inputs, labels, loss_mbs = (x[half:],), (y[:half],), list(range(n // 2))
@@ -490,7 +504,8 @@ def rank_main(rank: int, world: int, opts: dict) -> dict:
             mods = [MoEBlock(cfg, stage, group).configure_overlap(
                 order=COMBINE_EARLY_ORDER if order == "combine-early" else order)
                 for (_st, stage) in sched.placement[pp_rank]]
-            pipe = DualPipe(mods, process_group=pp_group, timeout=opts["timeout"])
+            pipe = Pipeline(mods, schedule=name, process_group=pp_group,
+                            timeout=opts["timeout"])
             pipe.step(*inputs, num_chunks=n, criterion=crit, labels=labels)  # warm-up
             runs.append({"order": order, "delay_ms": delay_ms, "pipe": pipe, "mods": mods,
                          "steps": []})
@@ -601,9 +616,9 @@ def draw_timeline(results: list[dict], order: str, delay_ms: float, ep_rank: int
         for (a, b, lab, lane) in st["sub"]:
             if lane in (SUBSTAGE_COMPUTE_LANE, SUBSTAGE_COMM_LANE):
                 ivs.append(Interval(r["pp_rank"], a, b, lab, lane))
-    s = get_schedule("dualpipe", pp, chunks)
+    s = get_schedule(schedule_name(pp), pp, chunks)
     ep = len({r["ep_rank"] for r in results})
-    title = (f"MoE block, DualPipe: expert replica {ep_rank} of {pp}x{ep} (pp x ep), "
+    title = (f"MoE block, {s.name}: expert replica {ep_rank} of {pp}x{ep} (pp x ep), "
              f"{order}, a2a delay {delay_ms:g} ms")
     files = [f"{path_stem}.{fmt}" for fmt in formats]
     for f in files:
@@ -631,7 +646,7 @@ def draw_pair(results: list[dict], order: str, delay_ms: float, chunks: int, pat
     ivs += [Interval(0, a - lo, b - lo, lab, lane) for (a, b, lab, lane) in st["sub"]
             if lane in (SUBSTAGE_COMPUTE_LANE, SUBSTAGE_COMM_LANE) and lo <= a <= hi]
     pp = max(x["pp_rank"] for x in results) + 1
-    draw(path, ivs, get_schedule("dualpipe", pp, chunks), time_unit="s",
+    draw(path, ivs, get_schedule(schedule_name(pp), pp, chunks), time_unit="s",
          title=f"one F&B pair ({w['action']}, pipeline rank {pp_rank}), {order}, a2a delay "
                f"{delay_ms:g} ms: hidden {w['hidden_fraction']:.0%}")
     return path
@@ -651,7 +666,8 @@ def _print_pairs(results: list[dict], order: str, delay_ms: float) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pp", type=int, default=2, help="pipeline ranks (even; DualPipe)")
+    p.add_argument("--pp", type=int, default=2,
+                   help="pipeline ranks: even (DualPipe), or 1 (no pipeline: fb-only)")
     p.add_argument("--ep", type=int, default=2, help="expert-parallel ranks")
     p.add_argument("--chunks", type=int, default=8, help="micro-batches per step")
     p.add_argument("--batch", type=int, default=2, help="sequences per micro-batch")
@@ -674,9 +690,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--no-draw", action="store_true", help="do not draw timelines")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
     a = p.parse_args(argv)
-    if a.pp < 2 or a.pp % 2:
-        p.error(f"--pp must be an even number >= 2 (DualPipe), got {a.pp}")
-    if a.chunks < 2 * a.pp or a.chunks % 2:
+    if a.pp != 1 and (a.pp < 2 or a.pp % 2):
+        p.error(f"--pp must be 1 (no pipeline) or an even number >= 2 (DualPipe), got {a.pp}")
+    if a.pp == 1 and a.chunks < 2:
+        p.error(f"--chunks must be >= 2 with --pp 1 (an F&B pair needs two micro-batches), "
+                f"got {a.chunks}")
+    if a.pp > 1 and (a.chunks < 2 * a.pp or a.chunks % 2):
         p.error(f"--chunks must be even and >= 2 * pp = {2 * a.pp}, got {a.chunks}")
     if "sequential" not in a.orders:
         p.error("--orders must include 'sequential' (the baseline the checks compare with)")
@@ -695,7 +714,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t_run = time.perf_counter() - t0
     ref = None if a.no_reference else reference(cfg, a.ep, a.pp, a.chunks, a.batch)
     checks = check_numerics(results, ref)
-    print(f"MoE block under DualPipe: {a.pp} pipeline x {a.ep} expert-parallel gloo ranks, "
+    how = "DualPipe" if a.pp > 1 else "fb-only (no pipeline)"
+    print(f"MoE block under {how}: {a.pp} pipeline x {a.ep} expert-parallel gloo ranks, "
           f"{a.chunks} micro-batches of [{a.batch}, {a.seq}, {a.dim}], {a.experts} experts "
           f"top-{a.top_k}, capacity {cfg.capacity(a.batch * a.seq)} ({t_run:.1f} s)")
     print("numerics:")
