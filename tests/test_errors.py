@@ -65,9 +65,18 @@ def test_misuse_raises_on_every_rank_and_leaves_the_group_usable(transport):
     assert all(r["after"][0] == "ok" for r in res)
 
 
-@pytest.mark.parametrize("failing_rank,fail_at", [(0, ("F", 0)), (2, ("F", 3)), (1, ("B", 1)),
-                                                  (3, ("B", 2))])
-@pytest.mark.parametrize("transport", ["auto", "group"], indirect=True)
+_MID_STEP = [(0, ("F", 0)), (2, ("F", 3)), (1, ("B", 1)), (3, ("B", 2))]
+
+
+def _half_slow(transport: str, i: int):
+    """The suite's time: by default each failing rank runs on one transport (a forward
+    and a backward failure on each); the other half with --slow."""
+    return () if (i + (transport == "group")) % 2 == 0 else pytest.mark.slow
+
+
+@pytest.mark.parametrize("transport,failing_rank,fail_at", [
+    pytest.param(t, r, at, marks=_half_slow(t, i))
+    for t in ("auto", "group") for i, (r, at) in enumerate(_MID_STEP)], indirect=["transport"])
 def test_exception_mid_step_stops_every_rank(failing_rank, fail_at, transport):
     res = run_ranks(fw.fail_mid_step, 4, failing_rank, fail_at, free_port(), timeout=120)
     for rank, ((typ, msg, took), allreduce) in enumerate(res):
@@ -78,10 +87,13 @@ def test_exception_mid_step_stops_every_rank(failing_rank, fail_at, transport):
         assert allreduce == 4.0  # a new process group works
 
 
-# a rank that dies mid-step: also every SIGKILL case of tests/test_fault_injection.py,
-# so this exit(3) variant runs with --slow only (the suite's time)
-@pytest.mark.parametrize("mode", ["no_step", "hang", pytest.param("killed", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("transport", ["auto", "group"], indirect=True)
+# the suite's time: a rank that dies mid-step (exit 3) is also every SIGKILL case of
+# tests/test_fault_injection.py, so those variants, and no_step on gloo, run with --slow
+@pytest.mark.parametrize("transport,mode", [
+    ("auto", "no_step"), ("auto", "hang"), ("group", "hang"),
+    pytest.param("group", "no_step", marks=pytest.mark.slow),
+    pytest.param("auto", "killed", marks=pytest.mark.slow),
+    pytest.param("group", "killed", marks=pytest.mark.slow)], indirect=["transport"])
 def test_silent_or_dead_peer_is_reported_not_hung(mode, transport):
     res, errors = run_ranks(fw.silent_peer, 4, mode, timeout=90, allow_errors=True)
     if mode == "killed":
@@ -111,9 +123,10 @@ def test_transport_misuse_raises_on_every_rank():
         assert r["then"] == (("ok", "", r["then"][0][2]), "shm"), r["then"]
 
 
-@pytest.mark.parametrize("transport,missing,late", [("auto", 0, False), ("auto", 2, True),
-                                                    ("group", 1, False)],
-                         indirect=["transport"])
+@pytest.mark.parametrize("transport,missing,late", [
+    ("auto", 0, False), ("auto", 2, True),
+    # a rank that never builds it on gloo: also ctor_absent of tests/test_fault_injection.py
+    pytest.param("group", 1, False, marks=pytest.mark.slow)], indirect=["transport"])
 def test_constructor_timeout_is_a_pipeline_timeout_and_leaves_no_file(transport, missing, late):
     """A rank that never builds the pipeline (or builds it after the others gave up): every
     rank that builds it raises PipelineTimeout within its timeout (2 s) + 2 s, naming the
