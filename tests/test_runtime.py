@@ -92,7 +92,8 @@ def test_dualpipe(world):
     check("dualpipe", world, _cases(2 * world))
 
 
-def test_dualpipe_8_ranks():
+@pytest.mark.slow  # the suite's time: DualPipe on 8 ranks also runs in test_dropin.py's
+def test_dualpipe_8_ranks():  # published example; tuple I/O, the hook, eval on 2 and 4 ranks
     check("dualpipe", 8, [dict(chunks=16, steps=2), dict(chunks=20, tuple_io=True, hook=True),
                           dict(chunks=16, train=False, return_outputs=True)])
 
