@@ -601,17 +601,20 @@ def _positive_int(name: str, v: object) -> int:
 
 def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
          memory_cap: int | None = None, schedules: list[str] | None = None,
-         param_factor: float = 4.0) -> Plan:
+         param_factor: float = 4.0, min_micro_batch: int = 1) -> Plan:
     """Enumerate and price every candidate (see the module docstring for the model).
 
     ``schedules`` defaults to every registered one; validity comes from the registry
     (``supports``) and the generators (``get_schedule`` raises for a bad combination),
-    so a schedule registered later is planned like the built-in ones."""
+    so a schedule registered later is planned like the built-in ones.  Micro-batches
+    smaller than ``min_micro_batch`` samples are rejected: the linear model prices a
+    small micro-batch as cheap as its share of the work, which a real device is not."""
     D = _positive_int("--devices", devices)
     L = _positive_int("--layers", layers)
     G = _positive_int("--global-batch", global_batch)
     if memory_cap is not None and memory_cap < 0:
         raise ValueError(f"--memory-cap must be >= 0 bytes, got {memory_cap}")
+    _positive_int("--min-micro-batch", min_micro_batch)
     if not _is_number(param_factor) or param_factor < 0:
         raise ValueError(f"--param-factor must be >= 0, got {param_factor!r}")
     names = list(REGISTRY) if not schedules else list(dict.fromkeys(schedules))
@@ -643,6 +646,10 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
                 m = per_replica // N
                 c = Candidate(spec.name, P, DP, N, m, S, k)
                 cands.append(c)
+                if m < min_micro_batch:
+                    c.reason, c.rejected_by = (f"micro-batches of {m} samples are below "
+                                               f"--min-micro-batch {min_micro_batch}"), "batch"
+                    continue
                 try:
                     s = get_schedule(spec.name, P, N)
                 except ValueError as e:
@@ -721,6 +728,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedules", nargs="+", default=None, metavar="NAME",
                    help=f"schedules to consider (default: all registered: "
                         f"{' '.join(REGISTRY)})")
+    p.add_argument("--min-micro-batch", type=int, default=1, metavar="SAMPLES",
+                   help="reject smaller micro-batches (the linear model prices them too "
+                        "low; default 1)")
     p.add_argument("--param-factor", type=float, default=4.0,
                    help="bytes held per parameter byte: weights + gradients + optimizer "
                         "state (default 4)")
@@ -757,7 +767,8 @@ def run(a: argparse.Namespace) -> int:
             json.dump(block.to_json(), fh, indent=1)
         say(f"wrote the cost model to {a.save_costs}")
     p = plan(block, a.devices, a.layers, a.global_batch, memory_cap=a.memory_cap,
-             schedules=a.schedules, param_factor=a.param_factor)
+             schedules=a.schedules, param_factor=a.param_factor,
+             min_micro_batch=a.min_micro_batch)
     rec = p.recommendation
     if a.json:
         print(json.dumps(p.to_json()))

@@ -372,3 +372,13 @@ def test_cli_help_says_what_is_not_in_this_version(capsys):
         main(["plan", "--help"])
     out = capsys.readouterr().out
     assert "--verify" in out and "--comm-sms" in out and "all-reduce" in out
+
+
+def test_min_micro_batch_rejects_smaller_micro_batches():
+    free = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES)
+    p = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES, min_micro_batch=2)
+    assert free.recommendation.micro_batch == 1  # the linear model likes them small
+    small = [c for c in p.candidates if c.micro_batch == 1]
+    assert small and all(not c.priced and "--min-micro-batch 2" in c.reason for c in small)
+    assert all(c.micro_batch >= 2 for c in p.candidates if c.priced)
+    assert p.recommendation.micro_batch >= 2
