@@ -285,13 +285,14 @@ class Profile:
 
     def describe(self) -> str:
         c = self.costs
+        fb = "f + b (no overlap)" if c.fb is None else f"{c.fb * 1e3:9.3f} ms"
         lines = [f"measured one block on {self.device} (median of {self.repeats} after "
                  f"{self.warmup} warm-up, micro-batch of {c.micro_batch} samples):",
                  f"  F  forward                 {c.f * 1e3:9.3f} ms",
                  f"  B  full backward           {c.b * 1e3:9.3f} ms",
                  f"  I  input-gradient backward {self.i * 1e3:9.3f} ms",
                  f"  W  deferred weight pass    {c.w * 1e3:9.3f} ms",
-                 f"  F&B                        {'f + b (no overlap)' if c.fb is None else f'{c.fb * 1e3:.3f} ms'}",
+                 f"  F&B                        {fb}",
                  f"  saved for backward         {format_bytes(c.act_bytes)} ({c.act_bytes} B)",
                  f"  parameters                 {format_bytes(c.param_bytes)} ({c.param_bytes} B)",
                  f"  output (stage boundary)    {format_bytes(c.boundary_bytes)} "
@@ -442,9 +443,9 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
         notes.append("the block defines overlapped_forward_backward, but measuring F&B is "
                      "not done in this version: fb = f + b (no overlap); put a measured "
                      "'fb' in a --costs file to price the overlap")
-    notes.append("transport not measured: latency "
-                 f"{latency:g} s, bandwidth {'infinite' if math.isinf(bandwidth) else f'{bandwidth:g} B/s'}"
-                 " (--latency/--bandwidth)")
+    bw = "infinite" if math.isinf(bandwidth) else f"{bandwidth:g} B/s"
+    notes.append(f"transport not measured: latency {latency:g} s, bandwidth {bw} "
+                 "(--latency/--bandwidth)")
     costs = BlockCosts(f=f, b=b, w=w, fb=None, act_bytes=int(act_bytes),
                        param_bytes=int(param_bytes), boundary_bytes=int(boundary_bytes),
                        micro_batch=micro_batch, latency=latency, bandwidth=bandwidth)
@@ -459,7 +460,7 @@ class Candidate:
     """One (schedule, P, DP, N) and what it costs; ``status`` is ``"feasible"``,
     ``"over memory cap"`` or ``"invalid"`` (``reason`` says why for the last two).
     Priced candidates carry ``costs`` (one stage chunk), ``step_time`` (simulated
-    makespan, seconds), ``bubble`` (idle time of the most idle rank / makespan) and
+    makespan, seconds), ``bubble_fraction`` (idle time of the most idle rank / makespan) and
     ``memory`` (bytes per device, ``activation_memory + param_memory``)."""
 
     schedule: str
@@ -473,7 +474,7 @@ class Candidate:
     reason: str | None = None
     rejected_by: str | None = None  # "schedule", "batch", "layers" or "memory"
     step_time: float | None = None
-    bubble: float | None = None
+    bubble_fraction: float | None = None
     memory: int | None = None
     activation_memory: int | None = None
     param_memory: int | None = None
@@ -549,13 +550,14 @@ class Plan:
     def table(self, limit: int | None = None) -> str:
         """The priced candidates ranked, then the invalid ones, one line per
         (schedule, P) and reason."""
-        rows = [("schedule", "P", "DP", "N", "mb", "step ms", "bubble", "memory/device",
+        rows = [("schedule", "P", "DP", "N", "mb size", "step ms", "bubble", "memory/device",
                  "status")]
         priced = [c for c in self.candidates if c.priced]
         shown = priced if limit is None else priced[:limit]
         for c in shown:
             rows.append((c.schedule, str(c.ranks), str(c.dp), str(c.chunks), str(c.micro_batch),
-                         f"{c.step_time * 1e3:.3f}", f"{c.bubble:.1%}", format_bytes(c.memory),
+                         f"{c.step_time * 1e3:.3f}", f"{c.bubble_fraction:.1%}",
+                         format_bytes(c.memory),
                          c.status if c.status == FEASIBLE else f"rejected: {c.reason}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = ["  ".join(v.rjust(w) if 0 < i < 8 else v.ljust(w)
@@ -678,7 +680,7 @@ def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int |
                     latency=block.latency + block.boundary_bytes * scale / block.bandwidth)
     res = simulate(s, c.costs)
     c.step_time = res.makespan
-    c.bubble = res.bubble / res.makespan if res.makespan > 0 else 0.0
+    c.bubble_fraction = res.bubble / res.makespan if res.makespan > 0 else 0.0
     c.activation_memory = math.ceil(max(res.peak_activations) * k * block.act_bytes * scale)
     c.param_memory = math.ceil(block.param_bytes * k * s.stages_per_rank * param_factor)
     c.memory = c.activation_memory + c.param_memory
@@ -779,7 +781,8 @@ def run(a: argparse.Namespace) -> int:
         if rec is not None:
             print(f"recommendation: {rec.label()} (micro-batch {rec.micro_batch} samples, "
                   f"{rec.layers_per_stage} layers per stage): step {rec.step_time * 1e3:.3f} ms "
-                  f"simulated, bubble {rec.bubble:.1%}, {format_bytes(rec.memory)} per device "
+                  f"simulated, bubble {rec.bubble_fraction:.1%}, "
+                  f"{format_bytes(rec.memory)} per device "
                   "(the DP all-reduce is not modelled)")
     if rec is None:
         print(f"error: nothing feasible: {p.why_none()}", file=sys.stderr)

@@ -382,3 +382,17 @@ def test_min_micro_batch_rejects_smaller_micro_batches():
     assert small and all(not c.priced and "--min-micro-batch 2" in c.reason for c in small)
     assert all(c.micro_batch >= 2 for c in p.candidates if c.priced)
     assert p.recommendation.micro_batch >= 2
+
+
+def test_bubble_fraction_is_the_simulated_idle_over_the_makespan():
+    p = plan(BLOCK, **SMALL, schedules=["1f1b"])
+    c = next(c for c in p.candidates if (c.ranks, c.chunks) == (4, 4))
+    res = p.simulate(c)
+    assert c.bubble_fraction == pytest.approx(max(res.idle) / res.makespan)
+    assert 0 < c.bubble_fraction < 1
+
+
+def test_cli_unknown_schedule(costs_file, capsys):
+    assert main(_args(costs_file, "--schedules", "1f1b", "nope")) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "dualpipe" in err
