@@ -321,7 +321,9 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
 
     Each time is the median of ``repeats`` after ``warmup`` untimed rounds; on a CUDA
     block CUDA events time the device, on CPU the host clock.  The transport is not
-    measured: ``latency``/``bandwidth`` are passed through."""
+    measured: ``latency``/``bandwidth`` are passed through.  The block is used up: it
+    keeps the split and the gradients accumulated by the timed rounds (the factory makes
+    one for profiling)."""
     import torch
 
     from .weight_grad import WeightGradStore, split_linear_weight_grads
