@@ -281,12 +281,14 @@ class Profile:
     warmup: int
     device: str
     linear_layers: int
+    threads: int = 1
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         c = self.costs
         fb = "f + b (no overlap)" if c.fb is None else f"{c.fb * 1e3:9.3f} ms"
-        lines = [f"measured one block on {self.device} (median of {self.repeats} after "
+        where = self.device if self.device != "cpu" else f"cpu, {self.threads} torch thread(s)"
+        lines = [f"measured one block on {where} (median of {self.repeats} after "
                  f"{self.warmup} warm-up, micro-batch of {c.micro_batch} samples):",
                  f"  F  forward                 {c.f * 1e3:9.3f} ms",
                  f"  B  full backward           {c.b * 1e3:9.3f} ms",
@@ -451,7 +453,8 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
     costs = BlockCosts(f=f, b=b, w=w, fb=None, act_bytes=int(act_bytes),
                        param_bytes=int(param_bytes), boundary_bytes=int(boundary_bytes),
                        micro_batch=micro_batch, latency=latency, bandwidth=bandwidth)
-    return Profile(costs, i, repeats, warmup, str(device), n_linear, notes)
+    return Profile(costs, i, repeats, warmup, str(device), n_linear,
+                   torch.get_num_threads(), notes)
 
 
 # --------------------------------------------------------------------------- planning
@@ -651,7 +654,7 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
                 c = Candidate(spec.name, P, DP, N, m, S, k)
                 cands.append(c)
                 if m < min_micro_batch:
-                    c.reason, c.rejected_by = (f"micro-batches of {m} samples are below "
+                    c.reason, c.rejected_by = (f"{m}-sample micro-batches are below "
                                                f"--min-micro-batch {min_micro_batch}"), "batch"
                     continue
                 try:
@@ -744,6 +747,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes/s between ranks (default: the cost file's, or infinite)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats with --stage")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first with --stage")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads while measuring with --stage (default: torch's; "
+                        "on a loaded machine more threads than free cores inflate the times)")
     p.add_argument("--save-costs", metavar="FILE", default=None,
                    help="write the cost model used (measured or given) as a --costs file")
     p.add_argument("--top", type=int, default=None,
@@ -761,6 +767,11 @@ def run(a: argparse.Namespace) -> int:
     if a.costs is not None:
         block = BlockCosts.load(a.costs).with_transport(a.latency, a.bandwidth)
     else:
+        if a.threads is not None:
+            if a.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {a.threads}")
+            import torch
+            torch.set_num_threads(a.threads)
         prof = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup,
                              latency=0.0 if a.latency is None else a.latency,
                              bandwidth=math.inf if a.bandwidth is None else a.bandwidth)

@@ -350,11 +350,15 @@ def test_cli_draws_the_recommendation(costs_file, tmp_path, capsys):
 
 def test_cli_stage_factory_and_save_costs(tmp_path, capsys):
     saved = tmp_path / "measured.json"
-    assert main(["plan", "--stage", "examples.plan_stage:make_block", "--repeats", "1",
-                 "--warmup", "0", "--devices", "2", "--layers", "4", "--global-batch", "8",
-                 "--save-costs", str(saved)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["plan", "--stage", "examples.plan_stage:make_block", "--repeats", "1",
+                     "--warmup", "0", "--devices", "2", "--layers", "4", "--global-batch", "8",
+                     "--threads", "1", "--save-costs", str(saved)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "measured one block" in out and "recommendation:" in out
+    assert "measured one block on cpu, 1 torch thread(s)" in out and "recommendation:" in out
     again = BlockCosts.load(saved)
     assert again.micro_batch == 4 and again.param_bytes > 0
 
