@@ -721,6 +721,13 @@ Cost file: {"f": s, "b": s, "w": s, "fb": s|null, "act_bytes": int, "param_bytes
 """
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:  # argparse would only say "invalid value"
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--costs", metavar="FILE", help="cost model of one block (JSON)")
@@ -730,7 +737,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, required=True, help="devices in all (D)")
     p.add_argument("--layers", type=int, required=True, help="blocks in the model (L)")
     p.add_argument("--global-batch", type=int, required=True, help="samples per step (G)")
-    p.add_argument("--memory-cap", type=parse_bytes, default=None, metavar="BYTES",
+    p.add_argument("--memory-cap", type=_size_arg, default=None, metavar="BYTES",
                    help="memory per device, e.g. 80GB or 8GiB (default: no cap)")
     p.add_argument("--schedules", nargs="+", default=None, metavar="NAME",
                    help=f"schedules to consider (default: all registered: "

@@ -400,3 +400,10 @@ def test_cli_unknown_schedule(costs_file, capsys):
     assert main(_args(costs_file, "--schedules", "1f1b", "nope")) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "dualpipe" in err
+
+
+def test_cli_bad_memory_cap(costs_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(_args(costs_file, "--memory-cap", "8 gigs"))
+    assert e.value.code == 2
+    assert "e.g. 8GiB" in capsys.readouterr().err
