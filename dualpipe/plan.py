@@ -317,6 +317,8 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
       collected run afterwards (W), as the runtime's ``I`` and ``W`` actions run them.
       A block that defers nothing (no ``nn.Linear`` and no WeightGradStore-aware
       function) gets W = 0, with a note;
+    * F&B: through the block class's ``overlapped_forward_backward`` when it has one
+      (:func:`_time_overlapped`), else ``None`` (priced as F + B);
     * act_bytes: the unique storages autograd saves for the backward during one forward
       (parameters and buffers excluded); param_bytes: the parameters; boundary_bytes: the
       output tensors.
@@ -443,18 +445,45 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
         notes.append(f"the measured W ({w * 1e3:.3f} ms) exceeded the full backward "
                      f"({b * 1e3:.3f} ms, timed separately); W set to B")
         w = b
+    fb = None
     if hasattr(type(block), "overlapped_forward_backward"):
-        notes.append("the block defines overlapped_forward_backward, but measuring F&B is "
-                     "not done in this version: fb = f + b (no overlap); put a measured "
-                     "'fb' in a --costs file to price the overlap")
+        fb = _time_overlapped(block, fresh_inputs, forward, clock, warmup, repeats, notes)
     bw = "infinite" if math.isinf(bandwidth) else f"{bandwidth:g} B/s"
     notes.append(f"transport not measured: latency {latency:g} s, bandwidth {bw} "
                  "(--latency/--bandwidth)")
-    costs = BlockCosts(f=f, b=b, w=w, fb=None, act_bytes=int(act_bytes),
+    costs = BlockCosts(f=f, b=b, w=w, fb=fb, act_bytes=int(act_bytes),
                        param_bytes=int(param_bytes), boundary_bytes=int(boundary_bytes),
                        micro_batch=micro_batch, latency=latency, bandwidth=bandwidth)
     return Profile(costs, i, repeats, warmup, str(device), n_linear,
                    torch.get_num_threads(), notes)
+
+
+def _time_overlapped(block, fresh_inputs, forward, clock, warmup: int, repeats: int,
+                     notes: list[str]) -> float | None:
+    """F&B of a block whose class defines ``overlapped_forward_backward``: called as the
+    runtime calls it for a middle stage (the forward of one micro-batch with the backward
+    of an earlier one, driven by gradients of ones, no criterion), on the block itself.
+    ``None`` with a note when the call fails (e.g. it needs the process groups of a real
+    run): then F&B is priced as F + B."""
+    import torch
+    ofb = type(block).overlapped_forward_backward
+    times = []
+    try:
+        for r in range(warmup + repeats):
+            outs1 = [t for t in _tensors(forward(fresh_inputs())) if t.requires_grad]
+            grads1 = [torch.ones_like(t) for t in outs1]
+            xs = fresh_inputs()
+            t, _ = clock.time(lambda: ofb(block, xs, None, [], block, None, outs1, grads1))
+            if r >= warmup:
+                times.append(t)
+    except Exception as e:  # the user's overlap code: report, price without overlap
+        notes.append(f"the block defines overlapped_forward_backward, but calling it on one "
+                     f"block failed ({type(e).__name__}: {e}): fb = f + b (no overlap); put a "
+                     "measured 'fb' in a --costs file to price the overlap")
+        return None
+    notes.append("F&B measured through the block's overlapped_forward_backward (a forward "
+                 "and an earlier micro-batch's backward on the same block)")
+    return statistics.median(times)
 
 
 # --------------------------------------------------------------------------- planning

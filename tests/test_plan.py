@@ -407,3 +407,40 @@ def test_cli_bad_memory_cap(costs_file, capsys):
         main(_args(costs_file, "--memory-cap", "8 gigs"))
     assert e.value.code == 2
     assert "e.g. 8GiB" in capsys.readouterr().err
+
+
+class _Overlapping(nn.Module):
+    """A block whose overlapped F&B costs a known 30 ms more than its own work."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.fail = fail
+
+    def forward(self, x):
+        return self.lin(x)
+
+    @staticmethod
+    def overlapped_forward_backward(m0, ins0, crit0, lab0, m1, loss1, outs1, grads1):
+        import time
+        if m0.fail:
+            raise RuntimeError("needs an expert-parallel group")
+        assert crit0 is None and loss1 is None and len(outs1) == len(grads1) == 1
+        out0 = m0(*ins0)
+        torch.autograd.backward(outs1, grads1)
+        time.sleep(0.030)
+        return out0, None
+
+
+def test_profile_measures_overlapped_forward_backward():
+    prof = planmod.profile_stage(lambda: (_Overlapping(), torch.randn(2, 4), None),
+                                 repeats=3, warmup=1)
+    assert 0.030 <= prof.costs.fb < 0.030 * 1.05 + prof.costs.f + prof.costs.b
+    assert any("overlapped_forward_backward" in n for n in prof.notes)
+
+
+def test_profile_overlapped_failure_falls_back_with_a_note():
+    prof = planmod.profile_stage(lambda: (_Overlapping(fail=True), torch.randn(2, 4), None),
+                                 repeats=1, warmup=0)
+    assert prof.costs.fb is None
+    assert any("needs an expert-parallel group" in n and "f + b" in n for n in prof.notes)
