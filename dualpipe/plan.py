@@ -541,6 +541,7 @@ class Plan:
     param_factor: float
     schedules: list[str]
     candidates: list[Candidate]
+    min_micro_batch: int = 1
 
     @property
     def recommendation(self) -> Candidate | None:
@@ -557,7 +558,7 @@ class Plan:
         return {
             "devices": self.devices, "layers": self.layers, "global_batch": self.global_batch,
             "memory_cap": self.memory_cap, "param_factor": self.param_factor,
-            "schedules": self.schedules, "cost_model": self.block.to_json(),
+            "min_micro_batch": self.min_micro_batch, "schedules": self.schedules, "cost_model": self.block.to_json(),
             "assumptions": ASSUMPTIONS,
             "recommendation": None if rec is None else rec.to_json(),
             "why_none": None if rec is not None else self.why_none(),
@@ -576,9 +577,10 @@ class Plan:
         reasons = sorted({c.reason for c in self.candidates if c.reason})
         return ("no (schedule, P, N) combination is valid for --devices "
                 f"{self.devices}, --layers {self.layers}, --global-batch {self.global_batch}"
-                f" and --schedules {' '.join(self.schedules)}: change one of them "
-                "(the layers must split into the schedule's stages, the global batch into "
-                "DP replicas of N micro-batches). Reasons seen: " + "; ".join(reasons[:8])
+                f", --schedules {' '.join(self.schedules)} and --min-micro-batch "
+                f"{self.min_micro_batch}: change one of them (the layers must split into the "
+                "schedule's stages, the global batch into DP replicas of N micro-batches). "
+                "Reasons seen: " + "; ".join(reasons[:8])
                 + (f"; ... ({len(reasons) - 8} more)" if len(reasons) > 8 else ""))
 
     def table(self, limit: int | None = None) -> str:
@@ -693,7 +695,8 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
                     continue
                 _price(c, s, block, k, m, memory_cap, param_factor)
     cands.sort(key=_rank_key)
-    return Plan(block, D, L, G, memory_cap, float(param_factor), names, cands)
+    return Plan(block, D, L, G, memory_cap, float(param_factor), names, cands,
+                min_micro_batch)
 
 
 def _rank_key(c: Candidate) -> tuple:
