@@ -558,7 +558,8 @@ class Plan:
         return {
             "devices": self.devices, "layers": self.layers, "global_batch": self.global_batch,
             "memory_cap": self.memory_cap, "param_factor": self.param_factor,
-            "min_micro_batch": self.min_micro_batch, "schedules": self.schedules, "cost_model": self.block.to_json(),
+            "min_micro_batch": self.min_micro_batch, "schedules": self.schedules,
+            "cost_model": self.block.to_json(),
             "assumptions": ASSUMPTIONS,
             "recommendation": None if rec is None else rec.to_json(),
             "why_none": None if rec is not None else self.why_none(),
