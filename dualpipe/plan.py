@@ -602,16 +602,22 @@ class Plan:
                  for r in rows]
         if len(shown) < len(priced):
             lines.append(f"... {len(priced) - len(shown)} more priced candidates (--json for all)")
-        # one line per (schedule, P, what rejected it), with the largest N's reason
-        invalid: dict[tuple[str, int, str | None], list[Candidate]] = {}
+        # one line per (schedule, what rejected it): the (P, N)s and the last one's reason
+        invalid: dict[tuple[str, str | None], list[Candidate]] = {}
         for c in self.candidates:
             if not c.priced:
-                invalid.setdefault((c.schedule, c.ranks, c.rejected_by), []).append(c)
+                invalid.setdefault((c.schedule, c.rejected_by), []).append(c)
         if invalid:
             lines.append("not priced:")
-            for (name, P, _by), cs in sorted(invalid.items(), key=lambda kv: kv[0][:2]):
-                ns = [str(c.chunks) for c in cs if c.chunks is not None]
-                lines.append(f"  {name} P={P}{' N=' + ','.join(ns) if ns else ''}: "
+            for (name, _by), cs in sorted(invalid.items(), key=lambda kv: kv[0][0]):
+                per_p: dict[int, list[str]] = {}
+                for c in cs:
+                    per_p.setdefault(c.ranks, [])
+                    if c.chunks is not None:
+                        per_p[c.ranks].append(str(c.chunks))
+                where = "; ".join(f"P={P}" + (f" N={','.join(ns)}" if ns else "")
+                                  for P, ns in sorted(per_p.items()))
+                lines.append(f"  {name} {where}: {'e.g. ' if len(cs) > 1 else ''}"
                              f"{cs[-1].reason}")
         return "\n".join(lines)
 
