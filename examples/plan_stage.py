@@ -9,10 +9,11 @@ W pass), counts the bytes autograd saves for the backward, the parameters and th
 and prices every schedule for a model of ``--layers`` such blocks.
 
     python -m dualpipe plan --stage examples.plan_stage:make_block \\
-        --devices 8 --layers 32 --global-batch 256 --memory-cap 2GiB
+        --devices 8 --layers 48 --global-batch 512 --memory-cap 64MiB
 
-Sizes are small so that it runs in a second on a CPU; edit them (or write your own
-factory with your real block) to plan a real run.
+(docs/performance.md §9 shows what it printed.)  Sizes are small so that a block runs in
+about a millisecond on a CPU; edit them (or write your own factory with your real block,
+on its real device) to plan a real run.
 """
 from __future__ import annotations
 
