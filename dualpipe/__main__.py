@@ -1,7 +1,10 @@
-"""Command line: ``python -m dualpipe {simulate,draw,demo}``.
+"""Command line: ``python -m dualpipe {simulate,draw,plan,demo}``.
 
 * ``simulate`` prices a schedule under a cost model (``--json`` for one JSON object);
 * ``draw`` writes a schedule's simulated timeline as a PNG or a Chrome/Perfetto trace;
+* ``plan`` recommends a schedule, pipeline/data-parallel sizes and a micro-batch count
+  from one block's costs, measured or given (see dualpipe.plan; no --verify or
+  --comm-sms in this version);
 * ``demo`` trains a small model with DualPipe on several processes (see dualpipe.demo).
 """
 from __future__ import annotations
@@ -44,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_schedule_args(pd)
     pd.add_argument("-o", "--output", required=True, help="output file, .png or .json")
     pd.add_argument("--title", default=None)
+    from . import plan as _plan
+    pp = sub.add_parser("plan", help="recommend schedule, P, DP and micro-batches for a model",
+                        description=_plan.HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _plan.add_arguments(pp)
     pm = sub.add_parser("demo", help="train a small model with DualPipe on several processes")
     from . import demo as _demo
     _demo.add_arguments(pm)
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  build info unavailable: {e}")
         return 0
     if a.cmd is None:
-        ap.error("choose a command: simulate, draw or demo (or --version)")
+        ap.error("choose a command: simulate, draw, plan or demo (or --version)")
     try:
         if a.cmd == "simulate":
             res = simulate(get_schedule(a.schedule, a.ranks, a.chunks), _costs(a))
@@ -80,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             draw(a.output, res.intervals, s, title=a.title)
             print(f"wrote {a.output}")
             return 0
+        if a.cmd == "plan":
+            return _plan.run(a)
         if a.cmd == "demo":
             return _demo.run(a)
     except ValueError as e:

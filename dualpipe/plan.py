@@ -1,0 +1,855 @@
+"""``python -m dualpipe plan``: choose a schedule, pipeline size, data-parallel size and
+micro-batch count for a model of ``L`` identical blocks on ``D`` devices.
+
+The input is the cost of **one block** for a micro-batch of ``micro_batch`` samples
+(:class:`BlockCosts`): forward ``f``, full backward ``b``, its weight-gradient part ``w``,
+optionally an overlapped forward+backward ``fb``, the bytes the forward saves for the
+backward, the parameter bytes and the bytes of the block's output (what a stage sends to
+the next).  It comes from a JSON file (:meth:`BlockCosts.load`) or is measured on the
+block itself (:func:`profile_stage`).
+
+Every candidate -- a registered schedule, a pipeline size ``P`` dividing ``D`` that the
+schedule supports, ``DP = D / P`` replicas and a micro-batch count ``N`` dividing the
+per-replica batch ``G / DP`` that the schedule's generator accepts -- is priced with the
+simulator (:func:`dualpipe.simulate.simulate`) and its memory per device estimated; the
+cheapest candidate that fits the memory cap is recommended (:func:`plan`).
+
+What is modelled, and what is not:
+
+* a stage of ``k = L / S`` blocks (``S = Schedule.num_stages``) costs ``k`` times a
+  block; a micro-batch of ``m`` samples costs ``m / micro_batch`` times the measured one
+  (time, saved activations and boundary bytes all scale **linearly** with the
+  micro-batch size -- small micro-batches that underuse a device are priced too low);
+* a transfer between ranks costs ``latency + boundary_bytes * scale / bandwidth``
+  (the transport is not measured here: pass ``latency``/``bandwidth``);
+* the step time is the simulated makespan of one replica: the data-parallel gradient
+  all-reduce, the optimizer step and any overlap of either with the pipeline are **not
+  modelled**;
+* memory per device is the peak of live activations on the worst rank (the simulator's
+  ``peak_activations``, in stage-chunk units, times ``k`` blocks' saved bytes) plus the
+  parameters of every stage module the rank holds (``Schedule.stages_per_rank``: DualPipe
+  keeps two copies, DualPipeV two different stages) times ``param_factor`` (weights,
+  gradients and optimizer state per parameter byte); allocator slack, workspace and
+  the received/sent boundary buffers are not counted.
+
+Not in this version: running the recommendation through the real runtime to check it
+(``--verify``) and sweeping the GPU SM budget of the communication kernels
+(``--comm-sms``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from .schedules import REGISTRY, get_schedule, placement_schedule, spec_of
+from .simulate import Costs, SimResult, simulate
+
+__all__ = ["BlockCosts", "Candidate", "Plan", "plan", "profile_stage", "load_stage_factory",
+           "parse_bytes", "format_bytes", "add_arguments", "run"]
+
+FEASIBLE = "feasible"
+OVER_MEMORY = "over memory cap"
+INVALID = "invalid"
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """The cost of one block (layer) for a micro-batch of ``micro_batch`` samples.
+
+    Times in seconds (``f``, ``b``, ``w``, ``fb``, ``latency``), sizes in bytes,
+    ``bandwidth`` in bytes per second (``math.inf``: transfers cost only ``latency``).
+    ``fb`` is an overlapped forward+backward pair, ``None`` for no overlap (``f + b``).
+    """
+
+    f: float
+    b: float
+    w: float
+    act_bytes: int
+    param_bytes: int
+    boundary_bytes: int
+    micro_batch: int
+    fb: float | None = None
+    latency: float = 0.0
+    bandwidth: float = math.inf
+
+    REQUIRED = ("f", "b", "w", "act_bytes", "param_bytes", "boundary_bytes", "micro_batch")
+    OPTIONAL = ("fb", "latency", "bandwidth")
+
+    def __post_init__(self):
+        for name in ("f", "b", "w", "latency", "act_bytes", "param_bytes", "boundary_bytes"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"cost model field {name!r} must be a finite number >= 0, "
+                                 f"got {v!r}")
+        for name in ("act_bytes", "param_bytes", "boundary_bytes", "micro_batch"):
+            v = getattr(self, name)
+            if not _is_number(v) or v != int(v):
+                raise ValueError(f"cost model field {name!r} must be a whole number of "
+                                 f"{'samples' if name == 'micro_batch' else 'bytes'}, got {v!r}")
+        if self.micro_batch < 1:
+            raise ValueError(f"cost model field 'micro_batch' must be >= 1 (the samples the "
+                             f"costs were measured on), got {self.micro_batch!r}")
+        if self.w > self.b:
+            raise ValueError(f"cost model field 'w' ({self.w}) cannot exceed 'b' ({self.b}): "
+                             "w is the weight-gradient part of the full backward b")
+        if self.fb is not None and (not _is_number(self.fb) or not math.isfinite(self.fb)
+                                    or self.fb < 0):
+            raise ValueError(f"cost model field 'fb' must be a finite number >= 0 or null "
+                             f"(no overlap: f + b), got {self.fb!r}")
+        if not _is_number(self.bandwidth) or not self.bandwidth > 0:
+            raise ValueError(f"cost model field 'bandwidth' must be > 0 bytes/s (null or "
+                             f"omitted: infinite), got {self.bandwidth!r}")
+
+    @classmethod
+    def from_json(cls, d: Any) -> "BlockCosts":
+        """Build from a JSON object; ``ValueError`` naming a missing, unknown or bad field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the cost model must be a JSON object with fields "
+                             f"{', '.join(cls.REQUIRED)}; got {type(d).__name__}")
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"cost model is missing field(s) {', '.join(map(repr, missing))} "
+                             f"(required: {', '.join(cls.REQUIRED)}; optional: "
+                             f"{', '.join(cls.OPTIONAL)})")
+        unknown = sorted(set(d) - set(cls.REQUIRED) - set(cls.OPTIONAL))
+        if unknown:
+            raise ValueError(f"cost model has unknown field(s) {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(cls.REQUIRED + cls.OPTIONAL)})")
+        kw = dict(d)
+        if kw.get("bandwidth") is None:
+            kw["bandwidth"] = math.inf
+        if kw.get("latency") is None:
+            kw["latency"] = 0.0
+        for name in ("act_bytes", "param_bytes", "boundary_bytes", "micro_batch"):
+            v = kw[name]
+            if _is_number(v) and v == int(v):
+                kw[name] = int(v)
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BlockCosts":
+        try:
+            with open(path) as fh:
+                d = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cost model {os.fspath(path)!r} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ValueError(f"cannot read cost model {os.fspath(path)!r}: {e}") from None
+        try:
+            return cls.from_json(d)
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(path)}: {e}") from None
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in self.REQUIRED + self.OPTIONAL}
+        if math.isinf(self.bandwidth):
+            d["bandwidth"] = None  # JSON has no infinity; null reads back as infinite
+        return d
+
+    def with_transport(self, latency: float | None, bandwidth: float | None) -> "BlockCosts":
+        """A copy with ``latency``/``bandwidth`` replaced where given."""
+        kw = {k: getattr(self, k) for k in self.REQUIRED + self.OPTIONAL}
+        if latency is not None:
+            kw["latency"] = latency
+        if bandwidth is not None:
+            kw["bandwidth"] = bandwidth
+        return BlockCosts(**kw)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"8GiB"`` -> 8589934592; plain numbers are bytes.  Decimal (kB, MB, GB, TB) and
+    binary (KiB, MiB, GiB, TiB) suffixes, case-insensitive."""
+    if _is_number(text):
+        n = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = m and _UNITS.get(m.group(2).lower())
+        if not m or unit is None:
+            raise ValueError(f"cannot read {text!r} as a size: write bytes or a number with "
+                             "a suffix, e.g. 8GiB, 512MiB, 80GB")
+        n = float(m.group(1)) * unit
+    if n < 0:
+        raise ValueError(f"a size must be >= 0, got {text!r}")
+    return int(n)
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def load_stage_factory(ref: str) -> Callable[[], tuple]:
+    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+    mod_name, sep, fn_name = ref.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ValueError(f"--stage takes module:function (e.g. examples.plan_stage:make_block), "
+                         f"got {ref!r}")
+    try:
+        if mod_name.endswith(".py") or os.sep in mod_name:
+            spec = importlib.util.spec_from_file_location("_dualpipe_plan_stage", mod_name)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"no such file {mod_name!r}")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(mod_name)
+    except (ImportError, OSError) as e:
+        raise ValueError(f"cannot import the stage factory module {mod_name!r}: {e}") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"{mod_name!r} has no function {fn_name!r}")
+    return fn
+
+
+class _Clock:
+    """Elapsed seconds of a region: CUDA events on a CUDA device (the work is
+    asynchronous), the host clock otherwise."""
+
+    def __init__(self, device):
+        import torch
+        self.cuda = getattr(device, "type", "cpu") == "cuda"
+        self._torch = torch
+
+    def time(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        if self.cuda:
+            cuda = self._torch.cuda
+            e0, e1 = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+            e0.record()
+            out = fn()
+            e1.record()
+            e1.synchronize()
+            return e0.elapsed_time(e1) / 1e3, out
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+
+
+def _tensors(x) -> list:
+    import torch
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+def _storage_key(t) -> tuple[int, int] | None:
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+        return None
+
+
+@dataclass
+class Profile:
+    """What :func:`profile_stage` measured (seconds, bytes) and how."""
+
+    costs: BlockCosts
+    i: float
+    repeats: int
+    warmup: int
+    device: str
+    linear_layers: int
+    threads: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        c = self.costs
+        fb = "f + b (no overlap)" if c.fb is None else f"{c.fb * 1e3:9.3f} ms"
+        where = self.device if self.device != "cpu" else f"cpu, {self.threads} torch thread(s)"
+        lines = [f"measured one block on {where} (median of {self.repeats} after "
+                 f"{self.warmup} warm-up, micro-batch of {c.micro_batch} samples):",
+                 f"  F  forward                 {c.f * 1e3:9.3f} ms",
+                 f"  B  full backward           {c.b * 1e3:9.3f} ms",
+                 f"  I  input-gradient backward {self.i * 1e3:9.3f} ms",
+                 f"  W  deferred weight pass    {c.w * 1e3:9.3f} ms",
+                 f"  F&B                        {fb}",
+                 f"  saved for backward         {format_bytes(c.act_bytes)} ({c.act_bytes} B)",
+                 f"  parameters                 {format_bytes(c.param_bytes)} ({c.param_bytes} B)",
+                 f"  output (stage boundary)    {format_bytes(c.boundary_bytes)} "
+                 f"({c.boundary_bytes} B)"]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: int = 2,
+                  latency: float = 0.0, bandwidth: float = math.inf) -> Profile:
+    """Measure one block: ``factory()`` returns ``(block, example_micro_batch,
+    criterion_or_None)``; the example is a tensor (or a tuple of them, passed as
+    ``block(*inputs)``) whose first dimension is the micro-batch size.  ``criterion``,
+    when given, maps the block's output to a scalar loss to drive the backward (its own
+    cost is not counted in F); otherwise the backward is driven by a gradient of ones.
+
+    * F: the forward; B: the full backward (weight gradients computed at once);
+    * I and W: the runtime's split -- :func:`split_linear_weight_grads` on the block,
+      then a backward with ``WeightGradStore.enabled`` (I) and the deferred closures it
+      collected run afterwards (W), as the runtime's ``I`` and ``W`` actions run them.
+      A block that defers nothing (no ``nn.Linear`` and no WeightGradStore-aware
+      function) gets W = 0, with a note;
+    * F&B: through the block class's ``overlapped_forward_backward`` when it has one
+      (:func:`_time_overlapped`), else ``None`` (priced as F + B);
+    * act_bytes: the unique storages autograd saves for the backward during one forward
+      (parameters and buffers excluded); param_bytes: the parameters; boundary_bytes: the
+      output tensors.
+
+    Each time is the median of ``repeats`` after ``warmup`` untimed rounds; on a CUDA
+    block CUDA events time the device, on CPU the host clock.  The transport is not
+    measured: ``latency``/``bandwidth`` are passed through.  The block is used up: it
+    keeps the split and the gradients accumulated by the timed rounds (the factory makes
+    one for profiling)."""
+    import torch
+
+    from .weight_grad import WeightGradStore, split_linear_weight_grads
+
+    if isinstance(factory, str):
+        factory = load_stage_factory(factory)
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    got = factory()
+    if not isinstance(got, tuple) or len(got) != 3:
+        raise ValueError("the stage factory must return (block, example_micro_batch, "
+                         f"criterion_or_None), got {type(got).__name__}")
+    block, example, criterion = got
+    if not isinstance(block, torch.nn.Module):
+        raise ValueError(f"the stage factory's block must be an nn.Module, got "
+                         f"{type(block).__name__}")
+    inputs = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
+        raise ValueError("the example micro-batch must be a tensor (or a tuple of tensors) "
+                         "whose first dimension is the micro-batch size")
+    micro_batch = int(inputs[0].shape[0])
+    device = inputs[0].device
+    clock = _Clock(device)
+    notes: list[str] = []
+
+    def fresh_inputs():
+        # a middle stage's input arrives needing a gradient (the runtime sends it back)
+        return tuple(t.detach().requires_grad_(t.is_floating_point()) for t in inputs)
+
+    def forward(xs):
+        return block(*xs)
+
+    def backward(out):
+        if criterion is not None:
+            loss = criterion(out)
+            loss.backward()
+            return
+        outs = [t for t in _tensors(out) if t.requires_grad]
+        if not outs:
+            raise ValueError("the block's output does not require a gradient: nothing to "
+                             "time in the backward")
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+    params = {id(p): p for p in block.parameters()}
+    param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    owned = {k for t in list(params.values()) + list(block.buffers())
+             if (k := _storage_key(t)) is not None}
+
+    # saved activations: one forward under saved_tensors_hooks
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(t):
+        k = _storage_key(t)
+        if k is not None and k not in owned:
+            saved[k] = k[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(fresh_inputs())
+    boundary_bytes = sum(t.numel() * t.element_size() for t in _tensors(out))
+    backward(out)
+    del out
+    act_bytes = sum(saved.values())
+
+    # F and B: the block as the user built it
+    fs, bs = [], []
+    for r in range(warmup + repeats):
+        xs = fresh_inputs()
+        tf, out = clock.time(lambda: forward(xs))
+        tb, _ = clock.time(lambda: backward(out))
+        del out
+        if r >= warmup:
+            fs.append(tf)
+            bs.append(tb)
+
+    # I and W: the runtime's split of the same backward
+    n_linear = split_linear_weight_grads(block)
+    was = WeightGradStore.enabled
+    WeightGradStore.take()  # start from an empty group
+    is_, ws, deferred = [], [], 0
+    try:
+        for r in range(warmup + repeats):
+            out = forward(fresh_inputs())
+            WeightGradStore.enabled = True
+            try:
+                ti, _ = clock.time(lambda: backward(out))
+            finally:
+                WeightGradStore.enabled = False
+            del out
+            closures = WeightGradStore.take()
+            deferred = len(closures)
+
+            def run_w():
+                for fn in closures:
+                    fn()
+            tw, _ = clock.time(run_w)
+            if r >= warmup:
+                is_.append(ti)
+                ws.append(tw)
+    finally:
+        WeightGradStore.enabled = was
+    f, b, i, w = (statistics.median(v) for v in (fs, bs, is_, ws))
+    if deferred == 0:
+        notes.append("the block defers no weight gradient (no nn.Linear and no "
+                     "WeightGradStore-aware autograd Function): W = 0, so the W passes of "
+                     "zb1p/DualPipe/DualPipeV are empty")
+        w = 0.0
+    elif n_linear == 0:
+        notes.append(f"W from the block's own WeightGradStore-aware functions ({deferred} "
+                     "deferred closures)")
+    else:
+        notes.append(f"W from split_linear_weight_grads: {n_linear} nn.Linear layer(s), "
+                     f"{deferred} deferred closure(s) per backward")
+    if w > b:
+        notes.append(f"the measured W ({w * 1e3:.3f} ms) exceeded the full backward "
+                     f"({b * 1e3:.3f} ms, timed separately); W set to B")
+        w = b
+    fb = None
+    if hasattr(type(block), "overlapped_forward_backward"):
+        fb = _time_overlapped(block, fresh_inputs, forward, clock, warmup, repeats, notes)
+    bw = "infinite" if math.isinf(bandwidth) else f"{bandwidth:g} B/s"
+    notes.append(f"transport not measured: latency {latency:g} s, bandwidth {bw} "
+                 "(--latency/--bandwidth)")
+    costs = BlockCosts(f=f, b=b, w=w, fb=fb, act_bytes=int(act_bytes),
+                       param_bytes=int(param_bytes), boundary_bytes=int(boundary_bytes),
+                       micro_batch=micro_batch, latency=latency, bandwidth=bandwidth)
+    return Profile(costs, i, repeats, warmup, str(device), n_linear,
+                   torch.get_num_threads(), notes)
+
+
+def _time_overlapped(block, fresh_inputs, forward, clock, warmup: int, repeats: int,
+                     notes: list[str]) -> float | None:
+    """F&B of a block whose class defines ``overlapped_forward_backward``: called as the
+    runtime calls it for a middle stage (the forward of one micro-batch with the backward
+    of an earlier one, driven by gradients of ones, no criterion), on the block itself.
+    ``None`` with a note when the call fails (e.g. it needs the process groups of a real
+    run): then F&B is priced as F + B."""
+    import torch
+    ofb = type(block).overlapped_forward_backward
+    times = []
+    try:
+        for r in range(warmup + repeats):
+            outs1 = [t for t in _tensors(forward(fresh_inputs())) if t.requires_grad]
+            grads1 = [torch.ones_like(t) for t in outs1]
+            xs = fresh_inputs()
+            t, _ = clock.time(lambda: ofb(block, xs, None, [], block, None, outs1, grads1))
+            if r >= warmup:
+                times.append(t)
+    except Exception as e:  # the user's overlap code: report, price without overlap
+        notes.append(f"the block defines overlapped_forward_backward, but calling it on one "
+                     f"block failed ({type(e).__name__}: {e}): fb = f + b (no overlap); put a "
+                     "measured 'fb' in a --costs file to price the overlap")
+        return None
+    notes.append("F&B measured through the block's overlapped_forward_backward (a forward "
+                 "and an earlier micro-batch's backward on the same block)")
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Candidate:
+    """One (schedule, P, DP, N) and what it costs; ``status`` is ``"feasible"``,
+    ``"over memory cap"`` or ``"invalid"`` (``reason`` says why for the last two).
+    Priced candidates carry ``costs`` (one stage chunk), ``step_time`` (simulated
+    makespan, seconds), ``bubble_fraction`` (idle time of the most idle rank / makespan) and
+    ``memory`` (bytes per device, ``activation_memory + param_memory``)."""
+
+    schedule: str
+    ranks: int
+    dp: int
+    chunks: int | None = None
+    micro_batch: int | None = None
+    stages: int | None = None
+    layers_per_stage: int | None = None
+    status: str = INVALID
+    reason: str | None = None
+    rejected_by: str | None = None  # "schedule", "batch", "layers" or "memory"
+    step_time: float | None = None
+    bubble_fraction: float | None = None
+    memory: int | None = None
+    activation_memory: int | None = None
+    param_memory: int | None = None
+    costs: Costs | None = None
+
+    @property
+    def priced(self) -> bool:
+        return self.step_time is not None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["costs"] = None if self.costs is None else {
+            "f": self.costs.f, "b": self.costs.b, "w": self.costs.w, "fb": self.costs.pair,
+            "latency": self.costs.latency}
+        return d
+
+    def label(self) -> str:
+        return f"{self.schedule} P={self.ranks} DP={self.dp} N={self.chunks}"
+
+
+@dataclass
+class Plan:
+    """All candidates, ranked (priced ones by step time, then memory), and the inputs."""
+
+    block: BlockCosts
+    devices: int
+    layers: int
+    global_batch: int
+    memory_cap: int | None
+    param_factor: float
+    schedules: list[str]
+    candidates: list[Candidate]
+    min_micro_batch: int = 1
+
+    @property
+    def recommendation(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.status == FEASIBLE), None)
+
+    def simulate(self, c: Candidate) -> SimResult:
+        """The simulated timeline of a priced candidate (for drawing)."""
+        if c.costs is None:
+            raise ValueError(f"{c.label()} was not priced: {c.reason}")
+        return simulate(get_schedule(c.schedule, c.ranks, c.chunks), c.costs)
+
+    def to_json(self) -> dict:
+        rec = self.recommendation
+        return {
+            "devices": self.devices, "layers": self.layers, "global_batch": self.global_batch,
+            "memory_cap": self.memory_cap, "param_factor": self.param_factor,
+            "min_micro_batch": self.min_micro_batch, "schedules": self.schedules,
+            "cost_model": self.block.to_json(),
+            "assumptions": ASSUMPTIONS,
+            "recommendation": None if rec is None else rec.to_json(),
+            "why_none": None if rec is not None else self.why_none(),
+            "candidates": [c.to_json() for c in self.candidates],
+        }
+
+    def why_none(self) -> str:
+        """Which limit to relax when nothing is feasible."""
+        priced = [c for c in self.candidates if c.priced]
+        if priced:
+            small = min(priced, key=lambda c: c.memory)
+            return (f"every valid candidate needs more memory than the cap "
+                    f"({format_bytes(self.memory_cap)} per device): relax --memory-cap to at "
+                    f"least {format_bytes(small.memory)} ({small.memory} B, {small.label()}), "
+                    "or lower --param-factor, or add --devices")
+        reasons = sorted({c.reason for c in self.candidates if c.reason})
+        return ("no (schedule, P, N) combination is valid for --devices "
+                f"{self.devices}, --layers {self.layers}, --global-batch {self.global_batch}"
+                f", --schedules {' '.join(self.schedules)} and --min-micro-batch "
+                f"{self.min_micro_batch}: change one of them (the layers must split into the "
+                "schedule's stages, the global batch into DP replicas of N micro-batches). "
+                "Reasons seen: " + "; ".join(reasons[:8])
+                + (f"; ... ({len(reasons) - 8} more)" if len(reasons) > 8 else ""))
+
+    def table(self, limit: int | None = None) -> str:
+        """The priced candidates ranked, then the invalid ones, one line per
+        (schedule, P) and reason."""
+        rows = [("schedule", "P", "DP", "N", "mb size", "step ms", "bubble", "memory/device",
+                 "status")]
+        priced = [c for c in self.candidates if c.priced]
+        shown = priced if limit is None else priced[:limit]
+        for c in shown:
+            rows.append((c.schedule, str(c.ranks), str(c.dp), str(c.chunks), str(c.micro_batch),
+                         f"{c.step_time * 1e3:.3f}", f"{c.bubble_fraction:.1%}",
+                         format_bytes(c.memory),
+                         c.status if c.status == FEASIBLE else f"rejected: {c.reason}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ["  ".join(v.rjust(w) if 0 < i < 8 else v.ljust(w)
+                           for i, (v, w) in enumerate(zip(r[:-1], widths))) + "  " + r[-1]
+                 for r in rows]
+        if len(shown) < len(priced):
+            lines.append(f"... {len(priced) - len(shown)} more priced candidates (--json for all)")
+        # one line per (schedule, what rejected it): the (P, N)s and the last one's reason
+        invalid: dict[tuple[str, str | None], list[Candidate]] = {}
+        for c in self.candidates:
+            if not c.priced:
+                invalid.setdefault((c.schedule, c.rejected_by), []).append(c)
+        if invalid:
+            lines.append("not priced:")
+            for (name, _by), cs in sorted(invalid.items(), key=lambda kv: kv[0][0]):
+                per_p: dict[int, list[str]] = {}
+                for c in cs:
+                    per_p.setdefault(c.ranks, [])
+                    if c.chunks is not None:
+                        per_p[c.ranks].append(str(c.chunks))
+                where = "; ".join(f"P={P}" + (f" N={','.join(ns)}" if ns else "")
+                                  for P, ns in sorted(per_p.items()))
+                lines.append(f"  {name} {where}: {'e.g. ' if len(cs) > 1 else ''}"
+                             f"{cs[-1].reason}")
+        return "\n".join(lines)
+
+
+ASSUMPTIONS = [
+    "step time = simulated makespan of one data-parallel replica; the gradient all-reduce "
+    "and the optimizer step are not modelled",
+    "block costs, saved activations and boundary bytes scale linearly with the micro-batch "
+    "size (measured at cost_model.micro_batch samples)",
+    "a stage of k blocks costs k blocks; transfer = latency + boundary_bytes * scale / "
+    "bandwidth",
+    "memory = worst rank's peak live activations x k x act_bytes x scale + param_bytes x k x "
+    "stages_per_rank x param_factor; allocator slack and workspaces not counted",
+]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return v
+
+
+def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
+         memory_cap: int | None = None, schedules: list[str] | None = None,
+         param_factor: float = 4.0, min_micro_batch: int = 1) -> Plan:
+    """Enumerate and price every candidate (see the module docstring for the model).
+
+    ``schedules`` defaults to every registered one; validity comes from the registry
+    (``supports``) and the generators (``get_schedule`` raises for a bad combination),
+    so a schedule registered later is planned like the built-in ones.  Micro-batches
+    smaller than ``min_micro_batch`` samples are rejected: the linear model prices a
+    small micro-batch as cheap as its share of the work, which a real device is not."""
+    D = _positive_int("--devices", devices)
+    L = _positive_int("--layers", layers)
+    G = _positive_int("--global-batch", global_batch)
+    if memory_cap is not None and memory_cap < 0:
+        raise ValueError(f"--memory-cap must be >= 0 bytes, got {memory_cap}")
+    _positive_int("--min-micro-batch", min_micro_batch)
+    if not _is_number(param_factor) or param_factor < 0:
+        raise ValueError(f"--param-factor must be >= 0, got {param_factor!r}")
+    names = list(REGISTRY) if not schedules else list(dict.fromkeys(schedules))
+    specs = [spec_of(n) for n in names]  # ValueError naming the choices for a typo
+    cands: list[Candidate] = []
+    for spec in specs:
+        for P in _divisors(D):
+            DP = D // P
+            if not spec.supports(P):
+                try:
+                    placement_schedule(spec.name, P)
+                    why = f"{spec.title} does not run on {P} ranks"
+                except ValueError as e:
+                    why = str(e)
+                cands.append(Candidate(spec.name, P, DP, reason=why, rejected_by="schedule"))
+                continue
+            if G % DP:
+                cands.append(Candidate(spec.name, P, DP, rejected_by="batch", reason=(
+                    f"the global batch {G} does not split into {DP} data-parallel replicas")))
+                continue
+            S = placement_schedule(spec.name, P).num_stages
+            if L % S:
+                cands.append(Candidate(spec.name, P, DP, stages=S, rejected_by="layers", reason=(
+                    f"{L} layers do not split into {S} stages")))
+                continue
+            k = L // S
+            per_replica = G // DP
+            for N in _divisors(per_replica):
+                m = per_replica // N
+                c = Candidate(spec.name, P, DP, N, m, S, k)
+                cands.append(c)
+                if m < min_micro_batch:
+                    c.reason, c.rejected_by = (f"{m}-sample micro-batches are below "
+                                               f"--min-micro-batch {min_micro_batch}"), "batch"
+                    continue
+                try:
+                    s = get_schedule(spec.name, P, N)
+                except ValueError as e:
+                    c.reason, c.rejected_by = str(e), "schedule"
+                    continue
+                _price(c, s, block, k, m, memory_cap, param_factor)
+    cands.sort(key=_rank_key)
+    return Plan(block, D, L, G, memory_cap, float(param_factor), names, cands,
+                min_micro_batch)
+
+
+def _rank_key(c: Candidate) -> tuple:
+    """Feasible first, then over the cap, then invalid; by step time (equal to 9
+    significant digits counts as a tie: sums of the same costs in another order differ
+    in the last bits), then memory, then name, P and N for a stable order."""
+    t = float(f"{c.step_time:.9g}") if c.priced else 0.0
+    return (not c.priced, c.status != FEASIBLE, t, c.memory or 0, c.schedule, c.ranks,
+            c.chunks or 0)
+
+
+def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int | None,
+           param_factor: float) -> None:
+    scale = m / block.micro_batch
+    per = k * scale
+    c.costs = Costs(f=block.f * per, b=block.b * per, w=block.w * per,
+                    fb=None if block.fb is None else block.fb * per,
+                    latency=block.latency + block.boundary_bytes * scale / block.bandwidth)
+    res = simulate(s, c.costs)
+    c.step_time = res.makespan
+    c.bubble_fraction = res.bubble / res.makespan if res.makespan > 0 else 0.0
+    c.activation_memory = math.ceil(max(res.peak_activations) * k * block.act_bytes * scale)
+    c.param_memory = math.ceil(block.param_bytes * k * s.stages_per_rank * param_factor)
+    c.memory = c.activation_memory + c.param_memory
+    if memory_cap is not None and c.memory > memory_cap:
+        c.status, c.rejected_by = OVER_MEMORY, "memory"
+        c.reason = (f"needs {format_bytes(c.memory)} per device, over the cap "
+                    f"{format_bytes(memory_cap)}")
+    else:
+        c.status = FEASIBLE
+
+
+# --------------------------------------------------------------------------- command line
+
+HELP = """\
+Recommend a schedule, pipeline size P, data-parallel size DP = D / P and micro-batch count
+N for a model of --layers identical blocks on --devices devices, from the cost of one
+block: measured (--stage module:function) or given (--costs file.json).
+
+Modelled: every registered schedule priced by the simulator; a stage of k = L / S blocks
+costs k blocks; costs, activations and boundary bytes scale linearly with the micro-batch
+size; memory per device = peak live activations of the worst rank + parameters of the
+stage modules it holds x --param-factor.
+
+Not modelled: the data-parallel gradient all-reduce and optimizer step; the transport is
+not measured (give --latency/--bandwidth).  Not in this version: --verify (running the
+recommendation through the real runtime) and --comm-sms (sweeping the GPU SM budget of
+the communication kernels).
+
+Cost file: {"f": s, "b": s, "w": s, "fb": s|null, "act_bytes": int, "param_bytes": int,
+"boundary_bytes": int, "micro_batch": int, "latency": s, "bandwidth": bytes/s|null}
+(fb, latency and bandwidth optional: no overlap, 0, infinite).  See docs/performance.md,
+"Planning a run".
+"""
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:  # argparse would only say "invalid value"
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--costs", metavar="FILE", help="cost model of one block (JSON)")
+    src.add_argument("--stage", metavar="MODULE:FUNCTION",
+                     help="measure one block: FUNCTION() returns (block, example_micro_batch, "
+                          "criterion_or_None)")
+    p.add_argument("--devices", type=int, required=True, help="devices in all (D)")
+    p.add_argument("--layers", type=int, required=True, help="blocks in the model (L)")
+    p.add_argument("--global-batch", type=int, required=True, help="samples per step (G)")
+    p.add_argument("--memory-cap", type=_size_arg, default=None, metavar="BYTES",
+                   help="memory per device, e.g. 80GB or 8GiB (default: no cap)")
+    p.add_argument("--schedules", nargs="+", default=None, metavar="NAME",
+                   help=f"schedules to consider (default: all registered: "
+                        f"{' '.join(REGISTRY)})")
+    p.add_argument("--min-micro-batch", type=int, default=1, metavar="SAMPLES",
+                   help="reject smaller micro-batches (the linear model prices them too "
+                        "low; default 1)")
+    p.add_argument("--param-factor", type=float, default=4.0,
+                   help="bytes held per parameter byte: weights + gradients + optimizer "
+                        "state (default 4)")
+    p.add_argument("--latency", type=float, default=None,
+                   help="seconds per transfer (default: the cost file's, or 0; not measured)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="bytes/s between ranks (default: the cost file's, or infinite)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats with --stage")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first with --stage")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads while measuring with --stage (default: torch's; "
+                        "on a loaded machine more threads than free cores inflate the times)")
+    p.add_argument("--save-costs", metavar="FILE", default=None,
+                   help="write the cost model used (measured or given) as a --costs file")
+    p.add_argument("--top", type=int, default=None,
+                   help="show only the best TOP priced candidates in the table")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-o", "--draw", metavar="FILE", default=None,
+                   help="draw the recommendation's simulated timeline (.json trace; .png "
+                        "needs matplotlib, the [draw] extra)")
+
+
+def run(a: argparse.Namespace) -> int:
+    """The ``plan`` command: exit 0 with a recommendation, 1 when nothing fits (the
+    message says which limit to relax); bad input raises ``ValueError`` (exit 2)."""
+    say = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
+    if a.costs is not None:
+        block = BlockCosts.load(a.costs).with_transport(a.latency, a.bandwidth)
+    else:
+        if a.threads is not None:
+            if a.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {a.threads}")
+            import torch
+            torch.set_num_threads(a.threads)
+        prof = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup,
+                             latency=0.0 if a.latency is None else a.latency,
+                             bandwidth=math.inf if a.bandwidth is None else a.bandwidth)
+        say(prof.describe())
+        block = prof.costs
+    if a.save_costs:
+        with open(a.save_costs, "w") as fh:
+            json.dump(block.to_json(), fh, indent=1)
+        say(f"wrote the cost model to {a.save_costs}")
+    p = plan(block, a.devices, a.layers, a.global_batch, memory_cap=a.memory_cap,
+             schedules=a.schedules, param_factor=a.param_factor,
+             min_micro_batch=a.min_micro_batch)
+    rec = p.recommendation
+    if a.json:
+        print(json.dumps(p.to_json()))
+    else:
+        print(f"{len(p.candidates)} candidates for {p.devices} devices, {p.layers} layers, "
+              f"global batch {p.global_batch}, memory cap {format_bytes(p.memory_cap)}:")
+        print(p.table(a.top))
+        if rec is not None:
+            print(f"recommendation: {rec.label()} (micro-batch {rec.micro_batch} samples, "
+                  f"{rec.layers_per_stage} layers per stage): step {rec.step_time * 1e3:.3f} ms "
+                  f"simulated, bubble {rec.bubble_fraction:.1%}, "
+                  f"{format_bytes(rec.memory)} per device "
+                  "(the DP all-reduce is not modelled)")
+    if rec is None:
+        print(f"error: nothing feasible: {p.why_none()}", file=sys.stderr)
+        return 1
+    if a.draw:
+        from .draw import draw
+        res = p.simulate(rec)
+        draw(a.draw, res.intervals, res.schedule, title=f"plan: {rec.label()}",
+             time_unit="s")
+        say(f"wrote {a.draw}")
+    return 0

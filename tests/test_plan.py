@@ -1,0 +1,446 @@
+"""``dualpipe.plan`` and ``python -m dualpipe plan``.
+
+* profiling: calibrated sleep layers (``bench.common``) measure their nominal F, B and W;
+  the saved-activation, parameter and boundary bytes of small blocks match bytes counted
+  by hand;
+* enumeration: on small cases the planner's candidates, memory verdicts and
+  recommendation agree with a brute force that calls the schedule generators and the
+  simulator directly;
+* the command line: ``--json``, an impossible cap (exit 1), bad cost files (exit 2 naming
+  the field), ``-o`` traces, and flags this version does not have.
+"""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dualpipe import plan as planmod
+from dualpipe.__main__ import main
+from dualpipe.plan import FEASIBLE, INVALID, OVER_MEMORY, BlockCosts, parse_bytes, plan
+from dualpipe.schedules import get_schedule
+from dualpipe.simulate import Costs, simulate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+BLOCK = BlockCosts(f=1.0e-3, b=2.3e-3, w=0.9e-3, act_bytes=1000, param_bytes=5000,
+                   boundary_bytes=400, micro_batch=2, latency=1e-5, bandwidth=1e8)
+SMALL = dict(devices=4, layers=8, global_batch=16)
+SMALL_SCHEDULES = ["dualpipe", "dualpipev", "1f1b", "zb1p"]
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def test_profile_sleep_layer_measures_nominal_costs():
+    from bench import common
+    F, B, W = 0.040, 0.080, 0.040  # long enough that wake-up noise on a loaded VM is < 5 %
+    common.calibrate_host_sleep()
+    layer = common.sleep_layer_class()(4, F, B, W)
+    prof = planmod.profile_stage(lambda: (layer, torch.randn(3, 4), None), repeats=3,
+                                 warmup=1)
+    c = prof.costs
+    assert c.f == pytest.approx(F, rel=0.05)
+    assert c.b == pytest.approx(B, rel=0.05)
+    # W is the deferred closure the runtime's W action runs; I the rest of the backward
+    assert c.w == pytest.approx(W, rel=0.05)
+    assert prof.i == pytest.approx(B - W, rel=0.05)
+    assert c.micro_batch == 3 and c.fb is None
+    assert prof.linear_layers == 0
+    assert any("own WeightGradStore-aware" in n for n in prof.notes), prof.notes
+
+
+def test_profile_bytes_of_a_linear_block():
+    lin = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    prof = planmod.profile_stage(lambda: (lin, x, None), repeats=1, warmup=0)
+    c = prof.costs
+    # parameters: 4x8 weight + 4 bias, float32
+    assert c.param_bytes == (4 * 8 + 4) * 4
+    # saved for backward: the input (the weight is saved too, but it is a parameter)
+    assert c.act_bytes == 3 * 8 * 4
+    # output: 3 x 4 float32
+    assert c.boundary_bytes == 3 * 4 * 4
+    assert prof.linear_layers == 1 and c.w > 0
+
+
+def test_profile_bytes_count_each_storage_once():
+    # Linear(8,16) saves its input x; ReLU saves its output r; Linear(16,4) saves its
+    # input, which is r again: x + r, not x + 2r
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    prof = planmod.profile_stage(lambda: (block, torch.randn(5, 8), None), repeats=1,
+                                 warmup=0)
+    assert prof.costs.act_bytes == 5 * 8 * 4 + 5 * 16 * 4
+    assert prof.costs.param_bytes == ((16 * 8 + 16) + (4 * 16 + 4)) * 4
+    assert prof.linear_layers == 2
+
+
+def test_profile_no_linear_gives_w_zero_with_a_note():
+    norm = nn.LayerNorm(6)
+    prof = planmod.profile_stage(lambda: (norm, torch.randn(2, 6), None), repeats=1,
+                                 warmup=0)
+    assert prof.costs.w == 0.0 and prof.costs.b > 0
+    assert any("W = 0" in n for n in prof.notes), prof.notes
+
+
+def test_profile_criterion_drives_the_backward():
+    lin = nn.Linear(4, 2)
+    calls = []
+
+    def crit(out):
+        calls.append(out.shape)
+        return out.square().sum()
+    planmod.profile_stage(lambda: (lin, torch.randn(3, 4), crit), repeats=2, warmup=1)
+    # the bytes pass, F/B rounds and I/W rounds each call it once per round
+    assert len(calls) == 1 + 3 + 3 and calls[0] == (3, 2)
+    assert lin.weight.grad is not None
+
+
+def test_example_stage_factory():
+    from examples.plan_stage import make_block
+    prof = planmod.profile_stage(lambda: make_block(dim=16, batch=2, seq=4), repeats=1,
+                                 warmup=0)
+    d = 16
+    assert prof.costs.param_bytes == (2 * d + (4 * d * d + 4 * d) + (d * 4 * d + d)) * 4
+    assert prof.costs.boundary_bytes == 2 * 4 * d * 4
+    assert prof.costs.micro_batch == 2 and prof.linear_layers == 2
+
+
+# --------------------------------------------------------------------------- cost files
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"f": -1.0}, "'f'"),
+    ({"w": 5.0}, "'w'"),
+    ({"act_bytes": 1.5}, "'act_bytes'"),
+    ({"micro_batch": 0}, "'micro_batch'"),
+    ({"bandwidth": 0}, "'bandwidth'"),
+    ({"fb": -2.0}, "'fb'"),
+    ({"latency": "fast"}, "'latency'"),
+    ({"typo": 1}, "'typo'"),
+])
+def test_cost_model_validation_names_the_field(change, field):
+    d = {**BLOCK.to_json(), **change}
+    with pytest.raises(ValueError, match=field):
+        BlockCosts.from_json(d)
+
+
+def test_cost_model_missing_field():
+    d = BLOCK.to_json()
+    del d["boundary_bytes"]
+    with pytest.raises(ValueError, match="missing field.*'boundary_bytes'"):
+        BlockCosts.from_json(d)
+
+
+def test_cost_model_round_trip_and_infinite_bandwidth():
+    assert BlockCosts.from_json(json.loads(json.dumps(BLOCK.to_json()))) == BLOCK
+    inf = BlockCosts.from_json({k: v for k, v in BLOCK.to_json().items()
+                                if k not in ("bandwidth", "latency", "fb")})
+    assert math.isinf(inf.bandwidth) and inf.latency == 0 and inf.fb is None
+    assert inf.to_json()["bandwidth"] is None
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GiB") == 8 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("1.5 MiB") == 3 * 2**19
+    assert parse_bytes("4096") == 4096
+    with pytest.raises(ValueError, match="8GiB"):
+        parse_bytes("8 gigs")
+
+
+# --------------------------------------------------------------------------- enumeration
+
+
+def _brute_force(block, devices, layers, global_batch, names, cap, param_factor=4.0):
+    """Every (schedule, P, N) priced straight from the generators and the simulator:
+    {(name, P, N): (step time, memory)} for the valid ones."""
+    out = {}
+    for name in names:
+        for P in (1, 2, 4):
+            DP = devices // P
+            per = global_batch // DP
+            for N in range(1, per + 1):
+                if per % N:
+                    continue
+                try:
+                    s = get_schedule(name, P, N)
+                except ValueError:
+                    continue
+                if layers % s.num_stages:
+                    continue
+                k = layers // s.num_stages
+                scale = (per // N) / block.micro_batch
+                c = Costs(f=k * block.f * scale, b=k * block.b * scale, w=k * block.w * scale,
+                          latency=block.latency + block.boundary_bytes * scale / block.bandwidth)
+                res = simulate(s, c)
+                mem = (max(res.peak_activations) * k * block.act_bytes * scale
+                       + len(s.placement[0]) * k * block.param_bytes * param_factor)
+                out[(name, P, N)] = (res.makespan, mem)
+    return out
+
+
+def test_recommendation_is_the_brute_force_minimum():
+    truth = _brute_force(BLOCK, **SMALL, names=SMALL_SCHEDULES, cap=None)
+    mems = sorted(m for _t, m in truth.values())
+    cap = int(mems[len(mems) // 2])  # about half the candidates fit
+    p = plan(BLOCK, **SMALL, memory_cap=cap, schedules=SMALL_SCHEDULES)
+    priced = {(c.schedule, c.ranks, c.chunks): c for c in p.candidates if c.priced}
+    assert set(priced) == set(truth)
+    for key, (t, mem) in truth.items():
+        c = priced[key]
+        assert c.step_time == pytest.approx(t, rel=1e-12)
+        assert c.memory == math.ceil(mem) or c.memory == pytest.approx(mem, abs=1)
+        assert c.status == (FEASIBLE if c.memory <= cap else OVER_MEMORY), key
+        if c.status == OVER_MEMORY:
+            assert c.memory > cap and "over the cap" in c.reason
+    feasible = {k: v for k, v in truth.items() if v[1] <= cap}
+    assert 0 < len(feasible) < len(truth)  # the cap really cuts
+    best_t = min(t for t, _m in feasible.values())
+    rec = p.recommendation
+    assert rec.step_time == pytest.approx(best_t, rel=1e-9)
+    # tie-break: the lowest memory among the candidates as fast as the best
+    ties = [m for t, m in feasible.values() if t == pytest.approx(best_t, rel=1e-9)]
+    assert rec.memory == pytest.approx(min(ties), abs=1)
+    # without the cap the fastest candidate overall wins, and it is one the cap cut
+    free = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES).recommendation
+    assert free.step_time == pytest.approx(min(t for t, _m in truth.values()), rel=1e-9)
+    assert free.step_time < rec.step_time
+
+
+def test_every_combination_is_accounted_for():
+    p = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES)
+    for c in p.candidates:
+        assert (c.status == INVALID) == (not c.priced)
+        if c.status == INVALID:
+            assert c.reason and c.rejected_by in ("schedule", "batch", "layers")
+    # DualPipe cannot run on one rank; 1F1B on 4 ranks cannot take 2 micro-batches
+    assert any(c.schedule == "dualpipe" and c.ranks == 1 and c.rejected_by == "schedule"
+               for c in p.candidates)
+    one = [c for c in p.candidates if (c.schedule, c.ranks, c.chunks) == ("1f1b", 4, 2)]
+    assert len(one) == 1 and "num_chunks" in one[0].reason
+
+
+def test_layers_that_do_not_split_are_rejected_with_the_reason():
+    # DualPipeV on 4 ranks has 8 stages: 12 layers do not split, 1F1B's 4 stages do
+    p = plan(BLOCK, devices=4, layers=12, global_batch=16, schedules=["dualpipev", "1f1b"])
+    dv4 = [c for c in p.candidates if (c.schedule, c.ranks) == ("dualpipev", 4)]
+    assert len(dv4) == 1 and dv4[0].reason == "12 layers do not split into 8 stages"
+    assert any(c.schedule == "1f1b" and c.ranks == 4 and c.priced for c in p.candidates)
+
+
+def test_memory_cap_between_two_candidates():
+    p = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES)
+    mems = sorted({c.memory for c in p.candidates if c.priced})
+    assert len(mems) >= 3
+    for lo, hi in zip(mems, mems[1:]):
+        cap = (lo + hi) // 2
+        q = plan(BLOCK, **SMALL, memory_cap=cap, schedules=SMALL_SCHEDULES)
+        for c in q.candidates:
+            if c.priced:
+                assert c.status == (OVER_MEMORY if c.memory >= hi else FEASIBLE)
+        assert q.recommendation.memory <= lo
+
+
+def test_dualpipe_holds_twice_the_parameters_of_1f1b():
+    p = plan(BLOCK, **SMALL, schedules=["dualpipe", "1f1b"], param_factor=3.0)
+    for P in (2, 4):
+        dp = next(c for c in p.candidates if c.priced and (c.schedule, c.ranks) == ("dualpipe", P))
+        ob = next(c for c in p.candidates if c.priced and (c.schedule, c.ranks) == ("1f1b", P))
+        k = SMALL["layers"] // P
+        assert ob.param_memory == BLOCK.param_bytes * k * 3
+        assert dp.param_memory == 2 * ob.param_memory
+
+
+def test_linear_scaling_with_micro_batch_size():
+    p = plan(BLOCK, devices=2, layers=4, global_batch=32, schedules=["1f1b"])
+    # 1f1b P=2 DP=1: N=4 -> 8 samples per micro-batch, 4x the measured 2
+    c = next(c for c in p.candidates if (c.ranks, c.chunks) == (2, 4))
+    assert c.micro_batch == 8 and c.layers_per_stage == 2
+    assert c.costs.f == pytest.approx(2 * BLOCK.f * 4)
+    assert c.costs.latency == pytest.approx(BLOCK.latency + 400 * 4 / 1e8)
+
+
+def test_no_feasible_candidate_says_what_to_relax():
+    p = plan(BLOCK, **SMALL, memory_cap=10)
+    assert p.recommendation is None and "--memory-cap" in p.why_none()
+    q = plan(BLOCK, devices=4, layers=7, global_batch=16, schedules=["dualpipe"])
+    assert q.recommendation is None and "--layers" in q.why_none()
+
+
+def test_many_candidates_are_fast():
+    import time
+    t0 = time.perf_counter()
+    p = plan(BLOCK, devices=16, layers=64, global_batch=1024)
+    took = time.perf_counter() - t0
+    assert sum(c.priced for c in p.candidates) >= 100
+    assert took < 20, took
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def costs_file(tmp_path):
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(BLOCK.to_json()))
+    return path
+
+
+def _args(costs_file, *extra):
+    return ["plan", "--costs", str(costs_file), "--devices", "4", "--layers", "8",
+            "--global-batch", "16", *extra]
+
+
+def test_cli_json_subprocess(costs_file):
+    p = subprocess.run([sys.executable, "-m", "dualpipe", *_args(costs_file, "--json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["cost_model"] == BLOCK.to_json()
+    rec = d["recommendation"]
+    best = min((c for c in d["candidates"] if c["status"] == FEASIBLE),
+               key=lambda c: c["step_time"])
+    assert rec["step_time"] == pytest.approx(best["step_time"])
+    assert {c["schedule"] for c in d["candidates"]} >= set(SMALL_SCHEDULES) | {"fb-only"}
+
+
+def test_cli_table(costs_file, capsys):
+    assert main(_args(costs_file, "--memory-cap", "1MiB")) == 0
+    out = capsys.readouterr().out
+    assert "recommendation:" in out and "schedule" in out and "not priced:" in out
+
+
+def test_cli_impossible_cap_exits_1(costs_file, capsys):
+    assert main(_args(costs_file, "--memory-cap", "100")) == 1
+    err = capsys.readouterr().err
+    assert "nothing feasible" in err and "--memory-cap" in err
+
+
+@pytest.mark.parametrize("bad, field", [({"w": 1.0, "b": 0.5}, "'w'"),
+                                        ({"f": -0.1}, "'f'")])
+def test_cli_bad_costs_file(tmp_path, capsys, bad, field):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**BLOCK.to_json(), **bad}))
+    assert main(_args(path)) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_cli_missing_field(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    d = BLOCK.to_json()
+    del d["act_bytes"]
+    path.write_text(json.dumps(d))
+    assert main(_args(path)) == 2
+    assert "'act_bytes'" in capsys.readouterr().err
+
+
+def test_cli_draws_the_recommendation(costs_file, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(_args(costs_file, "-o", str(out))) == 0
+    trace = json.loads(out.read_text())
+    xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert xs and {e["pid"] for e in xs} == set(range(len({e["pid"] for e in xs})))
+
+
+def test_cli_stage_factory_and_save_costs(tmp_path, capsys):
+    saved = tmp_path / "measured.json"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["plan", "--stage", "examples.plan_stage:make_block", "--repeats", "1",
+                     "--warmup", "0", "--devices", "2", "--layers", "4", "--global-batch", "8",
+                     "--threads", "1", "--save-costs", str(saved)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "measured one block on cpu, 1 torch thread(s)" in out and "recommendation:" in out
+    again = BlockCosts.load(saved)
+    assert again.micro_batch == 4 and again.param_bytes > 0
+
+
+@pytest.mark.parametrize("flag", ["--verify", "--comm-sms"])
+def test_cli_out_of_scope_flags_are_unknown(costs_file, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(_args(costs_file, flag))
+    assert e.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_cli_help_says_what_is_not_in_this_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    assert "--verify" in out and "--comm-sms" in out and "all-reduce" in out
+
+
+def test_min_micro_batch_rejects_smaller_micro_batches():
+    free = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES)
+    p = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES, min_micro_batch=2)
+    assert free.recommendation.micro_batch == 1  # the linear model likes them small
+    small = [c for c in p.candidates if c.micro_batch == 1]
+    assert small and all(not c.priced and "--min-micro-batch 2" in c.reason for c in small)
+    assert all(c.micro_batch >= 2 for c in p.candidates if c.priced)
+    assert p.recommendation.micro_batch >= 2
+
+
+def test_bubble_fraction_is_the_simulated_idle_over_the_makespan():
+    p = plan(BLOCK, **SMALL, schedules=["1f1b"])
+    c = next(c for c in p.candidates if (c.ranks, c.chunks) == (4, 4))
+    res = p.simulate(c)
+    assert c.bubble_fraction == pytest.approx(max(res.idle) / res.makespan)
+    assert 0 < c.bubble_fraction < 1
+
+
+def test_cli_unknown_schedule(costs_file, capsys):
+    assert main(_args(costs_file, "--schedules", "1f1b", "nope")) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "dualpipe" in err
+
+
+def test_cli_bad_memory_cap(costs_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(_args(costs_file, "--memory-cap", "8 gigs"))
+    assert e.value.code == 2
+    assert "e.g. 8GiB" in capsys.readouterr().err
+
+
+class _Overlapping(nn.Module):
+    """A block whose overlapped F&B costs a known 30 ms more than its own work."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.fail = fail
+
+    def forward(self, x):
+        return self.lin(x)
+
+    @staticmethod
+    def overlapped_forward_backward(m0, ins0, crit0, lab0, m1, loss1, outs1, grads1):
+        import time
+        if m0.fail:
+            raise RuntimeError("needs an expert-parallel group")
+        assert crit0 is None and loss1 is None and len(outs1) == len(grads1) == 1
+        out0 = m0(*ins0)
+        torch.autograd.backward(outs1, grads1)
+        time.sleep(0.030)
+        return out0, None
+
+
+def test_profile_measures_overlapped_forward_backward():
+    prof = planmod.profile_stage(lambda: (_Overlapping(), torch.randn(2, 4), None),
+                                 repeats=3, warmup=1)
+    assert 0.030 <= prof.costs.fb < 0.030 * 1.05 + prof.costs.f + prof.costs.b
+    assert any("overlapped_forward_backward" in n for n in prof.notes)
+
+
+def test_profile_overlapped_failure_falls_back_with_a_note():
+    prof = planmod.profile_stage(lambda: (_Overlapping(fail=True), torch.randn(2, 4), None),
+                                 repeats=1, warmup=0)
+    assert prof.costs.fb is None
+    assert any("needs an expert-parallel group" in n and "f + b" in n for n in prof.notes)
