@@ -273,13 +273,13 @@ def test_no_feasible_candidate_says_what_to_relax():
     assert q.recommendation is None and "--layers" in q.why_none()
 
 
-def test_many_candidates_are_fast():
-    import time
-    t0 = time.perf_counter()
+def test_many_candidates_are_priced():
+    """A sweep of over a hundred priced candidates (its time is a measurement, not an
+    assert: docs/performance.md §9 gives it)."""
     p = plan(BLOCK, devices=16, layers=64, global_batch=1024)
-    took = time.perf_counter() - t0
-    assert sum(c.priced for c in p.candidates) >= 100
-    assert took < 20, took
+    priced = [c for c in p.candidates if c.priced]
+    assert len(priced) >= 100
+    assert p.recommendation is not None and p.recommendation.priced
 
 
 # --------------------------------------------------------------------------- command line
