@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from dualpipe import WeightGradStore
-from dualpipe.weight_grad import split_linear_weight_grads
+from dualpipe.weight_grad import split_linear_weight_grads, unsplit_linear_weight_grads
 
 
 def _model():
@@ -96,3 +96,31 @@ def test_deepcopy_of_a_split_module_still_defers():
     finally:
         WeightGradStore.enabled = False
     assert len(WeightGradStore.take()) == 2
+
+
+def _deferred_count(model) -> int:
+    """How many weight-gradient closures one backward with the store enabled defers."""
+    WeightGradStore.clear()
+    WeightGradStore.enabled = True
+    try:
+        model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    finally:
+        WeightGradStore.enabled = False
+    return len(WeightGradStore.take())
+
+
+def test_unsplit_undoes_split_and_only_split():
+    m = _model()
+    assert split_linear_weight_grads(m) == 2
+    assert split_linear_weight_grads(m) == 0  # already split: nothing changes
+    assert _deferred_count(m) == 2
+    assert unsplit_linear_weight_grads(m) == 2
+    assert unsplit_linear_weight_grads(m) == 0
+    assert _deferred_count(m) == 0  # weight gradients in the backward again
+    assert m[0].weight.grad is not None and m[2].weight.grad is not None
+    own = nn.Linear(4, 4)
+    own.forward = lambda x: x  # a forward someone else set on the layer
+    assert unsplit_linear_weight_grads(own) == 0 and "forward" in own.__dict__
+    clone = copy.deepcopy(_model())
+    split_linear_weight_grads(clone)
+    assert unsplit_linear_weight_grads(copy.deepcopy(clone)) == 2  # copies too
