@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+# their home is dualpipe.launch (the planner's --verify times the runtime with them too)
+from dualpipe.launch import makespans, timed  # noqa: F401 - re-exported
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -371,27 +374,6 @@ def rank_io(s, rank: int, x, y, rows_per_mb: int):
     inputs = () if ins is None else (x[ins.start * rows_per_mb:ins.stop * rows_per_mb],)
     labels = () if outs is None else (y[outs.start * rows_per_mb:outs.stop * rows_per_mb],)
     return inputs, labels
-
-
-def timed(fn: Callable[[], Any], device=None) -> tuple[float, float, Any]:
-    """Barrier, run ``fn``, return ``(t_start, t_end, result)`` on the system-wide
-    monotonic clock (``time.perf_counter`` is CLOCK_MONOTONIC on Linux, so ranks on one
-    machine can be compared: a step's makespan is max(end) - min(start))."""
-    import torch
-    import torch.distributed as dist
-    dist.barrier()
-    t0 = time.perf_counter()
-    out = fn()
-    if device is not None and getattr(device, "type", "cpu") == "cuda":
-        torch.cuda.synchronize(device)
-    t1 = time.perf_counter()
-    return t0, t1, out
-
-
-def makespans(per_rank: Sequence[Sequence[tuple[float, float]]]) -> list[float]:
-    """``per_rank[r][i] = (start, end)`` of repeat ``i`` -> makespan of each repeat."""
-    n = len(per_rank[0])
-    return [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(n)]
 
 
 def torch_pipelining_status() -> dict:

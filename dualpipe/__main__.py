@@ -3,8 +3,9 @@
 * ``simulate`` prices a schedule under a cost model (``--json`` for one JSON object);
 * ``draw`` writes a schedule's simulated timeline as a PNG or a Chrome/Perfetto trace;
 * ``plan`` recommends a schedule, pipeline/data-parallel sizes and a micro-batch count
-  from one block's costs, measured or given (see dualpipe.plan; no --verify or
-  --comm-sms in this version);
+  from one block's costs, measured or given, and with --verify runs the recommendation
+  and a runner-up through the runtime (see dualpipe.plan; no --comm-sms in this
+  version);
 * ``demo`` trains a small model with DualPipe on several processes (see dualpipe.demo).
 """
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import demo as _demo
     _demo.add_arguments(pm)
     a = ap.parse_args(argv)
+    if a.cmd == "plan":
+        _plan.check_arguments(pp, a)
     if a.version:
         from . import __version__
         print(f"dualpipe {__version__}")

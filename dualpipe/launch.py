@@ -9,6 +9,10 @@ change, instead of a failure inside every child.  A rank
 that raises makes ``run_ranks`` raise :class:`RankError` with every failing rank's
 traceback; ``timeout`` bounds the whole run (processes are killed after it), so a hang
 becomes an error.  ``fn`` must be importable (defined at module level).
+
+Inside the ranks, :func:`timed` brackets a step with a barrier and the system-wide
+clock, and :func:`makespans` turns every rank's ``(start, end)`` into each step's
+makespan (the benchmarks and ``python -m dualpipe plan --verify`` time with them).
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import queue as _queue
 import socket
 import time
 import traceback
+from typing import Any, Callable, Sequence
 
-__all__ = ["run_ranks", "RankError", "BackendError", "check_backend", "free_port"]
+__all__ = ["run_ranks", "RankError", "BackendError", "check_backend", "free_port", "timed",
+           "makespans"]
 
 BACKENDS = ("gloo", "nccl")
 
@@ -163,3 +169,24 @@ def run_ranks(fn, world: int, *args, timeout: float = 300.0, pg_timeout: float =
     if errors:
         raise RankError(errors)
     return [results[r] for r in range(world)]
+
+
+def timed(fn: Callable[[], Any], device=None) -> tuple[float, float, Any]:
+    """Barrier, run ``fn``, return ``(t_start, t_end, result)`` on the system-wide
+    monotonic clock (``time.perf_counter`` is CLOCK_MONOTONIC on Linux, so ranks on one
+    machine can be compared: a step's makespan is max(end) - min(start))."""
+    import torch
+    import torch.distributed as dist
+    dist.barrier()
+    t0 = time.perf_counter()
+    out = fn()
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    return t0, t1, out
+
+
+def makespans(per_rank: Sequence[Sequence[tuple[float, float]]]) -> list[float]:
+    """``per_rank[r][i] = (start, end)`` of repeat ``i`` -> makespan of each repeat."""
+    n = len(per_rank[0])
+    return [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(n)]

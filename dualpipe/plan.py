@@ -32,9 +32,20 @@ What is modelled, and what is not:
   gradients and optimizer state per parameter byte); allocator slack, workspace and
   the received/sent boundary buffers are not counted.
 
-Not in this version: running the recommendation through the real runtime to check it
-(``--verify``) and sweeping the GPU SM budget of the communication kernels
-(``--comm-sms``).
+Checking a prediction (``--verify``, :func:`verify`, with ``--stage`` only): the
+recommendation and one runner-up (:func:`verify_candidates`) run through the real runtime
+on this host -- ``P`` local gloo ranks on CPU (:func:`dualpipe.launch.run_ranks`, the
+profile's torch thread count each), **one** data-parallel replica, stage modules of
+``k`` fresh blocks from the factory, ``split_linear_weight_grads=True`` (W deferred as
+the profile measured it), ``transport="group"``; each micro-batch is the example
+micro-batch repeated along dim 0 to the candidate's ``m`` rows.  The measured step time
+is the median makespan (max end - min start across the ranks) of the timed steps; the
+prediction is the same cost model priced for what ran (DP = 1, a global batch of
+``m * N``; a replica's makespan does not depend on DP, so it is the candidate's own step
+time).  The data-parallel part (DP > 1, the all-reduce) is not verified.
+
+Not in this version: sweeping the GPU SM budget of the communication kernels
+(``--comm-sms``), and ``--verify`` on CUDA blocks.
 """
 from __future__ import annotations
 
@@ -55,7 +66,8 @@ from .schedules import REGISTRY, get_schedule, placement_schedule, spec_of
 from .simulate import Costs, SimResult, simulate
 
 __all__ = ["BlockCosts", "Candidate", "Plan", "plan", "profile_stage", "load_stage_factory",
-           "parse_bytes", "format_bytes", "add_arguments", "run"]
+           "Verification", "verify", "verify_candidates", "parse_bytes", "format_bytes",
+           "add_arguments", "check_arguments", "run"]
 
 FEASIBLE = "feasible"
 OVER_MEMORY = "over memory cap"
@@ -229,6 +241,37 @@ def load_stage_factory(ref: str) -> Callable[[], tuple]:
     return fn
 
 
+def _call_factory(factory: Callable[[], tuple]) -> tuple:
+    """``factory()`` checked: ``(block, example inputs as a tuple, criterion or None)``."""
+    import torch
+    got = factory()
+    if not isinstance(got, tuple) or len(got) != 3:
+        raise ValueError("the stage factory must return (block, example_micro_batch, "
+                         f"criterion_or_None), got {type(got).__name__}")
+    block, example, criterion = got
+    if not isinstance(block, torch.nn.Module):
+        raise ValueError(f"the stage factory's block must be an nn.Module, got "
+                         f"{type(block).__name__}")
+    inputs = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
+        raise ValueError("the example micro-batch must be a tensor (or a tuple of tensors) "
+                         "whose first dimension is the micro-batch size")
+    return block, inputs, criterion
+
+
+def _loss(out, criterion):
+    """The scalar that drives a block's backward: ``criterion(out)`` when the factory
+    gave one, else the sum of the output tensors that need a gradient (whose backward
+    is a gradient of ones)."""
+    if criterion is not None:
+        return criterion(out)
+    outs = [t for t in _tensors(out) if t.requires_grad]
+    if not outs:
+        raise ValueError("the block's output does not require a gradient: nothing to "
+                         "time in the backward")
+    return sum(t.sum() for t in outs)
+
+
 class _Clock:
     """Elapsed seconds of a region: CUDA events on a CUDA device (the work is
     asynchronous), the host clock otherwise."""
@@ -336,18 +379,7 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
         factory = load_stage_factory(factory)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    got = factory()
-    if not isinstance(got, tuple) or len(got) != 3:
-        raise ValueError("the stage factory must return (block, example_micro_batch, "
-                         f"criterion_or_None), got {type(got).__name__}")
-    block, example, criterion = got
-    if not isinstance(block, torch.nn.Module):
-        raise ValueError(f"the stage factory's block must be an nn.Module, got "
-                         f"{type(block).__name__}")
-    inputs = tuple(example) if isinstance(example, (tuple, list)) else (example,)
-    if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
-        raise ValueError("the example micro-batch must be a tensor (or a tuple of tensors) "
-                         "whose first dimension is the micro-batch size")
+    block, inputs, criterion = _call_factory(factory)
     micro_batch = int(inputs[0].shape[0])
     device = inputs[0].device
     clock = _Clock(device)
@@ -361,15 +393,7 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
         return block(*xs)
 
     def backward(out):
-        if criterion is not None:
-            loss = criterion(out)
-            loss.backward()
-            return
-        outs = [t for t in _tensors(out) if t.requires_grad]
-        if not outs:
-            raise ValueError("the block's output does not require a gradient: nothing to "
-                             "time in the backward")
-        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+        _loss(out, criterion).backward()
 
     params = {id(p): p for p in block.parameters()}
     param_bytes = sum(p.numel() * p.element_size() for p in params.values())
@@ -736,6 +760,170 @@ def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int |
         c.status = FEASIBLE
 
 
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass
+class Verification:
+    """One candidate run through the real runtime (:func:`verify`): ``measured`` is the
+    median step makespan over ``steps`` (max end - min start across the ranks),
+    ``predicted`` the simulated step time of exactly what ran (DP = 1, the candidate's P,
+    N and micro-batch size), ``ratio = measured / predicted`` (``None`` for a prediction
+    of 0); ``note`` says what differs from the candidate (DP, cores shared)."""
+
+    role: str  # "recommendation" or "runner-up"
+    candidate: Candidate
+    predicted: float | None = None
+    measured: float | None = None
+    ratio: float | None = None
+    step_times: list[float] = field(default_factory=list)
+    global_batch_run: int | None = None
+    threads: int | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        c = self.candidate
+        d = {"role": self.role, "schedule": c.schedule, "ranks": c.ranks, "dp": c.dp,
+             "chunks": c.chunks, "micro_batch": c.micro_batch, "status": c.status}
+        d.update({k: v for k, v in asdict(self).items() if k not in ("role", "candidate")})
+        return d
+
+
+def verify_candidates(p: Plan, max_ranks: int = 4) -> tuple[list[tuple[str, Candidate]],
+                                                            list[str]]:
+    """What ``--verify`` runs: the recommendation and one runner-up, the best-ranked
+    priced candidate (feasible first, then over the memory cap: the table's order) with
+    another schedule or P; candidates on more than ``max_ranks`` pipeline ranks are
+    skipped.  Returns ``([(role, candidate)], notes)``."""
+    rec = p.recommendation
+    picked: list[tuple[str, Candidate]] = []
+    notes: list[str] = []
+    if rec is None:
+        return picked, ["nothing feasible: no recommendation to verify"]
+    if rec.ranks <= max_ranks:
+        picked.append(("recommendation", rec))
+    else:
+        notes.append(f"recommendation {rec.label()} not run: P={rec.ranks} ranks is more "
+                     f"than --verify-max-ranks {max_ranks}")
+    skipped = []
+    for c in p.candidates:
+        if not c.priced or c is rec or (c.schedule, c.ranks) == (rec.schedule, rec.ranks):
+            continue
+        if c.ranks > max_ranks:
+            skipped.append(c)
+            continue
+        picked.append(("runner-up", c))
+        break
+    else:
+        notes.append("no runner-up with another schedule or P was priced"
+                     + (f" on at most {max_ranks} ranks" if skipped else ""))
+    if skipped:
+        notes.append(f"runner-up: skipped {len(skipped)} better-ranked candidate(s) on more "
+                     f"than --verify-max-ranks {max_ranks} ranks (first: {skipped[0].label()})")
+    return picked, notes
+
+
+def _repeat_rows(t, rows: int):
+    """``t`` (``[r, ...]``) repeated along dim 0 and cut to ``rows`` rows."""
+    reps = -(-rows // t.shape[0])
+    return t.repeat(reps, *([1] * (t.dim() - 1)))[:rows]
+
+
+def _verify_rank(rank: int, world: int, cfg: dict) -> list[tuple[float, float]]:
+    """One rank of a :func:`verify` run: its stage modules (``nn.Sequential`` of ``k``
+    fresh blocks from the factory each), its share of the batch (the example micro-batch
+    repeated to ``micro_batch`` rows per micro-batch), then ``warmup + steps`` training
+    steps; returns the measured steps' ``(start, end)``."""
+    import torch.nn as nn
+
+    from .api import Pipeline
+    from .launch import timed
+    factory = cfg["stage"]
+    if isinstance(factory, str):
+        factory = load_stage_factory(factory)
+    s = get_schedule(cfg["schedule"], world, cfg["chunks"])
+    mods = []
+    for _ in s.placement[rank]:
+        made = [_call_factory(factory) for _ in range(cfg["k"])]
+        mods.append(nn.Sequential(*[blk for blk, _x, _c in made]))
+    _blk, example, criterion = made[-1]
+    pipe = Pipeline(mods, schedule=cfg["schedule"], split_linear_weight_grads=True,
+                    transport="group", timeout=min(300.0, cfg["timeout"]))
+    ins = s.input_microbatches(rank)
+    inputs = () if ins is None else tuple(
+        _repeat_rows(_repeat_rows(t, cfg["micro_batch"]), cfg["micro_batch"] * len(ins))
+        for t in example)
+
+    def loss(*outs):
+        return _loss(outs[0] if len(outs) == 1 else outs, criterion)
+    spans = []
+    try:
+        for i in range(cfg["warmup"] + cfg["steps"]):
+            pipe.zero_grad(set_to_none=True)
+            t0, t1, _ = timed(lambda: pipe.step(*inputs, num_chunks=cfg["chunks"],
+                                                criterion=loss))
+            if i >= cfg["warmup"]:
+                spans.append((t0, t1))
+    finally:
+        pipe.close()
+    return spans
+
+
+def verify(p: Plan, c: Candidate, stage: str | Callable[[], tuple], role: str = "candidate",
+           steps: int = 5, warmup: int = 2, threads: int = 1,
+           timeout: float = 600.0) -> Verification:
+    """Run candidate ``c`` of plan ``p`` through the runtime on this machine: ``c.ranks``
+    local gloo ranks (:func:`dualpipe.launch.run_ranks`, ``threads`` torch threads each),
+    one data-parallel replica, the stages built from ``stage`` (a ``module:function``
+    reference or a module-level function, importable by the spawned ranks),
+    ``split_linear_weight_grads=True`` and ``transport="group"``.  The prediction is the
+    same cost model priced for what runs: DP = 1 and a global batch of
+    ``micro_batch * N`` (the candidate's own step time: a replica's makespan does not
+    depend on DP)."""
+    from .launch import makespans, run_ranks
+    if not c.priced:
+        raise ValueError(f"{c.label()} was not priced: {c.reason}")
+    _positive_int("--verify-steps", steps)
+    g_run = c.micro_batch * c.chunks
+    again = plan(p.block, c.ranks, p.layers, g_run, schedules=[c.schedule],
+                 param_factor=p.param_factor)
+    same = next(x for x in again.candidates
+                if (x.ranks, x.dp, x.chunks) == (c.ranks, 1, c.chunks))
+    v = Verification(role, c, predicted=same.step_time, global_batch_run=g_run,
+                     threads=threads)
+    said = []
+    if c.dp > 1:
+        said.append(f"ran DP=1 (one replica of the candidate's {c.dp}), global batch {g_run} "
+                    f"= {c.micro_batch} x {c.chunks}: the data-parallel part is not verified")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and c.ranks * threads > cores:
+        said.append(f"{c.ranks} ranks x {threads} thread(s) on {cores} core(s): the ranks "
+                    "compete for cores, which the profile (one process) did not")
+    v.note = "; ".join(said) or None
+    cfg = {"stage": stage, "schedule": c.schedule, "chunks": c.chunks, "k": c.layers_per_stage,
+           "micro_batch": c.micro_batch, "warmup": warmup, "steps": steps,
+           "timeout": timeout}
+    per_rank = run_ranks(_verify_rank, c.ranks, cfg, timeout=timeout, threads=threads)
+    v.step_times = makespans(per_rank)
+    v.measured = statistics.median(v.step_times)
+    v.ratio = v.measured / v.predicted if v.predicted else None
+    return v
+
+
+def verify_table(vs: list[Verification], notes: list[str]) -> str:
+    rows = [("verified", "candidate", "status", "predicted ms", "measured ms",
+             "measured/predicted")]
+    for v in vs:
+        rows.append((v.role, v.candidate.label(), v.candidate.status, f"{v.predicted * 1e3:.3f}",
+                     f"{v.measured * 1e3:.3f}", "-" if v.ratio is None else f"{v.ratio:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(x.rjust(w) if i >= 3 else x.ljust(w)
+                       for i, (x, w) in enumerate(zip(r, widths))) for r in rows]
+    lines += [f"  note: {v.role}: {v.note}" for v in vs if v.note]
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- command line
 
 HELP = """\
@@ -749,9 +937,13 @@ size; memory per device = peak live activations of the worst rank + parameters o
 stage modules it holds x --param-factor.
 
 Not modelled: the data-parallel gradient all-reduce and optimizer step; the transport is
-not measured (give --latency/--bandwidth).  Not in this version: --verify (running the
-recommendation through the real runtime) and --comm-sms (sweeping the GPU SM budget of
-the communication kernels).
+not measured (give --latency/--bandwidth).
+
+--verify (with --stage): run the recommendation and one runner-up (another schedule or P)
+through the runtime on this host, P local CPU ranks, one data-parallel replica (DP = 1,
+global batch m x N: the data-parallel part is not verified), and print measured /
+predicted step time.  Not in this version: --comm-sms (sweeping the GPU SM budget of the
+communication kernels) and --verify on CUDA blocks.
 
 Cost file: {"f": s, "b": s, "w": s, "fb": s|null, "act_bytes": int, "param_bytes": int,
 "boundary_bytes": int, "micro_batch": int, "latency": s, "bandwidth": bytes/s|null}
@@ -804,6 +996,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--draw", metavar="FILE", default=None,
                    help="draw the recommendation's simulated timeline (.json trace; .png "
                         "needs matplotlib, the [draw] extra)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --stage: run the recommendation and a runner-up through the "
+                        "runtime here (P local CPU ranks, one data-parallel replica) and "
+                        "report measured / predicted step time")
+    p.add_argument("--verify-steps", type=int, default=5, metavar="STEPS",
+                   help="measured steps per verified candidate (median; default 5)")
+    p.add_argument("--verify-warmup", type=int, default=2, metavar="STEPS",
+                   help="untimed steps first (default 2)")
+    p.add_argument("--verify-max-ranks", type=int, default=4, metavar="P",
+                   help="skip candidates on more pipeline ranks (default 4)")
+
+
+def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """What argparse cannot say by itself (``parser.error``: exit 2 with the usage)."""
+    if a.verify and a.stage is None:
+        parser.error("--verify runs the candidates through the runtime, which needs a stage "
+                     "factory to build the stages: pass --stage module:function (a --costs "
+                     "file has only the costs)")
+    for name in ("verify_steps", "verify_max_ranks"):
+        if getattr(a, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.verify_warmup < 0:
+        parser.error(f"--verify-warmup must be >= 0, got {a.verify_warmup}")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -831,9 +1046,7 @@ def run(a: argparse.Namespace) -> int:
              schedules=a.schedules, param_factor=a.param_factor,
              min_micro_batch=a.min_micro_batch)
     rec = p.recommendation
-    if a.json:
-        print(json.dumps(p.to_json()))
-    else:
+    if not a.json:
         print(f"{len(p.candidates)} candidates for {p.devices} devices, {p.layers} layers, "
               f"global batch {p.global_batch}, memory cap {format_bytes(p.memory_cap)}:")
         print(p.table(a.top))
@@ -843,6 +1056,26 @@ def run(a: argparse.Namespace) -> int:
                   f"simulated, bubble {rec.bubble_fraction:.1%}, "
                   f"{format_bytes(rec.memory)} per device "
                   "(the DP all-reduce is not modelled)")
+    verified: list[Verification] = []
+    notes: list[str] = []
+    if a.verify and rec is not None:
+        if prof.device != "cpu":
+            raise ValueError(f"--verify runs the ranks on this host's CPU (gloo); the stage "
+                             f"factory's example is on {prof.device}")
+        picked, notes = verify_candidates(p, a.verify_max_ranks)
+        for role, c in picked:
+            say(f"verifying {role} {c.label()}: {c.ranks} local rank(s), "
+                f"{prof.threads} torch thread(s) each, {a.verify_warmup} + "
+                f"{a.verify_steps} steps ...")
+            verified.append(verify(p, c, a.stage, role, steps=a.verify_steps,
+                                   warmup=a.verify_warmup, threads=prof.threads))
+        say(verify_table(verified, notes))
+    if a.json:
+        d = p.to_json()
+        if a.verify:
+            d["verify"] = {"candidates": [v.to_json() for v in verified], "notes": notes,
+                           "steps": a.verify_steps, "warmup": a.verify_warmup}
+        print(json.dumps(d))
     if rec is None:
         print(f"error: nothing feasible: {p.why_none()}", file=sys.stderr)
         return 1
