@@ -869,10 +869,10 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> list[tuple[float, float]]:
     return spans
 
 
-def verify(p: Plan, c: Candidate, stage: str | Callable[[], tuple], role: str = "candidate",
+def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidate",
            steps: int = 5, warmup: int = 2, threads: int = 1,
            timeout: float = 600.0) -> Verification:
-    """Run candidate ``c`` of plan ``p`` through the runtime on this machine: ``c.ranks``
+    """Run candidate ``c`` of a plan through the runtime on this machine: ``c.ranks``
     local gloo ranks (:func:`dualpipe.launch.run_ranks`, ``threads`` torch threads each),
     one data-parallel replica, the stages built from ``stage`` (a ``module:function``
     reference or a module-level function, importable by the spawned ranks),
@@ -885,11 +885,8 @@ def verify(p: Plan, c: Candidate, stage: str | Callable[[], tuple], role: str = 
         raise ValueError(f"{c.label()} was not priced: {c.reason}")
     _positive_int("--verify-steps", steps)
     g_run = c.micro_batch * c.chunks
-    again = plan(p.block, c.ranks, p.layers, g_run, schedules=[c.schedule],
-                 param_factor=p.param_factor)
-    same = next(x for x in again.candidates
-                if (x.ranks, x.dp, x.chunks) == (c.ranks, 1, c.chunks))
-    v = Verification(role, c, predicted=same.step_time, global_batch_run=g_run,
+    # the same micro-batch size and count: one replica's makespan, the candidate's own
+    v = Verification(role, c, predicted=c.step_time, global_batch_run=g_run,
                      threads=threads)
     said = []
     if c.dp > 1:
@@ -1067,7 +1064,7 @@ def run(a: argparse.Namespace) -> int:
             say(f"verifying {role} {c.label()}: {c.ranks} local rank(s), "
                 f"{prof.threads} torch thread(s) each, {a.verify_warmup} + "
                 f"{a.verify_steps} steps ...")
-            verified.append(verify(p, c, a.stage, role, steps=a.verify_steps,
+            verified.append(verify(c, a.stage, role, steps=a.verify_steps,
                                    warmup=a.verify_warmup, threads=prof.threads))
         say(verify_table(verified, notes))
     if a.json:

@@ -345,8 +345,8 @@ def _case_ctor(rank, world, case, d, rec):
 
 
 def sigkill_worker(rank: int, world: int, transport: str, schedule: str, victim: int,
-                   frac: float, tmpdir: str, timeout: float, warm: int = 2,
-                   span: int = 12, max_steps: int = 100000, in_agreement: bool = False):
+                   frac: float, tmpdir: str, timeout: float, in_agreement: bool = False,
+                   warm: int = 2, span: int = 12, max_steps: int = 100000):
     """A training loop (step, SGD) on every rank.  After ``warm`` steps the victim arms
     a timer that kills it (SIGKILL, time written to ``tmpdir/killed_at`` first)
     ``frac * span`` of its measured step times later, so the kill lands anywhere in
@@ -629,7 +629,7 @@ def run_sigkill(transport: str, schedule: str, seed: int,
     before = shm_files()
     t0 = time.monotonic()
     res, errors = _spawn(sigkill_worker, transport, schedule, victim, frac, tmp, timeout,
-                         2, 12, 100000, in_agreement, timeout=3 * timeout + 90)
+                         in_agreement, timeout=3 * timeout + 90)
     wall = time.monotonic() - t0
     t_end = time.time()
     res = list(res)

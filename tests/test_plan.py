@@ -424,7 +424,7 @@ def test_verify_runs_one_replica_of_a_data_parallel_candidate():
     prof = planmod.profile_stage(make_sleep_block, repeats=3, warmup=1)
     p = plan(prof.costs, devices=2, layers=4, global_batch=8, schedules=["1f1b"])
     c = next(c for c in p.candidates if (c.ranks, c.dp, c.chunks) == (1, 2, 2))
-    v = planmod.verify(p, c, "tests.plan_stages:make_sleep_block", steps=2, warmup=1)
+    v = planmod.verify(c, "tests.plan_stages:make_sleep_block", steps=2, warmup=1)
     assert v.global_batch_run == c.micro_batch * c.chunks == 4
     assert v.predicted == pytest.approx(c.step_time, rel=1e-12)
     assert "data-parallel part is not verified" in v.note
