@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -170,6 +171,18 @@ def test_run_without_a_command_prints_usage(asis):
     repo, env, _, _ = asis
     p = run(["./run"], repo, env, timeout=30)
     assert p.returncode == 2 and "usage:" in p.stderr and "gpu-check" in p.stderr, explain(p)
+
+
+def test_every_package_of_the_checkout_is_in_the_wheel():
+    """``[tool.setuptools] packages`` lists packages one by one: a subpackage missing from
+    it (``overlap.fb``, a package split out of a module) would be left out of the wheel."""
+    text = (ROOT / "pyproject.toml").read_text()
+    line = re.search(r"^packages\s*=\s*\[(.*?)\]", text, re.M | re.S)
+    assert line is not None, "pyproject.toml: no [tool.setuptools] packages list"
+    listed = set(re.findall(r'"([\w.]+)"', line.group(1)))
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for top in ("dualpipe", "overlap") for p in (ROOT / top).rglob("__init__.py")}
+    assert found and found <= listed, f"packages not listed in pyproject.toml: {found - listed}"
 
 
 def test_wheel_built_without_isolation_works_outside_the_checkout(tmp_path):
