@@ -1,13 +1,15 @@
 """Deferred weight gradients (the zero-bubble "W" pass).
 
-:class:`WeightGradStore` keeps the published API that custom autograd functions are
-written against (``enabled``, ``put``, ``flush``, ``pop``, ``clear``): while
-``WeightGradStore.enabled`` is true, a backward that supports deferral calls
-``WeightGradStore.put(fn)`` with a closure computing its weight gradient instead of
+:class:`WeightGradStore` is the one store of :mod:`overlap.fb.weight_grads` (the same class,
+re-exported here and as ``dualpipe.WeightGradStore``), with the published API that custom
+autograd functions are written against (``enabled``, ``put``, ``flush``, ``pop``,
+``clear``): while ``WeightGradStore.enabled`` is true, a backward that supports deferral
+calls ``WeightGradStore.put(fn)`` with a closure computing its weight gradient instead of
 computing it.  The runtime enables the store for ``I`` actions, takes the closures
 collected during that backward (:meth:`WeightGradStore.take`) and runs them in the
 matching ``W`` action; user code that calls ``flush``/``pop`` itself gets the published
-first-in first-out behaviour.
+first-in first-out behaviour.  Closures deferred inside an overlapped F&B pair
+(``overlap.fb``) go through the same store.
 
 :func:`split_linear_weight_grads` is the opt-in that needs no custom autograd code: it
 makes every ``nn.Linear`` of a module defer its weight (and bias) gradient.
@@ -15,57 +17,15 @@ makes every ``nn.Linear`` of a module defer its weight (and bias) gradient.
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 from torch.autograd import Variable
 
+from overlap.fb import WeightGradStore
+
 __all__ = ["WeightGradStore", "split_linear_weight_grads", "unsplit_linear_weight_grads",
            "eager_region"]
-
-
-class WeightGradStore:
-    """Collects weight-gradient closures while ``enabled`` (class-level, as published:
-    custom autograd functions refer to the class itself)."""
-
-    enabled: bool = False
-    cache: list[Callable[[], None]] = []
-    funcs_queue: deque = deque()
-
-    @classmethod
-    def put(cls, func: Callable[[], None]) -> None:
-        """Record ``func`` (no arguments) to run in a later weight pass."""
-        cls.cache.append(func)
-
-    @classmethod
-    def flush(cls) -> None:
-        """Close the current group of closures and queue it (first in, first out)."""
-        cls.funcs_queue.append(cls.cache)
-        cls.cache = []
-
-    @classmethod
-    def pop(cls) -> None:
-        """Run the oldest queued group."""
-        if not cls.funcs_queue:
-            raise RuntimeError("WeightGradStore.pop(): no flushed group of weight-gradient "
-                               "closures is queued; call flush() after a deferred backward")
-        for f in cls.funcs_queue.popleft():
-            f()
-
-    @classmethod
-    def take(cls) -> list[Callable[[], None]]:
-        """Return and forget the closures put since the last flush/take (runtime use)."""
-        out, cls.cache = cls.cache, []
-        return out
-
-    @classmethod
-    def clear(cls) -> None:
-        cls.enabled = False
-        cls.cache = []
-        cls.funcs_queue = deque()
 
 
 class _LinearDeferW(torch.autograd.Function):

@@ -65,7 +65,7 @@ _EXPORTS = {
                  "overlap_efficiency", "exposed_comm", "compute_slowdown"),
     "fb": ("SubStage", "SubStageModule", "CommHandle", "Step", "compute", "comm",
            "run_async", "build_order", "overlapped_forward_backward",
-           "plain_forward_backward", "defer_weight_grad"),
+           "plain_forward_backward", "defer_weight_grad", "WeightGradStore"),
     "partition": ("SMPartition", "SMGranularity", "PartitionError", "PartitionConfigError",
                   "PartitionUnavailableError", "PartitionClosedError", "round_comm_sms",
                   "nccl_process_group_options", "nccl_cta_env", "apply_nccl_cta_env"),

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from overlap.fb import (FB_WINDOW_LANE, SUBSTAGE_COMM_LANE, SUBSTAGE_COMPUTE_LANE, CommHandle,
                         Step, SubStage, SubStageModule, build_order, comm, compute,
-                        defer_weight_grad, overlapped_forward_backward, plain_forward_backward,
-                        run_async, run_substages)
+                        WeightGradStore, defer_weight_grad, overlapped_forward_backward,
+                        plain_forward_backward, run_async, run_substages)
 from overlap.streams import StreamPair
 from overlap.timeline import Timeline, overlap_stats
 
@@ -396,6 +396,140 @@ def test_weight_grad_store_interop():
     assert len(fns) == 2
     ref1(leaf(x1)).backward(torch.ones(8, H))
     assert_bitwise(grads(toy1), grads(ref1))
+
+
+def test_one_store_for_our_closures_and_the_published_ones():
+    """overlap.fb and dualpipe share one WeightGradStore: a closure a custom function puts
+    into it directly inside a split sub-stage runs at that sub-stage's W step (not at the
+    end of the pair), and an enclosing pass's state (store on, its closures) is kept."""
+    store = WeightGradStore
+    wg = pytest.importorskip("dualpipe.weight_grad")
+    assert wg.WeightGradStore is store  # one class, re-exported, not a second store
+
+    class Put(torch.autograd.Function):  # the published WeightGradStore protocol
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            if store.enabled:
+                store.put(lambda: calls.append("put ran"))
+            else:
+                calls.append("put ran now")
+            return g
+
+    class T3(Toy):
+        def substages(self):
+            st = super().substages()
+            return [st[0], st[1], compute("mlp", lambda h: Put.apply(mlp_fn(self, h)),
+                                          split_weight_grad=True), st[3]]
+
+    m0, m1 = Toy(), T3()
+    calls = m0.calls  # module0's forward steps and the closure, in the order they ran
+    o1 = m1(leaf(data(1)[0]))
+    enclosing = [lambda: None]
+    store.clear()
+    store.enabled = True  # as inside a runtime's I action that already collected a closure
+    store.cache = list(enclosing)
+    try:
+        overlapped_forward_backward(m0, (leaf(data(2)[0]),), None, [], m1, None, [o1],
+                                    [torch.ones(8, H)])
+        assert store.enabled is True and store.take() == enclosing
+    finally:
+        store.clear()
+    # B:combine F:attn B:mlp F:dispatch B:dispatch W:mlp F:mlp B:attn W:attn F:combine
+    assert calls == ["F:attn", "F:dispatch", "put ran", "F:mlp", "F:combine"], calls
+    # outside any pass (store off) the published protocol computes at once
+    calls.clear()
+    T3()(leaf(data(3)[0])).sum().backward()
+    assert calls == ["put ran now"]
+
+
+def test_fb_code_never_names_the_dualpipe_package():
+    """overlap is the lower layer: no import of dualpipe and no lookup by its name (a
+    string in code) anywhere in overlap/fb; docstrings may mention it."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "overlap" / "fb"
+    files = sorted(root.glob("*.py"))
+    assert len(files) > 1
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                  ast.AsyncFunctionDef))
+                and n.body and isinstance(n.body[0], ast.Expr)
+                and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            names = []
+            if isinstance(n, ast.Import):
+                names = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom):
+                names = [n.module or ""]
+            elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+                names = [n.value]
+            found += [f"{path.name}:{n.lineno}: {x!r}" for x in names if "dualpipe" in x.lower()]
+    assert not found, found
+
+
+def test_fb_runs_with_the_dualpipe_package_blocked():
+    """overlap.fb imports, defers weight gradients through its store and interleaves a pair
+    with every dualpipe module unimportable."""
+    code = """
+import sys
+import overlap.timeline  # issue 13 (trace data) moves its dualpipe.simulate import; not fb's
+for name in [n for n in sys.modules if n == "dualpipe" or n.startswith("dualpipe.")]:
+    sys.modules[name] = None
+sys.modules["dualpipe"] = sys.modules["dualpipe.weight_grad"] = None
+import torch
+from overlap.fb import (SubStageModule, WeightGradStore, comm, compute, defer_weight_grad,
+                        overlapped_forward_backward, run_async)
+
+class Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x)
+        ctx.w = w
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        w = ctx.w
+        def wgrad():
+            w.grad = (g * x).sum(0) if w.grad is None else w.grad + (g * x).sum(0)
+        defer_weight_grad(wgrad)
+        return g * w, None
+
+class M(SubStageModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((4,), 2.0))
+    def substages(self):
+        move = lambda x: run_async(lambda: x.clone())
+        return [compute("a", lambda x: Scale.apply(x, self.w), split_weight_grad=True),
+                comm("c", move, move)]
+
+m0, m1 = M(), M()
+x1 = torch.ones(3, 4, requires_grad=True)
+o1 = m1(x1)
+overlapped_forward_backward(m0, (torch.ones(3, 4),), None, [], m1, None, [o1],
+                            [torch.ones(3, 4)])
+assert torch.equal(m1.w.grad, torch.full((4,), 3.0)) and torch.equal(x1.grad, o1 * 0 + 2)
+WeightGradStore.enabled = True  # an I pass: the closure waits in the store
+x = torch.ones(3, 4, requires_grad=True)
+M()(x).sum().backward()
+WeightGradStore.enabled = False
+assert len(WeightGradStore.take()) == 1
+assert "dualpipe.weight_grad" not in [n for n, m in sys.modules.items() if m is not None]
+print("ok")
+"""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
 
 
 # -- (c) concurrency ----------------------------------------------------------------------

@@ -16,8 +16,9 @@ Where each part lives (every public name is importable from ``overlap.fb``):
   :func:`run_async`;
 * :mod:`overlap.fb.substages` -- the declarations :class:`SubStage`, :func:`compute`,
   :func:`comm`, and the interleaving order: :class:`Step`, :func:`build_order`;
-* :mod:`overlap.fb.weight_grads` -- deferred weight gradients: :func:`defer_weight_grad`
-  and the collector behind a ``W`` step;
+* :mod:`overlap.fb.weight_grads` -- deferred weight gradients: the process's one
+  :class:`WeightGradStore` (the published DualPipe API; ``dualpipe.WeightGradStore`` is
+  this class), :func:`defer_weight_grad` and the collector behind a ``W`` step;
 * :mod:`overlap.fb.graph` -- autograd plumbing: the forward cut at sub-stage boundaries,
   the node tying it to the module's outputs, and why the backward can run per sub-stage;
 * :mod:`overlap.fb.programs` -- the forward and backward programs run one step at a time
@@ -32,11 +33,11 @@ from .module import (SubStageModule, overlapped_forward_backward, plain_forward_
                      run_substages)
 from .programs import FB_WINDOW_LANE, SUBSTAGE_COMM_LANE, SUBSTAGE_COMPUTE_LANE
 from .substages import COMM, COMPUTE, POLICIES, OrderSpec, Step, SubStage, build_order, comm, compute
-from .weight_grads import defer_weight_grad
+from .weight_grads import WeightGradStore, defer_weight_grad
 
 __all__ = [
     "COMPUTE", "COMM", "SUBSTAGE_COMPUTE_LANE", "SUBSTAGE_COMM_LANE", "FB_WINDOW_LANE",
     "CommHandle", "run_async", "SubStage", "compute", "comm", "Step", "build_order",
     "SubStageModule", "run_substages", "overlapped_forward_backward",
-    "plain_forward_backward", "defer_weight_grad",
+    "plain_forward_backward", "defer_weight_grad", "WeightGradStore",
 ]
