@@ -11,6 +11,7 @@ another thread, so it really overlaps the host's compute.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Sequence
 
@@ -105,17 +106,7 @@ def _span(tl: Timeline | None, label: str):
     return tl.span(SUBSTAGE_COMPUTE_LANE, label) if tl is not None else _NO_CM
 
 
-class _NoCM:
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-_NO_CM = _NoCM()
+_NO_CM = contextlib.nullcontext()  # reusable: it keeps no state between uses
 
 
 class _ForwardRun:
