@@ -2,6 +2,8 @@
 
 * :mod:`overlap.streams` -- compute/communication streams with priorities, events, and a
   CPU twin with the same interface;
+* :mod:`overlap.trace` -- :class:`~overlap.trace.Interval`, one span of work on one rank:
+  the trace data that timelines record and the simulator and drawer of ``dualpipe`` share;
 * :mod:`overlap.timeline` -- record spans per lane (host clock or CUDA events) and measure
   hidden/exposed communication;
 * :mod:`overlap.fb` -- declare a stage as sub-stages (compute / async comm) and get an
@@ -60,6 +62,7 @@ _map_checkout_kernels()
 
 _EXPORTS = {
     "streams": ("HostStream", "StreamEvent", "StreamPair", "priority_range", "resolve_device"),
+    "trace": ("Interval",),
     "timeline": ("Timeline", "OverlapStats", "IsolatedOverlap", "overlap_stats",
                  "overlap_per_window", "isolated_overlap", "hidden_fraction",
                  "overlap_efficiency", "exposed_comm", "compute_slowdown"),
@@ -77,7 +80,7 @@ _EXPORTS = {
     "shm": ("ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"),
 }
 # submodules importable as attributes; ``kernels`` imports triton, so only on use
-_SUBMODULES = ("streams", "timeline", "fb", "partition", "p2p", "shm", "adapters", "kernels")
+_SUBMODULES = ("streams", "trace", "timeline", "fb", "partition", "p2p", "shm", "adapters", "kernels")
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE) + list(_SUBMODULES)
