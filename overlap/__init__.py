@@ -12,6 +12,9 @@
 * :mod:`overlap.shm` -- the same interface over shared memory, for ranks on one host;
 * :mod:`overlap.partition` -- SM partitions between compute and communication;
 * :mod:`overlap.kernels` -- Triton kernels taking an SM budget (imports triton);
+* the extension's SM-budgeted ops (``sm_copy_``, ``gather_rows``, ``scatter_add_rows_``,
+  ...) and the SM-budget rule they share with the kernels (:func:`overlap.device_sm_count`,
+  :func:`overlap.sm_budget`), exported here from the private loader ``overlap._ext``;
 * :func:`overlap.build_info` -- what the extension was built with.
 
 Submodules are imported on first use (``import overlap`` imports no torch code and probes
@@ -73,7 +76,8 @@ _EXPORTS = {
                   "PartitionUnavailableError", "PartitionClosedError", "round_comm_sms",
                   "nccl_process_group_options", "nccl_cta_env", "apply_nccl_cta_env"),
     "_ext": ("sm_copy_", "gather_rows", "scatter_add_rows_", "smid_probe", "sm_id_limit",
-             "extension_available", "extension_kind", "ExtensionUnavailableError"),
+             "device_sm_count", "sm_budget", "extension_available", "extension_kind",
+             "ExtensionUnavailableError"),
     "_build": ("build_info", "build_hint", "format_build_info"),
     "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerExited",
             "PeerAborted"),
