@@ -8,6 +8,8 @@
   hidden/exposed communication;
 * :mod:`overlap.fb` -- declare a stage as sub-stages (compute / async comm) and get an
   interleaved ``overlapped_forward_backward`` for DualPipe;
+* :mod:`overlap.transport` -- the transport interface (:class:`~overlap.transport.Transport`,
+  the one handle type :class:`~overlap.transport.TransferHandle`, the ``Peer*`` failures);
 * :mod:`overlap.p2p` -- asynchronous pipeline send/recv with a shape/dtype handshake;
 * :mod:`overlap.shm` -- the same interface over shared memory, for ranks on one host;
 * :mod:`overlap.partition` -- SM partitions between compute and communication;
@@ -79,12 +81,14 @@ _EXPORTS = {
              "device_sm_count", "sm_budget", "extension_available", "extension_kind",
              "ExtensionUnavailableError"),
     "_build": ("build_info", "build_hint", "format_build_info"),
-    "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerExited",
-            "PeerAborted"),
+    "transport": ("Transport", "TransferHandle", "PeerError", "PeerTimeout", "PeerLost",
+                  "PeerExited", "PeerAborted"),
+    "p2p": ("P2P", "Handle", "TensorMeta"),
     "shm": ("ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"),
 }
 # submodules importable as attributes; ``kernels`` imports triton, so only on use
-_SUBMODULES = ("streams", "trace", "timeline", "fb", "partition", "p2p", "shm", "adapters", "kernels")
+_SUBMODULES = ("streams", "trace", "timeline", "fb", "partition", "transport", "p2p", "shm",
+               "adapters", "kernels")
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE) + list(_SUBMODULES)
