@@ -37,28 +37,35 @@ def ours_wait_probe() -> list[float]:
     return acc
 
 
-def torch_wait_probe() -> list[float]:
-    """Accumulate the time torch.distributed.pipelining's schedules spend in
-    ``schedules._wait_batch_p2p`` (where they wait on every p2p work).  Returns a
-    one-element list holding seconds."""
-    from torch.distributed.pipelining import schedules as sch
-    orig = getattr(sch, "_wait_batch_p2p", None)
+def _time_function(owner, name: str) -> list[float]:
+    """Wrap ``owner.<name>`` (once per process) so the seconds spent in it add up in a
+    one-element list, which is returned (the same one on every later call); ``[0.0]``,
+    not wrapped, when ``owner`` has no such function (another torch layout)."""
+    orig = getattr(owner, name, None)
     if orig is None:
         return [0.0]
     if getattr(orig, "_bench_wrapped", False):
         return orig._bench_acc
     acc = [0.0]
 
-    def wrapped(work):
+    def wrapped(*args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return orig(work)
+            return orig(*args, **kwargs)
         finally:
             acc[0] += time.perf_counter() - t0
     wrapped._bench_wrapped = True
     wrapped._bench_acc = acc
-    sch._wait_batch_p2p = wrapped
+    setattr(owner, name, wrapped)
     return acc
+
+
+def torch_wait_probe() -> list[float]:
+    """Accumulate the time torch.distributed.pipelining's schedules spend in
+    ``schedules._wait_batch_p2p`` (where they wait on every p2p work).  Returns a
+    one-element list holding seconds."""
+    from torch.distributed.pipelining import schedules as sch
+    return _time_function(sch, "_wait_batch_p2p")
 
 
 def torch_busy_probe() -> list[float]:
@@ -133,20 +140,4 @@ def torch_post_probe() -> list[float]:
     """Accumulate the time torch.distributed.pipelining spends posting p2p operations
     (``schedules._batch_p2p``).  Returns a one-element list holding seconds."""
     from torch.distributed.pipelining import schedules as sch
-    orig = getattr(sch, "_batch_p2p", None)
-    if orig is None:
-        return [0.0]
-    if getattr(orig, "_bench_wrapped", False):
-        return orig._bench_acc
-    acc = [0.0]
-
-    def wrapped(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return orig(*args, **kwargs)
-        finally:
-            acc[0] += time.perf_counter() - t0
-    wrapped._bench_wrapped = True
-    wrapped._bench_acc = acc
-    sch._batch_p2p = wrapped
-    return acc
+    return _time_function(sch, "_batch_p2p")
