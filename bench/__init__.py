@@ -10,6 +10,14 @@
 * ``bench.scale``       growth of generate / lower / validate / simulate / plan from 8 x 20 to 128 x 4096
 * ``bench/test_micro.py`` pytest-benchmark micro benchmarks (``pytest bench/ --benchmark-only``)
 
+Shared by the benchmarks (one concern each): ``bench.machine`` (what the numbers were
+measured on), ``bench.stats`` (summaries, paired ratios; timing a step is
+``dualpipe.launch.timed``), ``bench.report`` (tables, JSON files, figures),
+``bench.stages`` (calibrated sleep layers, MLP stages), ``bench.pipelines`` (a schedule
+wired into our pipeline on one rank, its inputs and labels; torch's schedules available),
+``bench.probes`` (patches of the transports and of torch's pipelining that account
+waits, posts and compute).
+
 Results go to ``bench/results/`` (the CUDA-only ones to ``out/<name>/``; ``--out`` for
 any) as JSON (machine-readable, with the machine described), a markdown table and a PNG
 plot. ``scripts/gpu_check.py`` runs the CUDA ones in one time-boxed check.

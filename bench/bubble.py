@@ -1,6 +1,6 @@
 """Measured vs simulated bubble: every schedule through our runtime on calibrated stages.
 
-Each stage is one calibrated layer (``bench.common.sleep_layer_class``): its forward
+Each stage is one calibrated layer (``bench.stages.sleep_layer_class``): its forward
 costs F, its backward B, of which W is the weight part that a deferred ``W`` action runs
 (``I`` costs B - W).  On CPU the cost is a host sleep, so the rank count is not limited by
 the cores; on CUDA (``--backend nccl``) it is ``torch.cuda._sleep``.
@@ -31,7 +31,12 @@ import gc
 import sys
 import time
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.pipelines import build_ours, rank_io
+from bench.report import md_table, new_figure, out_dir, save_figure, text_table, write_json
+from bench.stages import calibrate_host_sleep, mse, sleep_layer_class, sleep_stage
+from bench.stats import summarize
+from dualpipe.launch import makespans, timed
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p")
 DIM = 16       # features of the (tiny) activations
@@ -86,17 +91,17 @@ def _rank_main(rank: int, world: int, cfg: dict):
     from dualpipe import WeightGradStore  # noqa: F401 - the stages defer through it
     dev = torch.device("cuda", rank) if cfg["backend"] == "nccl" else torch.device("cpu")
     f, b, w = cfg["f"], cfg["b"], cfg["w"]
-    bias = common.calibrate_host_sleep() if dev.type == "cpu" else 0.0
+    bias = calibrate_host_sleep() if dev.type == "cpu" else 0.0
     out = {"latency": _latency(rank, world), "sleep_bias": bias, "cases": []}
     for name in cfg["schedules"]:
         for N in cfg["chunks"][name]:
             def make(stage):
-                return common.sleep_stage(1, DIM, f, b, w).to(dev)
-            pipe, s = common.build_ours(name, rank, world, N, make, timeout=cfg["timeout"])
+                return sleep_stage(1, DIM, f, b, w).to(dev)
+            pipe, s = build_ours(name, rank, world, N, make, timeout=cfg["timeout"])
             x = torch.randn(N * ROWS, DIM, device=dev)
             y = torch.randn(N * ROWS, DIM, device=dev)
-            inputs, labels = common.rank_io(s, rank, x, y, ROWS)
-            crit = common.mse if labels else None
+            inputs, labels = rank_io(s, rank, x, y, ROWS)
+            crit = mse if labels else None
             spans, stats = [], []
             pipe_start = [0.0]
 
@@ -105,7 +110,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
                 return pipe.step(*inputs, num_chunks=N, criterion=crit, labels=labels)
             for i in range(cfg["warmup"] + cfg["repeats"]):
                 pipe.zero_grad(set_to_none=True)
-                t0, t1, _ = common.timed(step, dev)
+                t0, t1, _ = timed(step, dev)
                 if i >= cfg["warmup"]:
                     st = pipe.last_stats
                     spans.append((t0, t1))
@@ -208,8 +213,8 @@ def analyse(cfg: dict, results_by_world: dict) -> dict:
             if lat is None:
                 lat = ping
             spans = [c["spans"] for c in cases]
-            mk = common.makespans(spans)
-            mks = common.summarize(mk)
+            mk = makespans(spans)
+            mks = summarize(mk)
             sim0 = simulate(s, Costs(f, b, w, fb=f + b))
             sim = simulate(s, Costs(f, b, w, fb=f + b, latency=lat))
             mcost = _measured_costs([c["timeline"] for c in cases], f, b, w)
@@ -217,11 +222,11 @@ def analyse(cfg: dict, results_by_world: dict) -> dict:
             simm = simulate(s, mcost_lat)
             # idle as the simulator defines it: the step's makespan (over all ranks)
             # minus the rank's time inside compute actions, per repeat, then the median
-            idle_meas = [common.summarize([m - st["busy"] for m, st in zip(mk, c["stats"])])
+            idle_meas = [summarize([m - st["busy"] for m, st in zip(mk, c["stats"])])
                          ["median"] for c in cases]
-            wall_meas = [common.summarize([st["wall"] for st in c["stats"]])["median"]
+            wall_meas = [summarize([st["wall"] for st in c["stats"]])["median"]
                          for c in cases]
-            wait_meas = [common.summarize([st["wait"] for st in c["stats"]])["median"]
+            wait_meas = [summarize([st["wait"] for st in c["stats"]])["median"]
                          for c in cases]
             rows.append({
                 "schedule": name, "ranks": world, "chunks": N,
@@ -272,7 +277,7 @@ def render(cfg, machine, res, out) -> str:
                   " ".join(f"{x * 1e3:.0f}" for x in r["idle_sim_s"])] for r in rows]
     ping = sorted({r["ranks"]: r["latency_pingpong_s"] for r in rows}.items())
     md = [f"# Measured vs simulated bubble (`python -m bench.bubble`)", "",
-          f"Machine: {common.describe_machine(machine)}.", "",
+          f"Machine: {describe_machine(machine)}.", "",
           f"Costs per stage: F = {cfg['f'] * 1e3:g} ms, B = {cfg['b'] * 1e3:g} ms, "
           f"W = {cfg['w'] * 1e3:g} ms (I = B - W), F&B = F + B (no overlap of sleeps), "
           "each sleep shortened by the rank's measured `time.sleep` overshoot (median "
@@ -284,11 +289,11 @@ def render(cfg, machine, res, out) -> str:
           "the pipeline saw it, wake-up included); for reference a "
           "ping-pong between ranks 0 and 1 gave " + ", ".join(
               f"{lt * 1e6:.0f} us ({w} ranks)" for w, lt in ping) + " one way.",
-          "", md_note(), "", common.md_table(headers, table), "",
+          "", md_note(), "", md_table(headers, table), "",
           "Idle per rank (makespan - the rank's time inside compute actions, as the "
-          "simulator defines it; median of the timed steps) against the simulator:", "", common.md_table(idle_headers, idle_rows), ""]
+          "simulator defines it; median of the timed steps) against the simulator:", "", md_table(idle_headers, idle_rows), ""]
     # plots
-    fig, (ax1, ax2) = common.new_figure(2, 6.5, 4.2)
+    fig, (ax1, ax2) = new_figure(2, 6.5, 4.2)
     labels = [f"{r['schedule']}\n{r['ranks']}x{r['chunks']}" for r in rows]
     xs = range(len(rows))
     ax1.bar(xs, [r["ratio_measured_to_sim"] for r in rows], color="#4477aa",
@@ -320,8 +325,8 @@ def render(cfg, machine, res, out) -> str:
     ax2.set_ylabel("idle per step (ms)")
     ax2.set_title(f"idle per rank, {big} ranks", fontsize=9)
     ax2.legend(fontsize=6, ncol=2)
-    fig.suptitle(f"bench.bubble — {common.describe_machine(machine)}", fontsize=8)
-    common.save_figure(fig, out / "bubble.png")
+    fig.suptitle(f"bench.bubble — {describe_machine(machine)}", fontsize=8)
+    save_figure(fig, out / "bubble.png")
     md += ["![measured vs simulated](bubble.png)", ""]
     # one measured timeline, the biggest DualPipe case
     pick = [r for r in rows if r["schedule"] == "dualpipe" and r["ranks"] == big] or rows
@@ -336,7 +341,7 @@ def render(cfg, machine, res, out) -> str:
     md += [f"Measured timeline of the last step of {r['schedule']} {r['ranks']}x{r['chunks']} "
            "(compute lane and waits on receives):", "", "![timeline](bubble_timeline.png)", ""]
     (out / "bubble.md").write_text("\n".join(md))
-    return common.text_table(headers[:3] + ["measured ms", "lat us", "simulated ms", "ratio",
+    return text_table(headers[:3] + ["measured ms", "lat us", "simulated ms", "ratio",
                                             "<=5%", "best ratio", "ratio (measured costs)"],
                              [t[:3] + [t[3].split()[0], t[4], t[5], t[6], t[7], t[8], t[9]]
                               for t in table])
@@ -375,8 +380,8 @@ def main(argv=None) -> int:
         print(f"--backend nccl needs {max(a.ranks)} GPUs; this machine has "
               f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}", file=sys.stderr)
         return 2
-    out = common.out_dir(a.out)
-    machine = common.machine_info(a.backend, threads_per_rank=1)
+    out = out_dir(a.out)
+    machine = machine_info(a.backend, threads_per_rank=1)
     cfg = dict(f=a.f, b=a.b, w=a.w, warmup=a.warmup, repeats=a.repeats, backend=a.backend,
                timeout=a.timeout, schedules=a.schedules)
     t_start = time.perf_counter()
@@ -409,7 +414,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "bubble", "machine": machine, "config": cfg,
                "sleep_bias_s": {w: [r["sleep_bias"] for r in pr] for w, pr in results.items()},
                "units": "seconds", "wall_s": time.perf_counter() - t_start, "rows": rows}
-    common.write_json(out / "bubble.json", payload)
+    write_json(out / "bubble.json", payload)
     print(f"[bubble] wrote {out / 'bubble.json'}, bubble.md, bubble.png, bubble_timeline.png "
           f"({time.perf_counter() - t_start:.0f} s)")
     print(table)

@@ -5,5 +5,5 @@ from __future__ import annotations
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Put our machine description (cpu model, cores, torch, load average) into
     pytest-benchmark's JSON next to its own."""
-    from bench import common
-    machine_info["dualpipe_bench"] = common.machine_info("none (single process)")
+    from bench import machine
+    machine_info["dualpipe_bench"] = machine.machine_info("none (single process)")

@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.report import md_table, out_dir, write_json
 
 
 def _stats(xs) -> dict | None:
@@ -129,7 +130,7 @@ def markdown(rows: list[dict], machine: dict, cmd: str) -> str:
                       str(r["violations"])])
     return "\n".join([
         "# Fault injection (`python -m bench.fault_sweep`)", "",
-        f"Machine: {common.describe_machine(machine)}.", "", f"Command: `{cmd}`", "",
+        f"Machine: {describe_machine(machine)}.", "", f"Command: `{cmd}`", "",
         "4 ranks, gloo. Latency: from the fault (SIGSTOP / SIGKILL / the runtime's raise; "
         "host clock) to each other rank's exception. Promises (issue 15): SIGSTOP -> "
         "PipelineTimeout within timeout (3 s) + 2 s naming the frozen rank; SIGKILL and "
@@ -137,7 +138,7 @@ def markdown(rows: list[dict], machine: dict, cmd: str) -> str:
         "/dev/shm. Constructor rows: latency = time the constructor took. Files left "
         "are counted per spawn (the non-SIGKILL cases of one transport x schedule share "
         "one), so each of those rows shows its spawn's.", "",
-        common.md_table(head, table), ""])
+        md_table(head, table), ""])
 
 
 def plan(transports, schedules, seeds, kinds) -> list[tuple]:
@@ -167,7 +168,7 @@ def _paths(out: str | None) -> tuple[Path, Path]:
         p = Path(out)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p, p.with_suffix(".md")
-    d = common.out_dir(out)
+    d = out_dir(out)
     return d / "fault_sweep.json", d / "fault_sweep.md"
 
 
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
         return 0
     from tests import fault_inject as fi
     json_path, md_path = _paths(a.out)
-    machine = common.machine_info("gloo", threads_per_rank=1)
+    machine = machine_info("gloo", threads_per_rank=1)
     t0 = time.perf_counter()
     cases, spawns = [], []
     for i, job in enumerate(todo):
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     rows = summarize(cases)
     cmd = "python -m bench.fault_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     machine["load_avg_1_5_15_end"] = [round(x, 2) for x in os.getloadavg()]
-    common.write_json(json_path, {
+    write_json(json_path, {
         "benchmark": "fault_sweep", "machine": machine, "command": cmd,
         "config": {"seeds": a.seeds, "transports": a.transports, "schedules": a.schedules,
                    "kinds": a.kinds, "stop_timeout_s": fi.STOP_TIMEOUT,

@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench import common
+from bench.machine import describe_machine
+from bench.report import md_table, new_figure, save_figure, text_table
 
 
 def _skipped_note(machine: dict, benches: list) -> str:
@@ -56,12 +57,12 @@ def main(argv=None) -> int:
                      f"{st['min'] * 1e6:.1f}", st["rounds"], note])
     md = ["# Micro benchmarks (`pytest bench/ --benchmark-only`)", ""]
     if m:
-        md += [f"Machine: {common.describe_machine(m)}.", ""]
+        md += [f"Machine: {describe_machine(m)}.", ""]
     md += ["Times in microseconds per call (pytest-benchmark: median, IQR, min over rounds).",
            _skipped_note(m, benches), "",
-           common.md_table(["benchmark", "median us", "IQR us", "min us", "rounds", "extra"],
+           md_table(["benchmark", "median us", "IQR us", "min us", "rounds", "extra"],
                            rows), ""]
-    fig, (ax,) = common.new_figure(1, 8, max(3.0, 0.22 * len(rows)))
+    fig, (ax,) = new_figure(1, 8, max(3.0, 0.22 * len(rows)))
     names = [r[0] for r in rows]
     ax.barh(range(len(rows)), [float(r[1]) for r in rows], color="#4477aa")
     ax.set_yticks(range(len(rows)))
@@ -69,12 +70,12 @@ def main(argv=None) -> int:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("median us per call (log)")
-    ax.set_title("bench/test_micro.py" + (f" — {common.describe_machine(m)}" if m else ""),
+    ax.set_title("bench/test_micro.py" + (f" — {describe_machine(m)}" if m else ""),
                  fontsize=8)
-    common.save_figure(fig, path.with_suffix(".png"))
+    save_figure(fig, path.with_suffix(".png"))
     md += [f"![micro benchmarks]({path.with_suffix('.png').name})", ""]
     path.with_suffix(".md").write_text("\n".join(md))
-    print(common.text_table(["benchmark", "median us", "IQR us"], [r[:3] for r in rows]))
+    print(text_table(["benchmark", "median us", "IQR us"], [r[:3] for r in rows]))
     return 0
 
 

@@ -37,8 +37,14 @@ import pstats
 import sys
 import time
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.pipelines import build_ours, rank_io, torch_pipelining_status
+from bench.probes import ours_post_probe, ours_wait_probe, torch_post_probe, torch_wait_probe
+from bench.report import md_table, new_figure, out_dir, save_figure, text_table, write_json
+from bench.stages import mse
+from bench.stats import ratio_samples, summarize
 from bench.vs_torch import _build_torch
+from dualpipe.launch import makespans, timed
 
 DIM, ROWS = 4, 1
 
@@ -64,15 +70,15 @@ def _bare_costs(iters: int = 300) -> dict:
         t1 = time.perf_counter()
         y.backward(g)
         t2 = time.perf_counter()
-        loss = common.mse(m(x), t)
+        loss = mse(m(x), t)
         loss.backward()
         t3 = time.perf_counter()
         if i >= 20:
             tf.append(t1 - t0)
             tb.append(t2 - t1)
             tl.append(t3 - t2)
-    return {"f": common.summarize(tf)["median"], "b": common.summarize(tb)["median"],
-            "last_f_loss_b": common.summarize(tl)["median"]}
+    return {"f": summarize(tf)["median"], "b": summarize(tb)["median"],
+            "last_f_loss_b": summarize(tl)["median"]}
 
 
 def _count_parts(s, rank: int) -> tuple[int, int, int]:
@@ -118,10 +124,10 @@ def _rank_main(rank: int, world: int, cfg: dict):
     from dualpipe.schedules import get_schedule
     dev = torch.device("cpu")
     N = cfg["chunks"]
-    ours_wait = common.ours_wait_probe()
-    torch_wait = common.torch_wait_probe()
-    ours_post = common.ours_post_probe()
-    torch_post = common.torch_post_probe()
+    ours_wait = ours_wait_probe()
+    torch_wait = torch_wait_probe()
+    ours_post = ours_post_probe()
+    torch_post = torch_post_probe()
 
     def posted(side):
         return (ours_post["send"] + ours_post["recv"]) if side != "torch" else torch_post[0]
@@ -135,13 +141,13 @@ def _rank_main(rank: int, world: int, cfg: dict):
         nf, nb, nw = _count_parts(s, rank)
         for label, (split, transport) in OURS.items():
             kw = {"lookahead": cfg["lookahead"]} if cfg.get("lookahead") else {}
-            pipe, _ = common.build_ours(name, rank, world, N, _stage, timeout=cfg["timeout"],
+            pipe, _ = build_ours(name, rank, world, N, _stage, timeout=cfg["timeout"],
                                         split_linear_weight_grads=split, transport=transport,
                                         **kw)
             if rank == 0 and pipe.transport != {"auto": "shm", "group": "gloo"}[transport]:
                 print(f"[overhead] note: {label!r} runs on {pipe.transport}", flush=True)
-            inputs, labels = common.rank_io(s, rank, x, y, ROWS)
-            crit = common.mse if labels else None
+            inputs, labels = rank_io(s, rank, x, y, ROWS)
+            crit = mse if labels else None
 
             def run(pipe=pipe, inputs=inputs, labels=labels, crit=crit):
                 pipe.step(*inputs, num_chunks=N, criterion=crit, labels=labels)
@@ -168,7 +174,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
             for o in objs:
                 o.zero_grad(set_to_none=True)
             w0, p0 = sd["acc"][0], posted(k[1])
-            t0, t1, _ = common.timed(sd["run"])
+            t0, t1, _ = timed(sd["run"])
             if rep >= cfg["warmup"]:
                 samples[k].append({"t0": t0, "t1": t1, "wall": t1 - t0,
                                    "wait": sd["acc"][0] - w0, "post": posted(k[1]) - p0})
@@ -180,7 +186,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
         for k in keys:
             prof = cProfile.Profile()
             for i in range(cfg["profile_steps"]):
-                common.timed(lambda: None)
+                timed(lambda: None)
                 if rank == cfg["profile_rank"]:
                     prof.enable()
                 sides[k]["run"]()
@@ -229,11 +235,11 @@ def analyse(cfg, per_rank):
         rows = []
         for rank, r in enumerate(per_rank):
             sd = r["sides"][k]
-            wall = common.summarize([x["wall"] for x in sd["samples"]])
-            wait = common.summarize([x["wait"] for x in sd["samples"]])
-            py = common.summarize([x["wall"] - x["wait"] - sd["compute_s"]
+            wall = summarize([x["wall"] for x in sd["samples"]])
+            wait = summarize([x["wait"] for x in sd["samples"]])
+            py = summarize([x["wall"] - x["wait"] - sd["compute_s"]
                                    for x in sd["samples"]])
-            post = common.summarize([x["post"] for x in sd["samples"]])
+            post = summarize([x["post"] for x in sd["samples"]])
             n = sd["parts"]
             rows.append({"rank": rank, "parts": n, "parts_torch_order": sd["parts_torch_order"],
                          "wall_per_action_us": wall["median"] / n * 1e6,
@@ -243,9 +249,9 @@ def analyse(cfg, per_rank):
                          "python_per_action_iqr_us": py["iqr"] / n * 1e6,
                          "post_per_action_us": post["median"] / n * 1e6,
                          "wall_ms": wall, "wait_ms": wait})
-        mk = common.makespans([[(x["t0"], x["t1"]) for x in r["sides"][k]["samples"]]
+        mk = makespans([[(x["t0"], x["t1"]) for x in r["sides"][k]["samples"]]
                                for r in per_rank])
-        res["sides"][k] = {"per_rank": rows, "step_s": common.summarize(mk), "samples_s": mk}
+        res["sides"][k] = {"per_rank": rows, "step_s": summarize(mk), "samples_s": mk}
     for name in cfg["schedules"]:
         t = res["sides"].get(f"{name}|torch")
         o = res["sides"].get(f"{name}|ours")
@@ -257,7 +263,7 @@ def analyse(cfg, per_rank):
             py_t = max(r["python_per_action_us"] for r in t["per_rank"])
             wall_o = max(r["wall_per_action_us"] for r in o["per_rank"])
             wall_t = max(r["wall_per_action_us"] for r in t["per_rank"])
-            step_ratio = common.summarize(common.ratio_samples(o["samples_s"], t["samples_s"]))
+            step_ratio = summarize(ratio_samples(o["samples_s"], t["samples_s"]))
             res["pairs"][f"{name}|{label}"] = {
                 "python_per_action_ratio": py_o / py_t,
                 "wall_per_action_ratio": wall_o / wall_t,
@@ -268,7 +274,7 @@ def analyse(cfg, per_rank):
 
 def render(cfg, machine, status, res, profiles, out) -> str:
     md = ["# Runtime overhead per compute action (`python -m bench.overhead`)", "",
-          f"Machine: {common.describe_machine(machine)}.", "",
+          f"Machine: {describe_machine(machine)}.", "",
           f"{cfg['ranks']} ranks, {cfg['chunks']} micro-batches of 1 x 4, every stage one "
           f"`nn.Linear(4, 4)`; {cfg['repeats']} timed steps per side after {cfg['warmup']} "
           "warm-up, sides interleaved. Per rank: wall / comm wait / bare compute / python "
@@ -294,7 +300,7 @@ def render(cfg, machine, status, res, profiles, out) -> str:
                      " / ".join(f"{r['wait_per_action_us']:.0f}" for r in pr),
                      " / ".join(f"{r['python_per_action_us']:.0f}" for r in pr),
                      " / ".join(f"{r['post_per_action_us']:.0f}" for r in pr)])
-    md += [common.md_table(headers, rows), ""]
+    md += [md_table(headers, rows), ""]
     h2 = ["schedule", "ours variant", "python/action ours / torch (worst rank)",
           "target <= 0.5", "wall/action ours / torch", "step time ours / torch (median [IQR])"]
     r2 = []
@@ -304,9 +310,9 @@ def render(cfg, machine, status, res, profiles, out) -> str:
         r2.append([name, label, f"{p['python_per_action_ratio']:.3f}",
                    "met" if p["target_met"] else "NOT met", f"{p['wall_per_action_ratio']:.3f}",
                    f"{sr['median']:.3f} [{sr['q1']:.3f}-{sr['q3']:.3f}]"])
-    md += [common.md_table(h2, r2), ""]
+    md += [md_table(h2, r2), ""]
     # plot: stacked per-action cost, worst rank
-    fig, (ax,) = common.new_figure(1, 7.5, 4.0)
+    fig, (ax,) = new_figure(1, 7.5, 4.0)
     labels, comp, wait, py = [], [], [], []
     for k, v in res["sides"].items():
         name, label = k.split("|")
@@ -326,8 +332,8 @@ def render(cfg, machine, status, res, profiles, out) -> str:
     ax.legend(fontsize=7)
     ax.set_title(f"per-action cost, {cfg['ranks']} ranks x {cfg['chunks']} micro-batches, "
                  "Linear(4,4) stages", fontsize=9)
-    fig.suptitle(f"bench.overhead — {common.describe_machine(machine)}", fontsize=8)
-    common.save_figure(fig, out / "overhead.png")
+    fig.suptitle(f"bench.overhead — {describe_machine(machine)}", fontsize=8)
+    save_figure(fig, out / "overhead.png")
     md += ["![per-action cost](overhead.png)", ""]
     own = res.get("own_python_s_per_step") or {}
     if own:
@@ -343,7 +349,7 @@ def render(cfg, machine, status, res, profiles, out) -> str:
                "`torch/distributed/pipelining/` and the Python layer of `torch.distributed` "
                "it calls; not torch ops, autograd or the c10d C++ calls; profiler overhead "
                "included on both sides):", "",
-               common.md_table(["schedule", "side", "ms per step", "us per action", "by part, us per action"],
+               md_table(["schedule", "side", "ms per step", "us per action", "by part, us per action"],
                                rows3), ""]
     if profiles:
         txt = "\n\n".join(f"==== {k} (rank 0, {cfg['profile_steps']} steps) ====\n{v}"
@@ -351,10 +357,10 @@ def render(cfg, machine, status, res, profiles, out) -> str:
         (out / "overhead_profile.txt").write_text(txt)
         md += ["cProfile of rank 0 (top functions by own time): `overhead_profile.txt`.", ""]
     (out / "overhead.md").write_text("\n".join(md))
-    return common.text_table(["schedule", "side", "step ms", "python/action us",
+    return text_table(["schedule", "side", "step ms", "python/action us",
                               "wait/action us"],
                              [[r[0], r[1], r[3].split()[0], r[6], r[5]] for r in rows]) + \
-        "\n\n" + common.text_table(["schedule", "ours variant", "python ours/torch", "<=0.5"],
+        "\n\n" + text_table(["schedule", "ours variant", "python ours/torch", "<=0.5"],
                                    [r[:4] for r in r2])
 
 
@@ -377,9 +383,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from dualpipe.launch import run_ranks
-    out = common.out_dir(a.out)
-    status = common.torch_pipelining_status()
-    machine = common.machine_info("gloo", threads_per_rank=1)
+    out = out_dir(a.out)
+    status = torch_pipelining_status()
+    machine = machine_info("gloo", threads_per_rank=1)
     cfg = dict(ranks=a.ranks, chunks=a.chunks, schedules=a.schedules, warmup=a.warmup,
                repeats=a.repeats, profile=a.profile, profile_steps=a.profile_steps,
                lookahead=a.lookahead, profile_rank=a.profile_rank,
@@ -392,7 +398,7 @@ def main(argv=None) -> int:
     res["own_python_s_per_step"] = per_rank[a.profile_rank]["own_python_s_per_step"]
     profiles = per_rank[a.profile_rank]["profiles"]
     machine["load_avg_1_5_15_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    common.write_json(out / "overhead.json", {
+    write_json(out / "overhead.json", {
         "benchmark": "overhead", "machine": machine, "torch_pipelining": status, "config": cfg,
         "units": "per-action figures in microseconds, step times in seconds",
         "wall_s": time.perf_counter() - t0,

@@ -68,7 +68,8 @@ import sys
 import time
 from typing import Iterable, List, Optional, Sequence
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.report import md_table, new_figure, out_dir, save_figure, text_table, write_json
 
 #: In the order they run: plain streams first, our green contexts (the newest code) last,
 #: so a crash there leaves the earlier rows in the JSON (written after every split).
@@ -377,17 +378,17 @@ def main(argv=None) -> int:
         else:
             dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1, device_id=dev)
-    machine = common.machine_info("nccl" if "nccl_a2a" in a.comm else "cuda",
+    machine = machine_info("nccl" if "nccl_a2a" in a.comm else "cuda",
                                   sm_count=total,
                                   cuda_device_max_connections=os.environ.get(
                                       "CUDA_DEVICE_MAX_CONNECTIONS"),
                                   triton_pinned=os.environ.get("DUALPIPE_TRITON_PIN"))
     t0 = time.perf_counter()
-    out = common.out_dir(a.out)
+    out = out_dir(a.out)
 
     def checkpoint(rows, partitions, errors):
         """The JSON so far (``"finished": false``): a crash in a later split keeps it."""
-        common.write_json(out / "overlap_gpu.json", {
+        write_json(out / "overlap_gpu.json", {
             "benchmark": "overlap_gpu", "machine": machine, "config": vars(a),
             "skipped": skipped, "partitions": partitions, "finished": False,
             "errors": errors, "units": "milliseconds", "rows": rows,
@@ -415,9 +416,9 @@ def write_report(a, machine: dict, total: int, skipped: dict, rows: list, partit
             best[key] = {"comm_sms": r["comm_sms"], "compute_sms": r["compute_sms"],
                          "t_both_ms": r["t_both_ms"],
                          "overlap_efficiency": r["overlap_efficiency"]}
-    out = common.out_dir(a.out)
+    out = out_dir(a.out)
     cfg = vars(a)
-    common.write_json(out / "overlap_gpu.json", {
+    write_json(out / "overlap_gpu.json", {
         "benchmark": "overlap_gpu", "machine": machine, "config": cfg, "skipped": skipped,
         "partitions": partitions, "truncated": truncated, "errors": errors, "finished": True,
         "units": "milliseconds", "rows": rows, "best_split": best, "wall_s": wall_s})
@@ -430,7 +431,7 @@ def write_report(a, machine: dict, total: int, skipped: dict, rows: list, partit
               f"{r['overlap_efficiency']:.3f}", f"{r['hidden_fraction']:.3f}",
               f"{r['comm_gbps']:.0f}"] for r in rows]
     md = ["# Per-GPU overlap efficiency (`python -m bench.overlap_gpu`)", "",
-          f"Machine: {common.describe_machine(machine)}; {total} SMs.", "",
+          f"Machine: {describe_machine(machine)}; {total} SMs.", "",
           f"GEMM {a.m}^3 bf16; comm {a.comm_mib} MiB; median of {a.iters} after {a.warmup} "
           "warm-up, CUDA events. Compute SMs marked * are a software budget (or, for "
           "cuBLAS, all SMs); unmarked ones are confined by a green context. NCCL runs on "
@@ -439,11 +440,11 @@ def write_report(a, machine: dict, total: int, skipped: dict, rows: list, partit
         md += [f"**Truncated** after {a.max_seconds} s (--max-seconds): not every setting ran.", ""]
     md += [f"**Failed**: {e['setting']}: {e['error']}" for e in errors]
     md += [f"Skipped: {k}: {v}." for k, v in skipped.items()]
-    md += ["", common.md_table(headers, table), "", "Best split (smallest T_both):", "",
-           common.md_table(["partition|compute|comm", "comm SMs", "T_both ms", "overlap eff."],
+    md += ["", md_table(headers, table), "", "Best split (smallest T_both):", "",
+           md_table(["partition|compute|comm", "comm SMs", "T_both ms", "overlap eff."],
                            [[k, v["comm_sms"], f"{v['t_both_ms']:.3f}",
                              f"{v['overlap_efficiency']:.3f}"] for k, v in best.items()]), ""]
-    fig, (ax,) = common.new_figure(1, 7, 4)
+    fig, (ax,) = new_figure(1, 7, 4)
     for key in best:
         part, ck, mk = key.split("|")
         pts = [(r["comm_sms"], r["overlap_efficiency"]) for r in rows
@@ -454,10 +455,10 @@ def write_report(a, machine: dict, total: int, skipped: dict, rows: list, partit
     ax.set_title(f"overlap efficiency — {machine['gpu']}", fontsize=9)
     if best:
         ax.legend(fontsize=6)
-    common.save_figure(fig, out / "overlap_gpu.png")
+    save_figure(fig, out / "overlap_gpu.png")
     md += ["![overlap efficiency](overlap_gpu.png)", ""]
     (out / "overlap_gpu.md").write_text("\n".join(md))
-    print(common.text_table(headers[:9], [t[:9] for t in table]))
+    print(text_table(headers[:9], [t[:9] for t in table]))
     return out
 
 

@@ -22,7 +22,9 @@ import datetime
 import sys
 import time
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.report import md_table, out_dir, text_table, write_json
+from bench.stats import summarize
 
 
 def _rank_main(rank: int, world: int, cfg: dict) -> dict:
@@ -82,8 +84,8 @@ def main(argv=None) -> int:
     if a.ranks < 2:
         raise SystemExit("--ranks must be >= 2 (rank 0 and 1 ping-pong)")
     from dualpipe.launch import run_ranks
-    out = common.out_dir(a.out)
-    machine = common.machine_info("gloo", threads_per_rank=1)
+    out = out_dir(a.out)
+    machine = machine_info("gloo", threads_per_rank=1)
     cfg = dict(ranks=a.ranks, floats=a.floats, iters=a.iters, warmup=a.warmup,
                repeats=a.repeats, timeout=a.timeout)
     t0 = time.perf_counter()
@@ -92,15 +94,15 @@ def main(argv=None) -> int:
     per_rank = run_ranks(_rank_main, a.ranks, cfg, threads=1, timeout=max(600.0, a.timeout * 4))
     res = {}
     for name in per_rank[0]:
-        rtt = common.summarize(per_rank[0][name]["rtt"])
+        rtt = summarize(per_rank[0][name]["rtt"])
         # an all_gather ends when the slowest rank's ends: the max over ranks per round
-        gath = common.summarize([max(r[name]["gather"][i] for r in per_rank)
+        gath = summarize([max(r[name]["gather"][i] for r in per_rank)
                                  for i in range(a.repeats)])
         res[name] = {"one_way_us": rtt["median"] / 2 * 1e6, "rtt_us": rtt["median"] * 1e6,
                      "rtt_iqr_us": rtt["iqr"] * 1e6, "all_gather_us": gath["median"] * 1e6,
                      "all_gather_iqr_us": gath["iqr"] * 1e6}
     machine["load_avg_1_5_15_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    common.write_json(out / "p2p_latency.json", {
+    write_json(out / "p2p_latency.json", {
         "benchmark": "p2p_latency", "machine": machine, "config": cfg,
         "units": "microseconds (medians over rounds)", "wall_s": time.perf_counter() - t0,
         "result": res, "raw": per_rank})
@@ -108,16 +110,16 @@ def main(argv=None) -> int:
     rows = [[k, f"{v['one_way_us']:.1f}", f"{v['rtt_us']:.1f} [{v['rtt_iqr_us']:.1f}]",
              f"{v['all_gather_us']:.1f} [{v['all_gather_iqr_us']:.1f}]"] for k, v in res.items()]
     md = ["# Transport latency (`python -m bench.p2p_latency`)", "",
-          f"Machine: {common.describe_machine(machine)}.", "",
+          f"Machine: {describe_machine(machine)}.", "",
           f"{a.ranks} ranks; rank 0 and rank 1 ping-pong one tensor of {a.floats} float32; "
           f"every rank runs all_gather of 12 int64 (the runtime's step handshake). Medians "
           f"over {a.repeats} rounds of {a.iters} operations, transports alternating per "
           "round. shm = overlap.shm.ShmP2P; gloo = overlap.p2p.P2P over a private "
-          "ProcessGroupGloo.", "", common.md_table(headers, rows), ""]
+          "ProcessGroupGloo.", "", md_table(headers, rows), ""]
     (out / "p2p_latency.md").write_text("\n".join(md))
     print(f"[p2p_latency] wrote {out / 'p2p_latency.json'}, p2p_latency.md "
           f"({time.perf_counter() - t0:.0f} s)")
-    print(common.text_table(headers, rows))
+    print(text_table(headers, rows))
     return 0
 
 

@@ -47,7 +47,9 @@ import statistics
 import sys
 import time
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.report import md_table, new_figure, out_dir, save_figure, text_table, write_json
+from bench.stats import summarize
 
 LADDER = ((8, 20), (16, 64), (32, 256), (64, 1024), (128, 4096))
 QUICK_LADDER = ((8, 20), (16, 64), (32, 256))
@@ -158,7 +160,7 @@ def measure(names, ladder, repeats: int, log=print) -> list[dict]:
             for tool in TOOLS:
                 n = counts[UNIT[tool]]
                 for clock in ("wall", "cpu"):
-                    stats = common.summarize([x[clock][tool] for x in ss])
+                    stats = summarize([x[clock][tool] for x in ss])
                     row[f"{clock}_s"][tool] = stats
                     row[f"{clock}_us_per_action"][tool] = stats["median"] / n * 1e6
                 row["cpu_us_per_action_min"][tool] = row["cpu_s"][tool]["min"] / n * 1e6
@@ -194,7 +196,7 @@ def growth(rows: list[dict]) -> dict:
 def render(cfg: dict, machine: dict, rows: list[dict], grow: dict, out) -> str:
     """Write ``scale.md`` and ``scale.png``; return the tables for the terminal."""
     md = ["# Schedule tools at scale (`python -m bench.scale`)", "",
-          f"Machine: {common.describe_machine(machine)}; load avg at the end "
+          f"Machine: {describe_machine(machine)}; load avg at the end "
           f"{machine['load_avg_1_5_15_end'][0]}; commit `{machine['git_commit']}`"
           + (f" with {', '.join(machine['runtime_modified_since_commit'])} modified"
              if machine.get("runtime_modified_since_commit") else "")
@@ -220,13 +222,13 @@ def render(cfg: dict, machine: dict, rows: list[dict], grow: dict, out) -> str:
                       f"{r['load_avg_1min'][0]:.1f} / {r['load_avg_1min'][1]:.1f}"]
                      + [f"{r['wall_s'][t]['median']:.3g}" for t in TOOLS]
                      + [f"{r['cached_lookup_us']:.1f}"])
-    md += ["Wall-clock seconds per schedule:", "", common.md_table(h1, body1), ""]
+    md += ["Wall-clock seconds per schedule:", "", md_table(h1, body1), ""]
     h2 = ["schedule", "ranks x chunks"] + [f"{t} (per {UNIT[t]})" for t in TOOLS]
     body2 = [[r["schedule"], f"{r['ranks']} x {r['chunks']}"]
              + [f"{r['cpu_us_per_action'][t]:.2f}" for t in TOOLS] for r in rows]
     md += ["CPU microseconds per action, each tool divided by what it makes or walks "
            "(generate: compute actions; simulate: compute parts; lower, validate, plan: "
-           "lowered actions):", "", common.md_table(h2, body2), ""]
+           "lowered actions):", "", md_table(h2, body2), ""]
     h3 = ["schedule", "statistic"] + [f"{t}: largest/smallest (spread)" for t in TOOLS]
     body3 = []
     for name, g in grow.items():
@@ -241,16 +243,16 @@ def render(cfg: dict, machine: dict, rows: list[dict], grow: dict, out) -> str:
            f"{TARGET} for both, on the medians (**over** marks a miss).  On this shared "
            "machine one sample can take ~1.6x another of the same work (another job on "
            "the same core), so the growth of the fastest sample per rung is shown too.  "
-           "Wall-clock growth is in `scale.json`.", "", common.md_table(h3, body3), "",
+           "Wall-clock growth is in `scale.json`.", "", md_table(h3, body3), "",
            "![per-action time](scale.png)", ""]
     (out / "scale.md").write_text("\n".join(md))
     _plot(machine, rows, out)
-    return (common.text_table(h1, body1) + "\n\n" + common.text_table(h2, body2) + "\n\n"
-            + common.text_table(h3, body3))
+    return (text_table(h1, body1) + "\n\n" + text_table(h2, body2) + "\n\n"
+            + text_table(h3, body3))
 
 
 def _plot(machine: dict, rows: list[dict], out) -> None:
-    fig, axes = common.new_figure(len(TOOLS), 3.6, 3.4)
+    fig, axes = new_figure(len(TOOLS), 3.6, 3.4)
     for ax, tool in zip(axes, TOOLS):
         for name in dict.fromkeys(r["schedule"] for r in rows):
             mine = sorted((r for r in rows if r["schedule"] == name),
@@ -263,8 +265,8 @@ def _plot(machine: dict, rows: list[dict], out) -> None:
         ax.set_ylabel("CPU us per action")
         ax.set_title(tool, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"bench.scale — {common.describe_machine(machine)}", fontsize=8)
-    common.save_figure(fig, out / "scale.png")
+    fig.suptitle(f"bench.scale — {describe_machine(machine)}", fontsize=8)
+    save_figure(fig, out / "scale.png")
 
 
 def main(argv=None) -> int:
@@ -282,8 +284,8 @@ def main(argv=None) -> int:
     repeats = a.repeats or (2 if a.quick else 5)
     if repeats < 1:
         raise SystemExit("--repeats must be >= 1")
-    out = common.out_dir(a.out)
-    machine = common.machine_info("none (single process)")
+    out = out_dir(a.out)
+    machine = machine_info("none (single process)")
     cfg = {"schedules": a.schedules, "ladder": [list(r) for r in ladder], "repeats": repeats,
            "quick": a.quick, "target": TARGET}
     t0 = time.perf_counter()
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
     rows = measure(a.schedules, ladder, repeats, log=lambda m: print(m, flush=True))
     grow = growth(rows)
     machine["load_avg_1_5_15_end"] = [round(x, 2) for x in os.getloadavg()]
-    common.write_json(out / "scale.json", {
+    write_json(out / "scale.json", {
         "benchmark": "scale", "machine": machine, "config": cfg,
         "units": "seconds (medians over repeats); per-action figures in microseconds",
         "wall_s": time.perf_counter() - t0, "growth": grow, "result": rows})

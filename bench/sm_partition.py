@@ -39,7 +39,8 @@ import sys
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.report import md_table, out_dir, write_json
 
 #: In the order they run: plain streams first, our green contexts (the newest code) last,
 #: so a crash there still leaves the other rows in the JSON (written after each row).
@@ -219,9 +220,9 @@ def main(argv=None) -> int:
     errors: list = []
     device = _device_facts(dev, errors)
     total = device["sm_count"]
-    machine = common.machine_info("cuda", sm_count=total,
+    machine = machine_info("cuda", sm_count=total,
                                   triton_pinned=os.environ.get("DUALPIPE_TRITON_PIN"))
-    out = common.out_dir(a.out)
+    out = out_dir(a.out)
     result = {"benchmark": "sm_partition", "machine": machine, "config": vars(a),
               "device": device, "auto": None, "all_sms": {}, "rows": [], "truncated": False,
               "finished": False, "errors": errors, "units": "milliseconds", "wall_s": 0.0}
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
         """Write the JSON as it stands: a crash in a later (riskier) partition keeps
         what was measured before it."""
         result["wall_s"] = time.perf_counter() - t0
-        common.write_json(out / "sm_partition.json", result)
+        write_json(out / "sm_partition.json", result)
 
     save()
     gemm = _Gemm(a.m, dev, torch.cuda.current_stream(dev))
@@ -283,7 +284,7 @@ def render_md(machine: dict, device: dict, auto, baseline: dict, rows: list, tru
               errors: list, a) -> str:
     """The markdown report (pure: tested on CPU with made-up rows)."""
     md = ["# SM-partition facts (`python -m bench.sm_partition`)", "",
-          f"Machine: {common.describe_machine(machine)}; {device.get('sm_count')} SMs, "
+          f"Machine: {describe_machine(machine)}; {device.get('sm_count')} SMs, "
           f"compute capability {device.get('capability')}, extension "
           f"{device.get('extension')}.", ""]
     g = device.get("driver_granularity")
@@ -321,7 +322,7 @@ def render_md(machine: dict, device: dict, auto, baseline: dict, rows: list, tru
                       "failed" if pr is None else f"{pr['compute_reached']}",
                       "failed" if pr is None else f"{pr['shared']}",
                       cell("persistent"), cell("cublas")])
-    md += [common.md_table(headers, table), ""]
+    md += [md_table(headers, table), ""]
     if truncated:
         md += [f"**Truncated** after {a.max_seconds} s (--max-seconds).", ""]
     md += [f"**Failed**: {e['where']}: {e['error']}" for e in errors]

@@ -16,7 +16,7 @@ Two stage kinds:
 
 ``mlp``   real compute: residual MLP blocks (LayerNorm, Linear d->4d, GELU, Linear 4d->d),
           one torch thread per rank (default 2 ranks on this 2-core machine);
-``sleep`` calibrated layers (``bench.common.sleep_layer_class``): the forward sleeps F,
+``sleep`` calibrated layers (``bench.stages.sleep_layer_class``): the forward sleeps F,
           the backward B, split into an input part B - W and a weight part W that both
           runtimes can defer, so 4 and 8 ranks fit on few cores.
 
@@ -41,7 +41,14 @@ import inspect
 import sys
 import time
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.pipelines import build_ours, rank_io, torch_pipelining_status
+from bench.probes import (ours_post_probe, ours_wait_probe, torch_busy_probe, torch_post_probe,
+                          torch_wait_probe)
+from bench.report import md_table, new_figure, out_dir, save_figure, text_table, write_json
+from bench.stages import calibrate_host_sleep, mlp_stage, mse, sleep_layer_class, sleep_stage
+from bench.stats import ratio_samples, summarize
+from dualpipe.launch import makespans, timed
 
 PAIRS = ("dualpipev", "1f1b", "dualpipe")
 # our sides: label -> transport ("auto": shared memory between the ranks of this host,
@@ -64,13 +71,13 @@ def _build_torch(name: str, rank: int, world: int, N: int, make_stage, dev):
             return None
         S = 2 * world
         stages = [PipelineStage(make_stage(i), i, S, dev) for i in (rank, S - 1 - rank)]
-        sched = cls(stages, N, loss_fn=common.mse, **_kw_supported(cls.__init__, scale_grads=False))
+        sched = cls(stages, N, loss_fn=mse, **_kw_supported(cls.__init__, scale_grads=False))
         first = rank == 0
         last = rank == 0
     elif name == "1f1b":
         stage = PipelineStage(make_stage(rank), rank, world, dev)
         cls = sch.Schedule1F1B
-        sched = cls(stage, N, loss_fn=common.mse, **_kw_supported(cls.__init__, scale_grads=False))
+        sched = cls(stage, N, loss_fn=mse, **_kw_supported(cls.__init__, scale_grads=False))
         stages = [stage]
         first, last = rank == 0, rank == world - 1
     else:
@@ -84,12 +91,12 @@ def _rank_main(rank: int, world: int, cfg: dict):
     dev = torch.device("cpu")
     R, N, rows, dim = world, cfg["chunks"], cfg["rows"], cfg["dim"]
     if cfg["stages"] == "sleep":
-        common.calibrate_host_sleep()
-    wait_acc = common.torch_wait_probe()
-    busy_acc = common.torch_busy_probe()
-    tpost_acc = common.torch_post_probe()
-    ours_acc = common.ours_wait_probe()
-    opost_acc = common.ours_post_probe()
+        calibrate_host_sleep()
+    wait_acc = torch_wait_probe()
+    busy_acc = torch_busy_probe()
+    tpost_acc = torch_post_probe()
+    ours_acc = ours_wait_probe()
+    opost_acc = ours_post_probe()
 
     def layers_for(name):
         return 1 if name == "dualpipev" else 2
@@ -97,8 +104,8 @@ def _rank_main(rank: int, world: int, cfg: dict):
     def maker(name):
         L = layers_for(name)
         if cfg["stages"] == "sleep":
-            return lambda stage: common.sleep_stage(L, dim, cfg["f"], cfg["b"], cfg["w"])
-        return lambda stage: common.mlp_stage(L, dim, seed=1000 * L + stage)
+            return lambda stage: sleep_stage(L, dim, cfg["f"], cfg["b"], cfg["w"])
+        return lambda stage: mlp_stage(L, dim, seed=1000 * L + stage)
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(N * rows, dim, generator=g)
@@ -111,12 +118,12 @@ def _rank_main(rank: int, world: int, cfg: dict):
         for side, transport in OURS.items():
             if transport not in cfg["transports"]:
                 continue
-            pipe, s = common.build_ours(name, rank, world, N, maker(name),
+            pipe, s = build_ours(name, rank, world, N, maker(name),
                                         timeout=cfg["timeout"],
                                         split_linear_weight_grads=cfg["split_w"],
                                         transport=transport)
-            inputs, labels = common.rank_io(s, rank, x, y, rows)
-            crit = common.mse if labels else None
+            inputs, labels = rank_io(s, rank, x, y, rows)
+            crit = mse if labels else None
 
             def ours(pipe=pipe, inputs=inputs, labels=labels, crit=crit):
                 loss, _ = pipe.step(*inputs, num_chunks=N, criterion=crit, labels=labels)
@@ -158,7 +165,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
                 zero(obj)
                 w0, o0, b0 = wait_acc[0], ours_acc[0], busy_acc[0]
                 tp0, os0, or0 = tpost_acc[0], opost_acc["send"], opost_acc["recv"]
-                t0, t1, loss = common.timed(fn)
+                t0, t1, loss = timed(fn)
                 w1, o1, b1 = wait_acc[0], ours_acc[0], busy_acc[0]
                 tp1, os1, or1 = tpost_acc[0], opost_acc["send"], opost_acc["recv"]
                 if rep == 0:
@@ -197,7 +204,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
 
 def analyse(case: dict, per_rank: list) -> dict:
     keys = list(per_rank[0]["times"])
-    mk = {k: common.makespans([r["times"][k] for r in per_rank]) for k in keys}
+    mk = {k: makespans([r["times"][k] for r in per_rank]) for k in keys}
     out = {"case": case, "sides": {}, "pairs": {}}
     for k in keys:
         name, side = k.split("|")
@@ -205,17 +212,17 @@ def analyse(case: dict, per_rank: list) -> dict:
         n = len(st[0])
         per_rank_med = []
         for r, rs in enumerate(st):
-            d = {"wall_ms": common.summarize([x["wall"] for x in rs])["median"] * 1e3,
-                 "wait_ms": common.summarize([x["wait"] for x in rs])["median"] * 1e3}
+            d = {"wall_ms": summarize([x["wall"] for x in rs])["median"] * 1e3,
+                 "wait_ms": summarize([x["wait"] for x in rs])["median"] * 1e3}
             if "busy" in rs[0]:
-                d["busy_ms"] = common.summarize([x["busy"] for x in rs])["median"] * 1e3
+                d["busy_ms"] = summarize([x["busy"] for x in rs])["median"] * 1e3
                 if "recv_wait" in rs[0]:
-                    d["recv_wait_ms"] = common.summarize([x["recv_wait"] for x in rs])["median"] * 1e3
-                d["post_ms"] = common.summarize([x["post"] for x in rs])["median"] * 1e3
-                d["other_ms"] = common.summarize(
+                    d["recv_wait_ms"] = summarize([x["recv_wait"] for x in rs])["median"] * 1e3
+                d["post_ms"] = summarize([x["post"] for x in rs])["median"] * 1e3
+                d["other_ms"] = summarize(
                     [x["wall"] - x["busy"] - x["wait"] - x["post"] for x in rs])["median"] * 1e3
             per_rank_med.append(d)
-        out["sides"][k] = {"step_s": common.summarize(mk[k]), "samples_s": mk[k],
+        out["sides"][k] = {"step_s": summarize(mk[k]), "samples_s": mk[k],
                            "per_rank": per_rank_med, "n": n}
     sims = {}
     if case["stages"] == "sleep":
@@ -233,10 +240,10 @@ def analyse(case: dict, per_rank: list) -> dict:
         a, b = f"{name}|{side}", f"{name}|torch"
         key = name if side == "ours" else f"{name}|{side}"
         if a in mk and b in mk:
-            ratios = common.ratio_samples(mk[a], mk[b])
-            out["pairs"][key] = {"ratio": common.summarize(ratios), "samples": ratios,
+            ratios = ratio_samples(mk[a], mk[b])
+            out["pairs"][key] = {"ratio": summarize(ratios), "samples": ratios,
                                   "ratio_of_minima": min(mk[a]) / min(mk[b]),
-                                  "target_met": common.summarize(ratios)["median"] <= 0.9,
+                                  "target_met": summarize(ratios)["median"] <= 0.9,
                                   "equal_work": [r["equal_work"].get(key) for r in per_rank]}
         elif a in mk:
             out["pairs"][key] = {"ratio": None, "reason": case.get("torch_missing", {}).get(
@@ -256,7 +263,7 @@ def run_case(case: dict) -> dict:
 
 def render(machine, status, results, out) -> str:
     md = ["# Step time against torch.distributed.pipelining (`python -m bench.vs_torch`)", "",
-          f"Machine: {common.describe_machine(machine)}.", "",
+          f"Machine: {describe_machine(machine)}.", "",
           "Same processes, modules, micro-batches and loss on both sides; each repeat runs "
           "both back to back, alternating which goes first. Step time = max end - min start "
           "over ranks. Ratio = ours / torch per repeat (paired), median [IQR]; "
@@ -303,7 +310,7 @@ def render(machine, status, results, out) -> str:
                    f"{pr['ratio_of_minima']:.3f}" if r else "-", sim_s, ew_s]
             rows.append(row)
             text_rows.append(row[:6])
-    md += [common.md_table(headers, rows), ""]
+    md += [md_table(headers, rows), ""]
     # where our time goes
     md += ["Where each rank's step time goes (medians over the timed steps, ms): wall "
            "(barrier to end of step) / compute = inside compute actions (ours: "
@@ -327,9 +334,9 @@ def render(machine, status, results, out) -> str:
                 cells.append(f"{d['wall_ms']:.1f}/{d['busy_ms']:.1f}/{d['post_ms']:.1f}/"
                              f"{d['wait_ms']:.1f}/{d['other_ms']:.1f}")
             r2.append([label, name, side, "; ".join(cells)])
-    md += [common.md_table(h2, r2), ""]
+    md += [md_table(h2, r2), ""]
     # plot: step-time ratio per case with IQR whiskers + absolute times
-    fig, (ax1, ax2) = common.new_figure(2, 6.0, 4.0)
+    fig, (ax1, ax2) = new_figure(2, 6.0, 4.0)
     labels, med, lo, hi = [], [], [], []
     for res in results:
         c = res["case"]
@@ -371,11 +378,11 @@ def render(machine, status, results, out) -> str:
     ax2.set_ylabel("step time, ms (median)")
     ax2.legend(fontsize=7)
     ax2.set_title("step time", fontsize=9)
-    fig.suptitle(f"bench.vs_torch — {common.describe_machine(machine)}", fontsize=8)
-    common.save_figure(fig, out / "vs_torch.png")
+    fig.suptitle(f"bench.vs_torch — {describe_machine(machine)}", fontsize=8)
+    save_figure(fig, out / "vs_torch.png")
     md += ["![ours vs torch](vs_torch.png)", ""]
     (out / "vs_torch.md").write_text("\n".join(md))
-    return common.text_table(["case", "schedule", "ours ms", "torch ms", "ours/torch", "<=0.9"],
+    return text_table(["case", "schedule", "ours ms", "torch ms", "ours/torch", "<=0.9"],
                              text_rows)
 
 
@@ -405,9 +412,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    out = common.out_dir(a.out)
-    status = common.torch_pipelining_status()
-    machine = common.machine_info("gloo", threads_per_rank=1)
+    out = out_dir(a.out)
+    status = torch_pipelining_status()
+    machine = machine_info("gloo", threads_per_rank=1)
     pairs = list(a.pairs)
     missing = {}
     if not status["ScheduleDualPipeV"]:
@@ -440,7 +447,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "vs_torch", "machine": machine, "torch_pipelining": status,
                "units": "seconds (step times), ratios ours/torch",
                "wall_s": time.perf_counter() - t_start, "results": results}
-    common.write_json(out / "vs_torch.json", payload)
+    write_json(out / "vs_torch.json", payload)
     table = render(machine, status, results, out)
     print(f"[vs_torch] wrote {out / 'vs_torch.json'}, vs_torch.md, vs_torch.png "
           f"({time.perf_counter() - t_start:.0f} s)")

@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from overlap.trace import Interval
+
 from .schedules import B, F, FB, I, W, Action, Schedule, gc_paused, placement_schedule, spec_of
 
 __all__ = ["Costs", "Interval", "SimResult", "simulate", "formula_bubble", "formula_activations"]
@@ -65,19 +67,6 @@ class Costs:
         if k == FB:
             return self.pair
         return 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Interval:
-    """One action on one rank from ``start`` to ``end`` (simulated units or seconds).
-    ``lane`` separates kinds of work on a rank in measured timelines
-    (``"compute"``, ``"comm"``, ...)."""
-
-    rank: int
-    start: float
-    end: float
-    action: Action
-    lane: str = "compute"
 
 
 @dataclass

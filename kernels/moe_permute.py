@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from overlap import sm_budget  # the SM-budget rule of the extension's ops (one for both)
+
 from ._triton_support import check_launchable, lazy_kernel, tl, triton
 
 __all__ = ["moe_permute", "moe_unpermute", "moe_dispatch_index", "permute_configs",
@@ -89,12 +91,6 @@ def _rows_2d(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have unit stride along the hidden dim; call .contiguous()")
 
 
-def _budget(num_sms: Optional[int], device: torch.device) -> int:
-    """The SM budget, as the extension's ops read it (one rule for both)."""
-    from overlap._ext import _budget as ext_budget
-    return ext_budget(num_sms, device)
-
-
 def moe_permute(x: torch.Tensor, src_index: torch.Tensor, *, num_sms: Optional[int] = None,
                 check_bounds: Optional[bool] = None) -> torch.Tensor:
     """Gather token rows into expert order: ``out[i] = x[src_index[i]]`` (exact copy).
@@ -114,7 +110,7 @@ def moe_permute(x: torch.Tensor, src_index: torch.Tensor, *, num_sms: Optional[i
     if src_index.dim() != 1 or src_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"src_index must be a 1-D int32/int64 tensor, got {src_index.dtype} "
                          f"{tuple(src_index.shape)}")
-    budget = _budget(num_sms, device)
+    budget = sm_budget(num_sms, device)
     if (check_bounds if check_bounds is not None else device.type == "cpu") and src_index.numel():
         low, high = int(src_index.min()), int(src_index.max())
         if low < 0 or high >= x.shape[0]:
@@ -165,7 +161,7 @@ def moe_unpermute(y: torch.Tensor, combine_index: torch.Tensor,
     out_dtype = y.dtype if out_dtype is None else out_dtype
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {out_dtype}")
-    budget = _budget(num_sms, device)
+    budget = sm_budget(num_sms, device)
     if (check_bounds if check_bounds is not None else device.type == "cpu") and combine_index.numel():
         high = int(combine_index.max())
         if high >= y.shape[0]:

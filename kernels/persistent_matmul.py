@@ -16,6 +16,8 @@ from typing import List, Optional
 
 import torch
 
+from overlap import device_sm_count
+
 from ._triton_support import check_launchable, interpreting, lazy_kernel, tl, triton
 
 __all__ = ["persistent_matmul", "matmul_configs", "PINNED_MATMUL"]
@@ -102,8 +104,6 @@ def persistent_matmul(a: torch.Tensor, b: torch.Tensor, *, num_sms: Optional[int
     Returns:
         ``[M, N]`` tensor (``out`` if given).
     """
-    from overlap._ext import device_sm_count
-
     device = check_launchable("persistent_matmul", a, b, *(() if out is None else (out,)))
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"persistent_matmul needs a [M, K] and b [K, N], got {tuple(a.shape)} "

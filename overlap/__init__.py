@@ -2,14 +2,21 @@
 
 * :mod:`overlap.streams` -- compute/communication streams with priorities, events, and a
   CPU twin with the same interface;
+* :mod:`overlap.trace` -- :class:`~overlap.trace.Interval`, one span of work on one rank:
+  the trace data that timelines record and the simulator and drawer of ``dualpipe`` share;
 * :mod:`overlap.timeline` -- record spans per lane (host clock or CUDA events) and measure
   hidden/exposed communication;
 * :mod:`overlap.fb` -- declare a stage as sub-stages (compute / async comm) and get an
   interleaved ``overlapped_forward_backward`` for DualPipe;
+* :mod:`overlap.transport` -- the transport interface (:class:`~overlap.transport.Transport`,
+  the one handle type :class:`~overlap.transport.TransferHandle`, the ``Peer*`` failures);
 * :mod:`overlap.p2p` -- asynchronous pipeline send/recv with a shape/dtype handshake;
 * :mod:`overlap.shm` -- the same interface over shared memory, for ranks on one host;
 * :mod:`overlap.partition` -- SM partitions between compute and communication;
 * :mod:`overlap.kernels` -- Triton kernels taking an SM budget (imports triton);
+* the extension's SM-budgeted ops (``sm_copy_``, ``gather_rows``, ``scatter_add_rows_``,
+  ...) and the SM-budget rule they share with the kernels (:func:`overlap.device_sm_count`,
+  :func:`overlap.sm_budget`), exported here from the private loader ``overlap._ext``;
 * :func:`overlap.build_info` -- what the extension was built with.
 
 Submodules are imported on first use (``import overlap`` imports no torch code and probes
@@ -60,6 +67,7 @@ _map_checkout_kernels()
 
 _EXPORTS = {
     "streams": ("HostStream", "StreamEvent", "StreamPair", "priority_range", "resolve_device"),
+    "trace": ("Interval",),
     "timeline": ("Timeline", "OverlapStats", "IsolatedOverlap", "overlap_stats",
                  "overlap_per_window", "isolated_overlap", "hidden_fraction",
                  "overlap_efficiency", "exposed_comm", "compute_slowdown"),
@@ -70,14 +78,17 @@ _EXPORTS = {
                   "PartitionUnavailableError", "PartitionClosedError", "round_comm_sms",
                   "nccl_process_group_options", "nccl_cta_env", "apply_nccl_cta_env"),
     "_ext": ("sm_copy_", "gather_rows", "scatter_add_rows_", "smid_probe", "sm_id_limit",
-             "extension_available", "extension_kind", "ExtensionUnavailableError"),
+             "device_sm_count", "sm_budget", "extension_available", "extension_kind",
+             "ExtensionUnavailableError"),
     "_build": ("build_info", "build_hint", "format_build_info"),
-    "p2p": ("P2P", "Handle", "TensorMeta", "PeerError", "PeerTimeout", "PeerLost", "PeerExited",
-            "PeerAborted"),
+    "transport": ("Transport", "TransferHandle", "PeerError", "PeerTimeout", "PeerLost",
+                  "PeerExited", "PeerAborted"),
+    "p2p": ("P2P", "Handle", "TensorMeta"),
     "shm": ("ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"),
 }
 # submodules importable as attributes; ``kernels`` imports triton, so only on use
-_SUBMODULES = ("streams", "timeline", "fb", "partition", "p2p", "shm", "adapters", "kernels")
+_SUBMODULES = ("streams", "trace", "timeline", "fb", "partition", "transport", "p2p", "shm",
+               "adapters", "kernels")
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE) + list(_SUBMODULES)

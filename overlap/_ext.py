@@ -11,6 +11,8 @@ CUDA kernel may use, i.e. its grid size, ``None`` meaning every SM of the device
 * :func:`sm_copy_` -- ``dst.view(-1)[:] = src.view(-1)`` with a bounded SM footprint.
 * :func:`gather_rows` -- ``src[index]`` (MoE dispatch: pick token rows by index).
 * :func:`scatter_add_rows_` -- ``out[index[i]] += src[i]``, deterministic (MoE combine).
+* :func:`device_sm_count` -- SMs of a device; :func:`sm_budget` -- the budget an op runs
+  with (``num_sms`` checked, ``None`` = every SM), shared with the Triton kernels;
 * :func:`smid_probe` -- which SMs the current stream's kernels reach (tests of partitions);
   :func:`sm_id_limit` -- the bound of those ids (``%nsmid``: ids need not be contiguous).
 
@@ -45,6 +47,7 @@ __all__ = [
     "smid_probe",
     "sm_id_limit",
     "device_sm_count",
+    "sm_budget",
 ]
 
 _MODULE_NAME = "overlap._C"
@@ -180,7 +183,11 @@ def device_sm_count(device: torch.device) -> int:
     return _sm_counts[index]
 
 
-def _budget(num_sms: Optional[int], device: torch.device) -> int:
+def sm_budget(num_sms: Optional[int], device: torch.device) -> int:
+    """The SM budget an op on ``device`` runs with: ``num_sms`` itself (a positive int,
+    else ``ValueError``), or every SM of the device (:func:`device_sm_count`) for ``None``.
+    The one rule the extension's ops and the Triton kernels (``overlap.kernels``) share;
+    their CUDA grids are at most this many blocks."""
     if num_sms is None:
         return device_sm_count(device)
     if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1:
@@ -242,7 +249,7 @@ def sm_copy_(dst: torch.Tensor, src: torch.Tensor, *, num_sms: Optional[int] = N
                          f"src {src.dtype}{tuple(src.shape)}")
     if not (dst.is_contiguous() and src.is_contiguous()):
         raise ValueError("sm_copy_ needs contiguous tensors; call .contiguous() first")
-    budget = _budget(num_sms, dst.device)
+    budget = sm_budget(num_sms, dst.device)
     if _use_ext(use_extension, "sm_copy_", dst):
         torch.ops.dualpipe_ext.sm_copy_(dst, src, budget)
     else:
@@ -270,7 +277,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, *, num_sms: Optional[int
     _check_index(index, src.shape[0], "index", check_bounds)
     if not src.is_contiguous():
         raise ValueError("gather_rows needs a contiguous src; call .contiguous() first")
-    budget = _budget(num_sms, src.device)
+    budget = sm_budget(num_sms, src.device)
     if _use_ext(use_extension, "gather_rows", src):
         return torch.ops.dualpipe_ext.gather_rows(src, index.contiguous(), budget)
     return torch.index_select(src, 0, index)
@@ -319,7 +326,7 @@ def scatter_add_rows_(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor,
         raise ValueError(f"index has {index.shape[0]} entries but src has {src.shape[0]} rows")
     if not (out.is_contiguous() and src.is_contiguous()):
         raise ValueError("scatter_add_rows_ needs contiguous out and src; call .contiguous() first")
-    budget = _budget(num_sms, out.device)
+    budget = sm_budget(num_sms, out.device)
     if _use_ext(use_extension, "scatter_add_rows_", out):
         order, offsets = build_csr(index, out.shape[0])
         torch.ops.dualpipe_ext.scatter_add_rows_csr_(out, src, order, offsets, budget)

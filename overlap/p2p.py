@@ -8,8 +8,13 @@
   peer and what was being waited for, instead of hanging (on NCCL only waits that
   block the host have a deadline; the others are stream-ordered, see :class:`Handle`);
 * what crosses a stage boundary is described by :class:`TensorMeta` records, packed
-  into one small int64 tensor (:func:`pack_meta` / :func:`unpack_meta`) so a receiver
-  can allocate buffers for tensors whose shapes and dtypes it was never told.
+  into one small int64 tensor (:func:`pack_meta` / :func:`unpack_meta`, ``int64[META_LEN]``)
+  so a receiver can allocate buffers for tensors whose shapes and dtypes it was never
+  told; this wire format is the runtime's over either transport (docs/transport.md).
+
+:class:`P2P` implements :class:`overlap.transport.Transport`, its :class:`Handle` is a
+:class:`overlap.transport.TransferHandle`; the failures (:class:`PeerError` and its
+subclasses) are those of :mod:`overlap.transport`, importable from here too.
 
 The runtime posts receives ahead of the computation that needs them and waits only
 when that computation starts; with gloo each operation runs on the backend's own
@@ -29,6 +34,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
+from .transport import PeerAborted, PeerError, PeerExited, PeerLost, PeerTimeout, TransferHandle
+
 __all__ = ["TensorMeta", "pack_meta", "unpack_meta", "Handle", "P2P", "PeerError", "PeerTimeout",
            "PeerLost", "PeerExited", "PeerAborted", "META_LEN"]
 
@@ -41,31 +48,6 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 
 META_LEN = 64  # int64 words in a packed metadata message (up to ~10 tensors of rank 4)
-
-
-class PeerError(RuntimeError):
-    """A transfer with ``peer`` failed; ``what`` says which."""
-
-    def __init__(self, msg: str, peer: int = -1, what: str = ""):
-        self.peer, self.what = peer, what
-        super().__init__(msg)
-
-
-class PeerTimeout(PeerError):
-    """A peer did not send (or receive) within the timeout."""
-
-
-class PeerLost(PeerError):
-    """The connection to a peer closed: it crashed, was killed or aborted."""
-
-
-class PeerExited(PeerLost):
-    """The peer's process is gone (or closed its transport) without reporting a failure:
-    no other rank will record one, so the waiting rank reports it at once."""
-
-
-class PeerAborted(PeerError):
-    """Another rank reported a failure (``abort`` callback of :meth:`Handle.wait`)."""
 
 
 class TensorMeta(NamedTuple):
@@ -112,9 +94,10 @@ def unpack_meta(t: torch.Tensor) -> list[TensorMeta]:
     return out
 
 
-class Handle:
+class Handle(TransferHandle):
     """Pending transfers of one send, receive or all_gather; :meth:`wait` returns the
-    tensors or raises a :class:`PeerError`.
+    tensors or raises a :class:`~overlap.transport.PeerError` (the
+    :class:`~overlap.transport.TransferHandle` of :class:`P2P`).
 
     A handle is one of two kinds, fixed when it is made (``stream_ordered``; :class:`P2P`
     sets it from the backend: ``True`` for NCCL moving CUDA tensors, else ``False``):
@@ -144,7 +127,7 @@ class Handle:
     waits for unrelated work queued on the current stream.
     """
 
-    __slots__ = ("works", "tensors", "what", "peer", "done", "stream_ordered")
+    __slots__ = ("works", "stream_ordered")  # + TransferHandle's tensors, what, peer, done
 
     def __init__(self, works, tensors, what: str, peer: int, stream_ordered: bool = False):
         self.works, self.tensors, self.what, self.peer = works, tensors, what, peer
@@ -269,9 +252,12 @@ class P2P:
     CUDA tensors travel on NCCL), for backends this class cannot recognise.
     """
 
-    # nothing to drive between compute actions: the backend's threads move the data
-    # (overlap.shm.ShmP2P.poll is the counterpart that has work to do)
-    poll = None
+    # nothing to drive between compute actions: the backend's threads (gloo) or the GPU
+    # (NCCL) move the data (overlap.shm.ShmP2P.poll is the counterpart that has work to do)
+    needs_poll = False
+
+    def poll(self) -> None:
+        """Nothing to do (:attr:`needs_poll` is ``False``): the backend moves the data."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, backend=None,
                  rank: int | None = None, *, nccl: bool | None = None):

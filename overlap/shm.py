@@ -23,8 +23,8 @@ the same host, :class:`ShmP2P` moves the same messages through shared memory ins
   agreement) goes through a shared board, without any round trip to a store.
 
 Failure behaviour matches :class:`overlap.p2p.P2P` on gloo: every wait has a timeout
-(:class:`~overlap.p2p.PeerTimeout`, naming the peer and what was awaited); a peer
-process that exits is noticed within ~50 ms (:class:`~overlap.p2p.PeerLost`); a rank
+(:class:`~overlap.transport.PeerTimeout`, naming the peer and what was awaited); a peer
+process that exits is noticed within ~50 ms (:class:`~overlap.transport.PeerLost`); a rank
 that stops the pipeline (:meth:`ShmP2P.close` with ``failed=True``) raises a flag every
 waiting rank sees at once; and the ``abort`` callback (the runtime's failure record in
 the store) is polled every ~50 ms while blocked.
@@ -52,7 +52,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .p2p import PeerAborted, PeerError, PeerExited, PeerLost, PeerTimeout
+from .transport import PeerAborted, PeerError, PeerExited, PeerLost, PeerTimeout, TransferHandle
 
 __all__ = ["ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"]
 
@@ -173,10 +173,11 @@ def _identity() -> tuple[int, int]:
         return 0, 0
 
 
-class ShmHandle:
-    """A pending send, receive or all_gather; ``wait()`` returns the tensors."""
+class ShmHandle(TransferHandle):
+    """A pending send, receive or all_gather; ``wait()`` returns the tensors (the
+    :class:`~overlap.transport.TransferHandle` of :class:`ShmP2P`)."""
 
-    __slots__ = ("p2p", "tensors", "what", "peer", "done", "segs", "nbytes", "layout", "seq")
+    __slots__ = ("p2p", "segs", "nbytes", "layout", "seq")  # + tensors, what, peer, done
 
     def __init__(self, p2p: "ShmP2P", tensors, what: str, peer: int):
         self.p2p, self.tensors, self.what, self.peer = p2p, tensors, what, peer
@@ -235,8 +236,9 @@ class _Ring:
 class ShmP2P:
     """Point-to-point transfers and small all_gathers among the ranks of one host.
 
-    The interface is :class:`overlap.p2p.P2P`'s (``isend``, ``irecv``, ``all_gather``,
-    handles with ``wait(timeout, abort)``), with group ranks.  Build it with
+    The interface is :class:`overlap.transport.Transport`, as for :class:`overlap.p2p.P2P`
+    (``isend``, ``irecv``, ``all_gather``, handles with ``wait(timeout, abort)``, ``poll``,
+    ``close``), with group ranks.  Build it with
     :meth:`create`; call :meth:`close` when done (``failed=True`` stops every peer's
     pending waits at once).  One thread per process uses it (as the pipeline runtime
     does): it is not thread-safe, unlike gloo's process groups."""
@@ -484,6 +486,8 @@ class ShmP2P:
         self._gather = h
         self._check_gather()
         return h
+
+    needs_poll = True  # a message larger than its ring moves only when someone drives it
 
     def poll(self) -> None:
         """Move what can move without waiting: queued sends into their rings, and data

@@ -4,7 +4,7 @@
 sub-stage lanes of :mod:`overlap.fb`), with the host clock (``time.perf_counter``) on the
 CPU and CUDA events on a GPU (resolved lazily, when :meth:`Timeline.intervals` is
 called, so recording never synchronises).  Times come out in **seconds** from the
-timeline's origin, as :class:`dualpipe.simulate.Interval` objects, the form the simulator,
+timeline's origin, as :class:`overlap.trace.Interval` objects, the form the simulator,
 the drawer and the metrics below share.
 
 Metrics from a timeline (per rank, optionally per window, e.g. one F&B pair)
@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from dualpipe.simulate import Interval
+from .trace import Interval
 
 __all__ = [
     "COMPUTE_LANE", "COMM_LANE", "Timeline", "OverlapStats", "IsolatedOverlap",
@@ -215,7 +215,7 @@ class Timeline:
 
     # -- reading ------------------------------------------------------------------------
     def intervals(self, lanes: Iterable[str] | None = None) -> list[Interval]:
-        """Finished spans as :class:`~dualpipe.simulate.Interval` (``rank`` = this rank,
+        """Finished spans as :class:`~overlap.trace.Interval` (``rank`` = this rank,
         times in seconds from the origin), sorted by start.  On the CUDA clock this waits
         for the recorded events.  Spans not ended yet are left out (logged)."""
         keep = None if lanes is None else set(lanes)

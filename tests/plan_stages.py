@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import common
+from bench.stages import calibrate_host_sleep, sleep_layer_class
 
 # per sample of a micro-batch, seconds: forward, full backward, its weight-gradient part
 F_ROW, B_ROW, W_ROW = 0.002, 0.004, 0.002
@@ -16,7 +16,7 @@ ROWS, DIM = 2, 64
 _calibrated = False
 
 
-class RowSleepLayer(common.sleep_layer_class()):
+class RowSleepLayer(sleep_layer_class()):
     """A calibrated sleep layer whose costs are per sample: a micro-batch of ``m`` rows
     costs ``m`` times ``F_ROW``, ``B_ROW``, ``W_ROW``, which is the planner's linear
     model exactly (a plain sleep layer costs the same for any micro-batch size)."""
@@ -35,6 +35,6 @@ def make_sleep_block():
     sleep of this process on first use."""
     global _calibrated
     if not _calibrated:
-        common.calibrate_host_sleep()
+        calibrate_host_sleep()
         _calibrated = True
     return RowSleepLayer(), torch.randn(ROWS, DIM), None

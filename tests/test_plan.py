@@ -1,6 +1,6 @@
 """``dualpipe.plan`` and ``python -m dualpipe plan``.
 
-* profiling: calibrated sleep layers (``bench.common``) measure their nominal F, B and W;
+* profiling: calibrated sleep layers (``bench.stages``) measure their nominal F, B and W;
   the saved-activation, parameter and boundary bytes of small blocks match bytes counted
   by hand;
 * enumeration: on small cases the planner's candidates, memory verdicts and
@@ -39,10 +39,10 @@ SMALL_SCHEDULES = ["dualpipe", "dualpipev", "1f1b", "zb1p"]
 
 
 def test_profile_sleep_layer_measures_nominal_costs():
-    from bench import common
+    from bench.stages import calibrate_host_sleep, sleep_layer_class
     F, B, W = 0.040, 0.080, 0.040  # long enough that wake-up noise on a loaded VM is < 5 %
-    common.calibrate_host_sleep()
-    layer = common.sleep_layer_class()(4, F, B, W)
+    calibrate_host_sleep()
+    layer = sleep_layer_class()(4, F, B, W)
     prof = planmod.profile_stage(lambda: (layer, torch.randn(3, 4), None), repeats=3,
                                  warmup=1)
     c = prof.costs
