@@ -479,9 +479,6 @@ def test_fb_runs_with_the_dualpipe_package_blocked():
     with every dualpipe module unimportable."""
     code = """
 import sys
-import overlap.timeline  # issue 13 (trace data) moves its dualpipe.simulate import; not fb's
-for name in [n for n in sys.modules if n == "dualpipe" or n.startswith("dualpipe.")]:
-    sys.modules[name] = None
 sys.modules["dualpipe"] = sys.modules["dualpipe.weight_grad"] = None
 import torch
 from overlap.fb import (SubStageModule, WeightGradStore, comm, compute, defer_weight_grad,
