@@ -17,11 +17,15 @@ cheapest candidate that fits the memory cap is recommended (:func:`plan`).
 What is modelled, and what is not:
 
 * a stage of ``k = L / S`` blocks (``S = Schedule.num_stages``) costs ``k`` times a
-  block; a micro-batch of ``m`` samples costs ``m / micro_batch`` times the measured one
-  (time, saved activations and boundary bytes all scale **linearly** with the
-  micro-batch size -- small micro-batches that underuse a device are priced too low);
-* a transfer between ranks costs ``latency + boundary_bytes * scale / bandwidth``
-  (the transport is not measured here: pass ``latency``/``bandwidth``);
+  block, plus the runtime's own ``overhead`` per action (:func:`stage_costs`);
+* with a stage factory the block is profiled at every micro-batch size the plan prices
+  (``plan(costs_at=...)``; the command line's default); from one cost file a
+  micro-batch of ``m`` samples costs ``m / micro_batch`` times the given one (time,
+  saved activations and boundary bytes scaled **linearly** -- small micro-batches that
+  underuse a device are priced too low);
+* a transfer between ranks costs ``latency + boundary_bytes * scale / bandwidth``;
+  ``latency``, ``bandwidth`` and ``overhead`` are measured on 2 local gloo ranks
+  (:func:`measure_runtime`; the command line's default with a stage factory) or given;
 * the step time is the simulated makespan of one replica: the data-parallel gradient
   all-reduce, the optimizer step and any overlap of either with the pipeline are **not
   modelled**;
@@ -81,9 +85,13 @@ INVALID = "invalid"
 class BlockCosts:
     """The cost of one block (layer) for a micro-batch of ``micro_batch`` samples.
 
-    Times in seconds (``f``, ``b``, ``w``, ``fb``, ``latency``), sizes in bytes,
-    ``bandwidth`` in bytes per second (``math.inf``: transfers cost only ``latency``).
-    ``fb`` is an overlapped forward+backward pair, ``None`` for no overlap (``f + b``).
+    Times in seconds (``f``, ``b``, ``w``, ``fb``, ``latency``, ``overhead``), sizes in
+    bytes, ``bandwidth`` in bytes per second (``math.inf``: transfers cost only
+    ``latency``).  ``fb`` is an overlapped forward+backward pair, ``None`` for no overlap
+    (``f + b``).  ``overhead`` is the runtime's own cost per executed action (scheduling,
+    posting and matching transfers), added to every stage action whatever its size:
+    once to F, I and W, twice to a full B (it does the work of I and W) and to an F&B
+    pair.
     """
 
     f: float
@@ -96,12 +104,14 @@ class BlockCosts:
     fb: float | None = None
     latency: float = 0.0
     bandwidth: float = math.inf
+    overhead: float = 0.0
 
     REQUIRED = ("f", "b", "w", "act_bytes", "param_bytes", "boundary_bytes", "micro_batch")
-    OPTIONAL = ("fb", "latency", "bandwidth")
+    OPTIONAL = ("fb", "latency", "bandwidth", "overhead")
 
     def __post_init__(self):
-        for name in ("f", "b", "w", "latency", "act_bytes", "param_bytes", "boundary_bytes"):
+        for name in ("f", "b", "w", "latency", "overhead", "act_bytes", "param_bytes",
+                     "boundary_bytes"):
             v = getattr(self, name)
             if not _is_number(v) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"cost model field {name!r} must be a finite number >= 0, "
@@ -143,8 +153,9 @@ class BlockCosts:
         kw = dict(d)
         if kw.get("bandwidth") is None:
             kw["bandwidth"] = math.inf
-        if kw.get("latency") is None:
-            kw["latency"] = 0.0
+        for name in ("latency", "overhead"):
+            if kw.get(name) is None:
+                kw[name] = 0.0
         for name in ("act_bytes", "param_bytes", "boundary_bytes", "micro_batch"):
             v = kw[name]
             if _is_number(v) and v == int(v):
@@ -171,13 +182,13 @@ class BlockCosts:
             d["bandwidth"] = None  # JSON has no infinity; null reads back as infinite
         return d
 
-    def with_transport(self, latency: float | None, bandwidth: float | None) -> "BlockCosts":
-        """A copy with ``latency``/``bandwidth`` replaced where given."""
+    def with_transport(self, latency: float | None, bandwidth: float | None,
+                       overhead: float | None = None) -> "BlockCosts":
+        """A copy with ``latency``/``bandwidth``/``overhead`` replaced where given."""
         kw = {k: getattr(self, k) for k in self.REQUIRED + self.OPTIONAL}
-        if latency is not None:
-            kw["latency"] = latency
-        if bandwidth is not None:
-            kw["bandwidth"] = bandwidth
+        for name, v in (("latency", latency), ("bandwidth", bandwidth), ("overhead", overhead)):
+            if v is not None:
+                kw[name] = v
         return BlockCosts(**kw)
 
 
@@ -326,6 +337,7 @@ class Profile:
     linear_layers: int
     threads: int = 1
     notes: list[str] = field(default_factory=list)
+    transport: str | None = None  # where latency/bandwidth/overhead came from
 
     def describe(self) -> str:
         c = self.costs
@@ -342,12 +354,18 @@ class Profile:
                  f"  parameters                 {format_bytes(c.param_bytes)} ({c.param_bytes} B)",
                  f"  output (stage boundary)    {format_bytes(c.boundary_bytes)} "
                  f"({c.boundary_bytes} B)"]
+        bw = "infinite" if math.isinf(c.bandwidth) else f"{c.bandwidth:g} B/s"
         lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  transport: latency {c.latency:g} s, bandwidth {bw}, runtime overhead "
+                     f"{c.overhead:g} s per action ("
+                     + (self.transport or "not measured: --latency/--bandwidth/--overhead")
+                     + ")")
         return "\n".join(lines)
 
 
 def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: int = 2,
-                  latency: float = 0.0, bandwidth: float = math.inf) -> Profile:
+                  latency: float = 0.0, bandwidth: float = math.inf,
+                  micro_batch: int | None = None, overhead: float = 0.0) -> Profile:
     """Measure one block: ``factory()`` returns ``(block, example_micro_batch,
     criterion_or_None)``; the example is a tensor (or a tuple of them, passed as
     ``block(*inputs)``) whose first dimension is the micro-batch size.  ``criterion``,
@@ -367,10 +385,16 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
       output tensors.
 
     Each time is the median of ``repeats`` after ``warmup`` untimed rounds; on a CUDA
-    block CUDA events time the device, on CPU the host clock.  The transport is not
-    measured: ``latency``/``bandwidth`` are passed through.  The block is used up: it
+    block CUDA events time the device, on CPU the host clock.  The transport is
+    measured elsewhere (:func:`measure_runtime`): ``latency``/``bandwidth`` are passed
+    through.  The block is used up: it
     keeps the split and the gradients accumulated by the timed rounds (the factory makes
-    one for profiling)."""
+    one for profiling).
+
+    ``micro_batch``: measure at that many samples instead of the example's (the example
+    repeated along dim 0 and cut, as ``--verify`` feeds the runtime).  ``overhead`` (the
+    runtime's cost per action, :func:`measure_runtime`) is passed through like the
+    transport."""
     import torch
 
     from .weight_grad import WeightGradStore, split_linear_weight_grads
@@ -380,6 +404,9 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     block, inputs, criterion = _call_factory(factory)
+    if micro_batch is not None:
+        _positive_int("micro_batch", micro_batch)
+        inputs = tuple(_repeat_rows(t, micro_batch) for t in inputs)
     micro_batch = int(inputs[0].shape[0])
     device = inputs[0].device
     clock = _Clock(device)
@@ -472,12 +499,10 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
     fb = None
     if hasattr(type(block), "overlapped_forward_backward"):
         fb = _time_overlapped(block, fresh_inputs, forward, clock, warmup, repeats, notes)
-    bw = "infinite" if math.isinf(bandwidth) else f"{bandwidth:g} B/s"
-    notes.append(f"transport not measured: latency {latency:g} s, bandwidth {bw} "
-                 "(--latency/--bandwidth)")
     costs = BlockCosts(f=f, b=b, w=w, fb=fb, act_bytes=int(act_bytes),
                        param_bytes=int(param_bytes), boundary_bytes=int(boundary_bytes),
-                       micro_batch=micro_batch, latency=latency, bandwidth=bandwidth)
+                       micro_batch=micro_batch, latency=latency, bandwidth=bandwidth,
+                       overhead=overhead)
     return Profile(costs, i, repeats, warmup, str(device), n_linear,
                    torch.get_num_threads(), notes)
 
@@ -508,6 +533,151 @@ def _time_overlapped(block, fresh_inputs, forward, clock, warmup: int, repeats: 
     notes.append("F&B measured through the block's overlapped_forward_backward (a forward "
                  "and an earlier micro-batch's backward on the same block)")
     return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- the runtime
+
+
+@dataclass
+class RuntimeCosts:
+    """What :func:`measure_runtime` measured on this host: a transfer's one-way
+    ``latency`` (s) and ``bandwidth`` (bytes/s, ``math.inf`` when a bigger message was
+    not slower), the runtime's ``overhead`` per action (s) and the calibration
+    pipeline's median ``step`` (s); ``bare`` is that pipeline's stage measured alone
+    (forward, backward), the part of its step that is not the runtime."""
+
+    latency: float
+    bandwidth: float
+    overhead: float
+    step: float
+    bare: tuple[float, float] = (0.0, 0.0)  # the calibration stage's own F, B (s)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        bw = "infinite" if math.isinf(self.bandwidth) else f"{self.bandwidth / 1e9:.3f} GB/s"
+        return "\n".join([f"measured the runtime on 2 local gloo ranks (transport=\"group\", "
+                          "what --verify runs):",
+                          f"  transfer latency (one way)  {self.latency * 1e6:9.1f} us",
+                          f"  bandwidth                   {bw}",
+                          f"  overhead per action         {self.overhead * 1e6:9.1f} us"]
+                         + [f"  note: {n}" for n in self.notes])
+
+
+_CALIBRATION = ("1f1b", 2, 16)  # schedule, ranks, micro-batches of the overhead fit
+
+
+def _runtime_rank(rank: int, world: int, cfg: dict) -> dict:
+    """One rank of :func:`measure_runtime`: a ping-pong of a 1-float and a
+    ``cfg["floats"]``-float tensor (rank 0 times the round trips), the bare cost of the
+    calibration stage in this process, then the calibration pipeline's step spans."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from .api import Pipeline
+    from .launch import timed
+    torch.manual_seed(0)
+    out: dict = {}
+    for name, numel in (("small", 1), ("big", cfg["floats"])):
+        buf = torch.zeros(numel)
+        rounds = []
+        for r in range(cfg["warmup"] + cfg["repeats"]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(cfg["iters"]):
+                if rank == 0:
+                    dist.send(buf, 1)
+                    dist.recv(buf, 1)
+                else:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+            if r >= cfg["warmup"]:
+                rounds.append((time.perf_counter() - t0) / cfg["iters"])
+        out[name] = statistics.median(rounds)
+    # the calibration stage alone: a forward and a backward of nn.Linear(4, 4) on 1 x 4
+    lin = nn.Linear(4, 4)
+    fs, bs = [], []
+    for r in range(cfg["warmup"] + 10 * cfg["repeats"]):
+        x = torch.randn(1, 4, requires_grad=True)
+        t0 = time.perf_counter()
+        y = lin(x)
+        t1 = time.perf_counter()
+        y.backward(torch.ones_like(y))
+        t2 = time.perf_counter()
+        if r >= cfg["warmup"]:
+            fs.append(t1 - t0)
+            bs.append(t2 - t1)
+    out["f"], out["b"] = statistics.median(fs), statistics.median(bs)
+    _name, _P, N = _CALIBRATION
+    pipe = Pipeline(nn.Linear(4, 4), schedule=_name, transport="group",
+                    timeout=cfg["timeout"])
+    args = (torch.randn(N, 4),) if rank == 0 else ()
+    kw = dict(criterion=nn.functional.mse_loss, labels=(torch.randn(N, 4),)) \
+        if rank == world - 1 else {}
+    spans = []
+    try:
+        for r in range(cfg["warmup"] + cfg["repeats"]):
+            t0, t1, _ = timed(lambda: pipe.step(*args, num_chunks=N, **kw))
+            if r >= cfg["warmup"]:
+                spans.append((t0, t1))
+    finally:
+        pipe.close()
+    out["spans"] = spans
+    return out
+
+
+def measure_runtime(boundary_bytes: int = 4, threads: int = 1, repeats: int = 7,
+                    warmup: int = 3, timeout: float = 300.0) -> RuntimeCosts:
+    """Measure what the simulator needs besides the block, on 2 local ranks over gloo
+    (:func:`dualpipe.launch.run_ranks`, ``threads`` torch threads each; the transport
+    ``--verify`` runs):
+
+    * the one-way transfer ``latency``: half the round trip of a 1-float tensor; the
+      ``bandwidth`` from the extra time of a ``boundary_bytes`` one (``math.inf`` when it
+      was not slower, e.g. a boundary of a few bytes);
+    * the runtime's ``overhead`` per action: a 1F1B pipeline of ``nn.Linear(4, 4)``
+      stages on ``1 x 4`` micro-batches (almost all of its step is the runtime itself),
+      stepped ``warmup + repeats`` times; ``overhead`` is the per-action cost at which the
+      simulated makespan of that schedule -- priced with the stage's bare forward and
+      backward, measured alone in the same processes, and the measured latency -- equals
+      the measured median step (bisection; 0 when the bare costs already reach it)."""
+    from .launch import makespans, run_ranks
+    _positive_int("repeats", repeats)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    floats = max(1, -(-int(boundary_bytes) // 4))
+    cfg = {"floats": floats, "iters": 20, "repeats": repeats, "warmup": warmup,
+           "timeout": min(300.0, timeout)}
+    per_rank = run_ranks(_runtime_rank, 2, cfg, timeout=timeout, threads=threads)
+    r0 = per_rank[0]
+    latency = r0["small"] / 2
+    extra = (r0["big"] - r0["small"]) / 2
+    notes = []
+    if floats > 1 and extra > 0:
+        bandwidth = 4 * (floats - 1) / extra
+    else:
+        bandwidth = math.inf
+        if floats > 1:
+            notes.append(f"a {4 * floats}-byte transfer was not slower than a 4-byte one: "
+                         "bandwidth taken as infinite")
+    step = statistics.median(makespans([r["spans"] for r in per_rank]))
+    name, P, N = _CALIBRATION
+    s = get_schedule(name, P, N)
+    f0, b0 = max(r["f"] for r in per_rank), max(r["b"] for r in per_rank)
+
+    def predicted(o: float) -> float:
+        return simulate(s, Costs(f=f0 + o, b=b0 + 2 * o, w=0.0, latency=latency)).makespan
+    if predicted(0.0) >= step:
+        overhead = 0.0
+        notes.append("the calibration step was no slower than its bare compute and "
+                     "transfers: overhead taken as 0")
+    else:
+        lo, hi = 0.0, step
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if predicted(mid) < step else (lo, mid)
+        overhead = (lo + hi) / 2
+    return RuntimeCosts(latency, bandwidth, overhead, step, (f0, b0), notes)
 
 
 # --------------------------------------------------------------------------- planning
@@ -566,6 +736,9 @@ class Plan:
     schedules: list[str]
     candidates: list[Candidate]
     min_micro_batch: int = 1
+    # micro-batch size -> the block's cost measured there (plan(costs_at=...)); empty:
+    # every size priced by linear scaling of ``block``
+    measured_at: dict[int, BlockCosts] = field(default_factory=dict)
 
     @property
     def recommendation(self) -> Candidate | None:
@@ -584,11 +757,20 @@ class Plan:
             "memory_cap": self.memory_cap, "param_factor": self.param_factor,
             "min_micro_batch": self.min_micro_batch, "schedules": self.schedules,
             "cost_model": self.block.to_json(),
-            "assumptions": ASSUMPTIONS,
+            "measured_at": {str(m): b.to_json() for m, b in sorted(self.measured_at.items())},
+            "assumptions": self.assumptions,
             "recommendation": None if rec is None else rec.to_json(),
             "why_none": None if rec is not None else self.why_none(),
             "candidates": [c.to_json() for c in self.candidates],
         }
+
+    @property
+    def assumptions(self) -> list[str]:
+        if not self.measured_at:
+            return ASSUMPTIONS
+        return [ASSUMPTIONS[0], "block costs, saved activations and boundary bytes measured "
+                "at each micro-batch size priced (" + ", ".join(map(str, sorted(
+                    self.measured_at))) + " samples)"] + ASSUMPTIONS[2:]
 
     def why_none(self) -> str:
         """Which limit to relax when nothing is feasible."""
@@ -651,8 +833,8 @@ ASSUMPTIONS = [
     "and the optimizer step are not modelled",
     "block costs, saved activations and boundary bytes scale linearly with the micro-batch "
     "size (measured at cost_model.micro_batch samples)",
-    "a stage of k blocks costs k blocks; transfer = latency + boundary_bytes * scale / "
-    "bandwidth",
+    "a stage of k blocks costs k blocks plus the runtime's overhead per action (F, I, W "
+    "once; B and F&B twice); transfer = latency + boundary_bytes * scale / bandwidth",
     "memory = worst rank's peak live activations x k x act_bytes x scale + param_bytes x k x "
     "stages_per_rank x param_factor; allocator slack and workspaces not counted",
 ]
@@ -670,8 +852,14 @@ def _positive_int(name: str, v: object) -> int:
 
 def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
          memory_cap: int | None = None, schedules: list[str] | None = None,
-         param_factor: float = 4.0, min_micro_batch: int = 1) -> Plan:
+         param_factor: float = 4.0, min_micro_batch: int = 1,
+         costs_at: Callable[[int], BlockCosts] | None = None) -> Plan:
     """Enumerate and price every candidate (see the module docstring for the model).
+
+    ``costs_at(m)``, when given, is the cost of one block measured at ``m``-sample
+    micro-batches (e.g. :func:`profile_stage` with ``micro_batch=m``); it is called once
+    per micro-batch size a valid candidate uses and replaces the linear scaling of
+    ``block`` (which then only names the cost model in the JSON).
 
     ``schedules`` defaults to every registered one; validity comes from the registry
     (``supports``) and the generators (``get_schedule`` raises for a bad combination),
@@ -689,6 +877,7 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
     names = list(REGISTRY) if not schedules else list(dict.fromkeys(schedules))
     specs = [spec_of(n) for n in names]  # ValueError naming the choices for a typo
     cands: list[Candidate] = []
+    measured: dict[int, BlockCosts] = {}
     for spec in specs:
         for P in _divisors(D):
             DP = D // P
@@ -724,10 +913,13 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
                 except ValueError as e:
                     c.reason, c.rejected_by = str(e), "schedule"
                     continue
-                _price(c, s, block, k, m, memory_cap, param_factor)
+                if costs_at is not None and m not in measured:
+                    measured[m] = costs_at(m)
+                _price(c, s, block if costs_at is None else measured[m], k, m, memory_cap,
+                       param_factor)
     cands.sort(key=_rank_key)
     return Plan(block, D, L, G, memory_cap, float(param_factor), names, cands,
-                min_micro_batch)
+                min_micro_batch, measured)
 
 
 def _rank_key(c: Candidate) -> tuple:
@@ -739,13 +931,25 @@ def _rank_key(c: Candidate) -> tuple:
             c.chunks or 0)
 
 
-def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int | None,
-           param_factor: float) -> None:
+def stage_costs(block: BlockCosts, k: int, m: int) -> Costs:
+    """What the simulator prices for a stage of ``k`` blocks on ``m``-sample
+    micro-batches: each block's time scaled by ``m / block.micro_batch``, plus the
+    runtime's ``overhead`` per action (F, I, W once; B = I + W and an F&B pair twice),
+    and a transfer of ``latency + boundary_bytes * scale / bandwidth``."""
     scale = m / block.micro_batch
     per = k * scale
-    c.costs = Costs(f=block.f * per, b=block.b * per, w=block.w * per,
-                    fb=None if block.fb is None else block.fb * per,
-                    latency=block.latency + block.boundary_bytes * scale / block.bandwidth)
+    o = block.overhead
+    return Costs(f=block.f * per + o, b=block.b * per + 2 * o, w=block.w * per + o,
+                 fb=None if block.fb is None else block.fb * per + 2 * o,
+                 latency=block.latency + block.boundary_bytes * scale / block.bandwidth)
+
+
+def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int | None,
+           param_factor: float) -> None:
+    """Price ``c`` with ``block``, the cost of one block measured at ``block.micro_batch``
+    samples (linear scaling to ``m``; a block profiled at ``m`` itself has scale 1)."""
+    scale = m / block.micro_batch
+    c.costs = stage_costs(block, k, m)
     res = simulate(s, c.costs)
     c.step_time = res.makespan
     c.bubble_fraction = res.bubble / res.makespan if res.makespan > 0 else 0.0
@@ -929,12 +1133,14 @@ N for a model of --layers identical blocks on --devices devices, from the cost o
 block: measured (--stage module:function) or given (--costs file.json).
 
 Modelled: every registered schedule priced by the simulator; a stage of k = L / S blocks
-costs k blocks; costs, activations and boundary bytes scale linearly with the micro-batch
-size; memory per device = peak live activations of the worst rank + parameters of the
-stage modules it holds x --param-factor.
+costs k blocks plus the runtime's overhead per action; with --stage the block is profiled
+at every micro-batch size priced (--no-each-micro-batch: scale the example's costs
+linearly, as a --costs file always is) and the transfer latency, bandwidth and runtime
+overhead are measured on 2 local gloo ranks (--no-measure-runtime: not measured;
+--latency/--bandwidth/--overhead override); memory per device = peak live activations of
+the worst rank + parameters of the stage modules it holds x --param-factor.
 
-Not modelled: the data-parallel gradient all-reduce and optimizer step; the transport is
-not measured (give --latency/--bandwidth).
+Not modelled: the data-parallel gradient all-reduce and optimizer step.
 
 --verify (with --stage): run the recommendation and one runner-up (another schedule or P)
 through the runtime on this host, P local CPU ranks, one data-parallel replica (DP = 1,
@@ -943,8 +1149,8 @@ predicted step time.  Not in this version: --comm-sms (sweeping the GPU SM budge
 communication kernels) and --verify on CUDA blocks.
 
 Cost file: {"f": s, "b": s, "w": s, "fb": s|null, "act_bytes": int, "param_bytes": int,
-"boundary_bytes": int, "micro_batch": int, "latency": s, "bandwidth": bytes/s|null}
-(fb, latency and bandwidth optional: no overlap, 0, infinite).  See docs/performance.md,
+"boundary_bytes": int, "micro_batch": int, "latency": s, "bandwidth": bytes/s|null,
+"overhead": s} (fb, latency, bandwidth and overhead optional: no overlap, 0, infinite, 0).  See docs/performance.md,
 "Planning a run".
 """
 
@@ -977,9 +1183,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes held per parameter byte: weights + gradients + optimizer "
                         "state (default 4)")
     p.add_argument("--latency", type=float, default=None,
-                   help="seconds per transfer (default: the cost file's, or 0; not measured)")
+                   help="seconds per transfer (default: measured with --stage, else the "
+                        "cost file's, or 0)")
     p.add_argument("--bandwidth", type=float, default=None,
-                   help="bytes/s between ranks (default: the cost file's, or infinite)")
+                   help="bytes/s between ranks (default: measured with --stage, else the "
+                        "cost file's, or infinite)")
+    p.add_argument("--overhead", type=float, default=None,
+                   help="the runtime's seconds per action (default: measured with --stage, "
+                        "else the cost file's, or 0)")
+    p.add_argument("--measure-runtime", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure transfer latency, bandwidth and the runtime's overhead per "
+                        "action on 2 local gloo ranks (default: on with --stage, off with "
+                        "--costs); --latency/--bandwidth/--overhead override what it measures")
+    p.add_argument("--each-micro-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --stage: profile the block at every micro-batch size the plan "
+                        "prices instead of scaling the example's costs linearly (default: on)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats with --stage")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first with --stage")
     p.add_argument("--threads", type=int, default=None,
@@ -1016,32 +1234,60 @@ def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> N
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.verify_warmup < 0:
         parser.error(f"--verify-warmup must be >= 0, got {a.verify_warmup}")
+    for name in ("latency", "overhead"):
+        v = getattr(a, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            parser.error(f"--{name} must be a finite number of seconds >= 0, got {v}")
+    if a.bandwidth is not None and not a.bandwidth > 0:
+        parser.error(f"--bandwidth must be > 0 bytes/s, got {a.bandwidth}")
 
 
 def run(a: argparse.Namespace) -> int:
     """The ``plan`` command: exit 0 with a recommendation, 1 when nothing fits (the
     message says which limit to relax); bad input raises ``ValueError`` (exit 2)."""
     say = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
+    measure = a.costs is None if a.measure_runtime is None else a.measure_runtime
+    prof, costs_at = None, None
     if a.costs is not None:
-        block = BlockCosts.load(a.costs).with_transport(a.latency, a.bandwidth)
+        block = BlockCosts.load(a.costs)
+        threads, source = (1 if a.threads is None else a.threads), f"from {a.costs}"
     else:
         if a.threads is not None:
             if a.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {a.threads}")
             import torch
             torch.set_num_threads(a.threads)
-        prof = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup,
-                             latency=0.0 if a.latency is None else a.latency,
-                             bandwidth=math.inf if a.bandwidth is None else a.bandwidth)
+        prof = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup)
+        block, threads, source = prof.costs, prof.threads, None
+    if measure:
+        rt = measure_runtime(boundary_bytes=block.boundary_bytes, threads=threads)
+        say(rt.describe())
+        block = block.with_transport(rt.latency, rt.bandwidth, rt.overhead)
+        source = "measured on 2 local gloo ranks"
+    if (a.latency, a.bandwidth, a.overhead) != (None, None, None):
+        block = block.with_transport(a.latency, a.bandwidth, a.overhead)
+        source = (source + "; " if source else "") + "--latency/--bandwidth/--overhead"
+    if prof is not None:
+        prof.costs, prof.transport = block, source
         say(prof.describe())
-        block = prof.costs
+        if a.each_micro_batch:
+            def costs_at(m: int) -> BlockCosts:
+                if m == block.micro_batch:
+                    return block
+                c = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup,
+                                  micro_batch=m).costs.with_transport(
+                                      block.latency, block.bandwidth, block.overhead)
+                say(f"measured at a micro-batch of {m}: F {c.f * 1e3:.3f} ms, B "
+                    f"{c.b * 1e3:.3f} ms, W {c.w * 1e3:.3f} ms, saved "
+                    f"{format_bytes(c.act_bytes)}, output {format_bytes(c.boundary_bytes)}")
+                return c
     if a.save_costs:
         with open(a.save_costs, "w") as fh:
             json.dump(block.to_json(), fh, indent=1)
         say(f"wrote the cost model to {a.save_costs}")
     p = plan(block, a.devices, a.layers, a.global_batch, memory_cap=a.memory_cap,
              schedules=a.schedules, param_factor=a.param_factor,
-             min_micro_batch=a.min_micro_batch)
+             min_micro_batch=a.min_micro_batch, costs_at=costs_at)
     rec = p.recommendation
     if not a.json:
         print(f"{len(p.candidates)} candidates for {p.devices} devices, {p.layers} layers, "

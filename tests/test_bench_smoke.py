@@ -4,7 +4,8 @@ The CLIs' ``main(argv)`` run in this process (torch is already imported here; on
 ranks are spawned), with the smallest settings that still go through every code path:
 bubble and p2p_latency on 2 ranks (real transfers), vs_torch and overhead on 1 rank
 (both runtimes, DualPipeV's two stages on one rank), scale on two tiny rungs (in this
-process).  Speed is never asserted: only that each exits 0,
+process), plan_verify on its first sleep setting (one ``plan --verify`` process).
+Speed is never asserted: only that each exits 0,
 prints its table and writes JSON (machine described), markdown and PNG.
 """
 from __future__ import annotations
@@ -24,8 +25,10 @@ CASES = {
                  "--schedules", "dualpipev"],
     "p2p_latency": ["--ranks", "2", "--iters", "5", "--warmup", "0", "--repeats", "2"],
     "scale": ["--schedules", "1f1b", "dualpipev", "--ladder", "2x4", "4x8", "--repeats", "1"],
+    "plan_verify": ["--cases", "sleep", "--max-settings", "1", "--verify-steps", "1",
+                    "--verify-warmup", "0"],
 }
-NO_PLOT = {"p2p_latency"}  # a table is the result
+NO_PLOT = {"p2p_latency", "plan_verify"}  # a table is the result
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -356,7 +356,8 @@ def test_cli_stage_factory_and_save_costs(tmp_path, capsys):
     try:
         assert main(["plan", "--stage", "examples.plan_stage:make_block", "--repeats", "1",
                      "--warmup", "0", "--devices", "2", "--layers", "4", "--global-batch", "8",
-                     "--threads", "1", "--save-costs", str(saved)]) == 0
+                     "--threads", "1", "--no-measure-runtime", "--save-costs",
+                     str(saved)]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -521,3 +522,104 @@ def test_profile_overlapped_failure_falls_back_with_a_note():
                                  repeats=1, warmup=0)
     assert prof.costs.fb is None
     assert any("needs an expert-parallel group" in n and "f + b" in n for n in prof.notes)
+
+
+# --------------------------------------------------------------------------- the runtime's
+# own costs and per-micro-batch profiles
+
+
+def test_overhead_is_charged_per_action_as_the_docs_say():
+    o = 2e-4
+    block = BlockCosts(**{**BLOCK.to_json(), "bandwidth": BLOCK.bandwidth, "overhead": o})
+    p = plan(block, **SMALL, schedules=SMALL_SCHEDULES)
+    base = {(c.schedule, c.ranks, c.chunks): c
+            for c in plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES).candidates if c.priced}
+    for c in p.candidates:
+        if not c.priced:
+            continue
+        b0 = base[(c.schedule, c.ranks, c.chunks)].costs
+        assert (c.costs.f, c.costs.b, c.costs.w) == pytest.approx((b0.f + o, b0.b + 2 * o,
+                                                                   b0.w + o), rel=1e-12)
+        assert c.costs.latency == b0.latency
+        s = get_schedule(c.schedule, c.ranks, c.chunks)
+        assert c.step_time == pytest.approx(simulate(s, c.costs).makespan, rel=1e-12)
+        assert c.step_time > base[(c.schedule, c.ranks, c.chunks)].step_time
+    assert BlockCosts.from_json(block.to_json()) == block
+    with pytest.raises(ValueError, match="'overhead'"):
+        BlockCosts(**{**BLOCK.to_json(), "bandwidth": 1e8, "overhead": -1.0})
+
+
+def test_costs_measured_at_each_micro_batch_replace_the_linear_scaling():
+    seen = []
+
+    def costs_at(m):
+        seen.append(m)
+        # not linear: a fixed 1 ms per block on top of 0.1 ms per sample
+        return BlockCosts(f=1e-3 + 1e-4 * m, b=2e-3 + 2e-4 * m, w=1e-3 + 1e-4 * m,
+                          act_bytes=100 * m, param_bytes=5000, boundary_bytes=40 * m,
+                          micro_batch=m, latency=1e-5, bandwidth=1e8)
+    p = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES, costs_at=costs_at)
+    priced = [c for c in p.candidates if c.priced]
+    assert sorted(seen) == sorted({c.micro_batch for c in priced})  # once per size
+    for c in priced:
+        want = planmod.stage_costs(costs_at(c.micro_batch), c.layers_per_stage, c.micro_batch)
+        assert (c.costs.f, c.costs.b, c.costs.w, c.costs.latency) == pytest.approx(
+            (want.f, want.b, want.w, want.latency), rel=1e-12)
+        s = get_schedule(c.schedule, c.ranks, c.chunks)
+        res = simulate(s, c.costs)
+        assert c.step_time == pytest.approx(res.makespan, rel=1e-12)
+        assert c.activation_memory == math.ceil(max(res.peak_activations)
+                                                * c.layers_per_stage * 100 * c.micro_batch)
+    d = p.to_json()
+    assert sorted(map(int, d["measured_at"])) == sorted(set(seen))
+    assert any("measured at each micro-batch size" in a for a in d["assumptions"])
+    assert not plan(BLOCK, **SMALL).to_json()["measured_at"]
+
+
+def test_profile_at_another_micro_batch_size():
+    """The example repeated to ``m`` rows: per-sample sleep layers (40/80/40 ms at 20
+    rows) measure ``m`` times their per-sample costs within 5 %; bytes are exact."""
+    from tests.plan_stages import DIM, F_ROW, B_ROW, W_ROW, make_sleep_block
+    prof = planmod.profile_stage(make_sleep_block, repeats=3, warmup=1, micro_batch=20)
+    c = prof.costs
+    assert c.micro_batch == 20 and c.boundary_bytes == 20 * DIM * 4
+    assert c.f == pytest.approx(20 * F_ROW, rel=0.05)
+    assert c.b == pytest.approx(20 * B_ROW, rel=0.05)
+    assert c.w == pytest.approx(20 * W_ROW, rel=0.05)
+    with pytest.raises(ValueError, match="micro_batch"):
+        planmod.profile_stage(make_sleep_block, micro_batch=0)
+
+
+def test_measure_runtime_fits_the_overhead_to_the_calibration_step():
+    """2 spawned gloo ranks: the overhead it reports is the one at which the simulator
+    reproduces the calibration pipeline's measured step (the fit is exact up to the
+    bisection), and the transfer figures are positive."""
+    rt = planmod.measure_runtime(boundary_bytes=4096, repeats=3, warmup=1)
+    assert rt.latency > 0 and rt.bandwidth > 0 and rt.overhead >= 0 and rt.step > 0
+    name, P, N = planmod._CALIBRATION
+    f0, b0 = rt.bare
+    assert 0 < f0 and 0 < b0
+    got = simulate(get_schedule(name, P, N), Costs(f=f0 + rt.overhead, b=b0 + 2 * rt.overhead,
+                                                   w=0.0, latency=rt.latency)).makespan
+    if rt.overhead > 0:
+        assert got == pytest.approx(rt.step, rel=1e-9)
+    else:  # the bare costs and transfers alone already reach the measured step
+        assert got >= rt.step and rt.notes
+    assert "overhead per action" in rt.describe()
+
+
+def test_cli_stage_says_where_the_transport_figures_came_from(capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert main(["plan", "--stage", "examples.plan_stage:make_block", "--repeats", "1",
+                     "--warmup", "0", "--devices", "2", "--layers", "4", "--global-batch", "8",
+                     "--threads", "1", "--no-measure-runtime", "--no-each-micro-batch",
+                     "--overhead", "1e-4"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "measured the runtime" not in out and "measured at a micro-batch" not in out
+    assert "runtime overhead 0.0001 s per action (--latency/--bandwidth/--overhead)" in out
+    with pytest.raises(SystemExit) as e:
+        main(_args(pathlib.Path("unused.json"), "--overhead", "-1"))
+    assert e.value.code == 2

@@ -1,0 +1,162 @@
+"""The planner's predictions checked against the runtime: ``plan --verify`` on the bench
+models, several settings each, one fresh ``python -m dualpipe plan`` process per
+setting (so its profile, its runtime measurement and its ranks start from the same
+state a user's would).
+
+Models (the two stage kinds of ``bench.vs_torch``; the first is ``bench.bubble``'s):
+
+``sleep`` one calibrated layer (``bench.common.sleep_layer_class``, F/B/W = 10/20/10 ms):
+          host sleeps, so ranks do not compete for cores (4 local ranks fit 2 cores);
+``mlp``   ``examples.plan_stage:make_block``, the residual MLP block of ``vs_torch``'s
+          mlp case (real compute, one torch thread per rank: at most 2 ranks here).
+
+For each setting the planner profiles the block (at every micro-batch size it prices),
+measures transfer latency, bandwidth and its own overhead per action on 2 local gloo
+ranks, ranks the candidates, then runs the recommendation and a runner-up through the
+runtime (``--verify``: one data-parallel replica) and reports measured / predicted step
+time.  Target (issue 14): within 5 %.
+
+    python -m bench.plan_verify                 # every setting (~10 min on 2 cores)
+    python -m bench.plan_verify --cases sleep --verify-steps 3
+
+Writes ``plan_verify.json`` and ``plan_verify.md`` under ``bench/results/`` (or ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from bench import common
+
+SLEEP_F, SLEEP_B, SLEEP_W, SLEEP_DIM, SLEEP_ROWS = 0.010, 0.020, 0.010, 16, 2
+
+# (model, plan arguments): devices, layers, global batch, limits
+SETTINGS = {
+    "sleep": [  # the caps (parameters only: the layer saves nothing) force P = 4, P = 2
+        ["--devices", "2", "--layers", "8", "--global-batch", "16", "--memory-cap", "256",
+         "--param-factor", "1", "--schedules", "dualpipev", "1f1b", "zb1p"],
+        ["--devices", "4", "--layers", "8", "--global-batch", "16", "--memory-cap", "128",
+         "--param-factor", "1", "--schedules", "dualpipe", "dualpipev", "1f1b", "zb1p"],
+    ],
+    "mlp": [
+        ["--devices", "2", "--layers", "32", "--global-batch", "16", "--min-micro-batch", "4",
+         "--schedules", "1f1b", "zb1p"],
+        ["--devices", "2", "--layers", "32", "--global-batch", "32", "--min-micro-batch", "4",
+         "--memory-cap", "60MiB"],
+        ["--devices", "2", "--layers", "8", "--global-batch", "32", "--min-micro-batch", "4",
+         "--memory-cap", "16MiB"],
+        ["--devices", "2", "--layers", "8", "--global-batch", "128", "--min-micro-batch", "16",
+         "--memory-cap", "48MiB"],
+    ],
+}
+STAGES = {"sleep": "bench.plan_verify:make_sleep_block",
+          "mlp": "examples.plan_stage:make_block"}
+_calibrated = False
+
+
+def make_sleep_block():
+    """``bench.bubble``'s calibrated layer (F/B/W = 10/20/10 ms for any micro-batch),
+    an example micro-batch of ``SLEEP_ROWS`` rows and no criterion; calibrates this
+    process's host sleep on first use."""
+    import torch
+    global _calibrated
+    if not _calibrated:
+        common.calibrate_host_sleep()
+        _calibrated = True
+    layer = common.sleep_layer_class()(SLEEP_DIM, SLEEP_F, SLEEP_B, SLEEP_W)
+    return layer, torch.randn(SLEEP_ROWS, SLEEP_DIM), None
+
+
+def run_setting(model: str, args: list[str], steps: int, warmup: int,
+                timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "dualpipe", "plan", "--stage", STAGES[model], "--threads",
+           "1", *args, "--verify", "--verify-steps", str(steps), "--verify-warmup",
+           str(warmup), "--json"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           [os.getcwd()] + [x for x in [os.environ.get("PYTHONPATH")] if x])})
+    took = time.perf_counter() - t0
+    sys.stderr.write(p.stderr)
+    if p.returncode != 0:
+        return {"model": model, "args": args, "error": f"exit {p.returncode}: "
+                f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}",
+                "seconds": took}
+    d = json.loads(p.stdout)
+    return {"model": model, "args": args, "seconds": took, "cost_model": d["cost_model"],
+            "measured_at": sorted(map(int, d["measured_at"])),
+            "verify": d["verify"]["candidates"], "notes": d["verify"]["notes"]}
+
+
+HEADERS = ["model", "plan arguments", "verified", "candidate", "predicted ms", "measured ms",
+           "measured/predicted", "note"]
+
+
+def rows_of(runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in runs:
+        setting = " ".join(r["args"])
+        if "error" in r:
+            rows.append([r["model"], setting, "-", "error", "-", "-", "-", r["error"]])
+            continue
+        for v in r["verify"]:
+            rows.append([r["model"], setting, v["role"],
+                         f"{v['schedule']} P={v['ranks']} DP={v['dp']} N={v['chunks']} "
+                         f"m={v['micro_batch']}", f"{v['predicted'] * 1e3:.1f}",
+                         f"{v['measured'] * 1e3:.1f}", f"{v['ratio']:.3f}",
+                         v.get("note") or ""])
+            setting = ""
+    return rows
+
+
+def summary(runs: list[dict]) -> str:
+    ratios = [v["ratio"] for r in runs if "error" not in r for v in r["verify"]]
+    within = sum(abs(x - 1) <= 0.05 for x in ratios)
+    return (f"{within} of {len(ratios)} verified candidates within 5 % of the prediction"
+            + (f" (ratios {min(ratios):.3f}-{max(ratios):.3f})." if ratios else "."))
+
+
+def report(runs: list[dict], machine: dict) -> str:
+    lines = ["# Planner predictions vs the runtime (`python -m bench.plan_verify`)", "",
+             common.describe_machine(machine), "",
+             common.md_table(HEADERS, rows_of(runs)), "", summary(runs), ""]
+    for r in runs:
+        if "error" in r:
+            continue
+        c = r["cost_model"]
+        lines.append(f"* {r['model']} `{' '.join(r['args'])}`: runtime measured: latency "
+                     f"{c['latency'] * 1e6:.0f} us, overhead {c['overhead'] * 1e6:.0f} us "
+                     f"per action; block profiled at micro-batches {r['measured_at']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", choices=sorted(SETTINGS), default=["sleep", "mlp"])
+    p.add_argument("--max-settings", type=int, default=None,
+                   help="run only the first K settings of each model")
+    p.add_argument("--verify-steps", type=int, default=5)
+    p.add_argument("--verify-warmup", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per setting")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    machine = common.machine_info("gloo", load_average=os.getloadavg())
+    runs = []
+    for model in a.cases:
+        for args in SETTINGS[model][:a.max_settings]:
+            print(f"[plan_verify] {model}: {' '.join(args)}", file=sys.stderr)
+            runs.append(run_setting(model, args, a.verify_steps, a.verify_warmup, a.timeout))
+    out = common.out_dir(a.out)
+    common.write_json(out / "plan_verify.json", {"machine": machine, "runs": runs})
+    (out / "plan_verify.md").write_text(report(runs, machine))
+    print(common.text_table(HEADERS, rows_of(runs)))
+    print(summary(runs))
+    return 0 if all("error" not in r for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
