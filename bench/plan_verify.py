@@ -5,7 +5,7 @@ state a user's would).
 
 Models (the two stage kinds of ``bench.vs_torch``; the first is ``bench.bubble``'s):
 
-``sleep`` one calibrated layer (``bench.common.sleep_layer_class``, F/B/W = 10/20/10 ms):
+``sleep`` one calibrated layer (``bench.sleep_layer_class``, F/B/W = 10/20/10 ms):
           host sleeps, so ranks do not compete for cores (4 local ranks fit 2 cores);
 ``mlp``   ``examples.plan_stage:make_block``, the residual MLP block of ``vs_torch``'s
           mlp case (real compute, one torch thread per rank: at most 2 ranks here).
@@ -30,7 +30,9 @@ import subprocess
 import sys
 import time
 
-from bench import common
+from bench.machine import describe_machine, machine_info
+from bench.report import md_table, out_dir, text_table, write_json
+from bench.stages import calibrate_host_sleep, sleep_layer_class
 
 SLEEP_F, SLEEP_B, SLEEP_W, SLEEP_DIM, SLEEP_ROWS = 0.010, 0.020, 0.010, 16, 2
 
@@ -65,9 +67,9 @@ def make_sleep_block():
     import torch
     global _calibrated
     if not _calibrated:
-        common.calibrate_host_sleep()
+        calibrate_host_sleep()
         _calibrated = True
-    layer = common.sleep_layer_class()(SLEEP_DIM, SLEEP_F, SLEEP_B, SLEEP_W)
+    layer = sleep_layer_class()(SLEEP_DIM, SLEEP_F, SLEEP_B, SLEEP_W)
     return layer, torch.randn(SLEEP_ROWS, SLEEP_DIM), None
 
 
@@ -122,8 +124,8 @@ def summary(runs: list[dict]) -> str:
 
 def report(runs: list[dict], machine: dict) -> str:
     lines = ["# Planner predictions vs the runtime (`python -m bench.plan_verify`)", "",
-             common.describe_machine(machine), "",
-             common.md_table(HEADERS, rows_of(runs)), "", summary(runs), ""]
+             describe_machine(machine), "",
+             md_table(HEADERS, rows_of(runs)), "", summary(runs), ""]
     for r in runs:
         if "error" in r:
             continue
@@ -144,16 +146,16 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per setting")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    machine = common.machine_info("gloo", load_average=os.getloadavg())
+    machine = machine_info("gloo", load_average=os.getloadavg())
     runs = []
     for model in a.cases:
         for args in SETTINGS[model][:a.max_settings]:
             print(f"[plan_verify] {model}: {' '.join(args)}", file=sys.stderr)
             runs.append(run_setting(model, args, a.verify_steps, a.verify_warmup, a.timeout))
-    out = common.out_dir(a.out)
-    common.write_json(out / "plan_verify.json", {"machine": machine, "runs": runs})
+    out = out_dir(a.out)
+    write_json(out / "plan_verify.json", {"machine": machine, "runs": runs})
     (out / "plan_verify.md").write_text(report(runs, machine))
-    print(common.text_table(HEADERS, rows_of(runs)))
+    print(text_table(HEADERS, rows_of(runs)))
     print(summary(runs))
     return 0 if all("error" not in r for r in runs) else 1
 
