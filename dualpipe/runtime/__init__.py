@@ -39,12 +39,12 @@ from overlap.p2p import (META_LEN, P2P, Handle, PeerAborted, PeerError, PeerExit
                          PeerTimeout, TensorMeta, pack_meta, unpack_meta)
 from overlap.shm import DEFAULT_RING_BYTES, ShmP2P, ShmUnavailable
 
-from .schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
+from ..schedules import (B, F, FB, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Schedule,
                         gc_paused, get_schedule, lower, placement_schedule, spec_of)
-from .failures import RECORD_DEADLINE, Record, ShmBoard, StoreBoard, StoreUnresponsive
-from .simulate import Interval
-from .utils import gather, run_backward, scatter
-from .weight_grad import WeightGradStore, split_linear_weight_grads
+from ..failures import RECORD_DEADLINE, Record, ShmBoard, StoreBoard, StoreUnresponsive
+from ..simulate import Interval
+from ..utils import gather, run_backward, scatter
+from ..weight_grad import WeightGradStore, split_linear_weight_grads
 
 __all__ = ["PipelineRuntime", "PipelineError", "PipelineTimeout", "StepStats",
            "set_p2p_tensor_shapes", "set_p2p_tensor_dtype"]
@@ -1580,7 +1580,7 @@ _parse_memo: dict[str, Action] = {}
 def _parse_cached(text: str) -> Action:
     a = _parse_memo.get(text)
     if a is None:
-        from .schedules import parse_action
+        from ..schedules import parse_action
         a = _parse_memo[text] = parse_action(text)
     return a
 
