@@ -8,8 +8,9 @@ For each registered schedule and each rung of a ladder of (ranks, micro-batches)
 * ``validate``  :func:`dualpipe.validate.validate` (completeness, order, dry run; the
   lowering it reads is already cached on the object);
 * ``simulate``  :func:`dualpipe.simulate.simulate` with the default costs;
-* ``plan``      the runtime's plan compiler (``dualpipe.runtime._compile``, uncached,
-  every rank's plan, the runtime's default lookahead), which also reads ``lower()``;
+* ``plan``      the runtime's plan compiler (``dualpipe.runtime.plan.compile_plans``,
+  uncached, every rank's plan, the runtime's default lookahead), which also reads
+  ``lower()``;
 * ``cached``    ``get_schedule`` + ``lower`` once both are cached (what a second
   ``step()`` with the same shape pays): must not grow at all.
 
@@ -92,11 +93,11 @@ def _inner(name: str, ranks: int, chunks: int) -> int:
 
 def sample(name: str, ranks: int, chunks: int, inner: int) -> dict:
     """One timed sample of every tool on ``inner`` fresh schedules; seconds per schedule."""
-    from dualpipe import runtime
+    from dualpipe.runtime.plan import compile_plans as cached_plans
     from dualpipe.schedules import SCHEDULES, lower
     from dualpipe.simulate import simulate
     from dualpipe.validate import validate
-    compile_plans = getattr(runtime._compile, "__wrapped__", runtime._compile)
+    compile_plans = cached_plans.__wrapped__  # the uncached pass
     lookahead = 2  # PipelineRuntime's default
     wall, cpu = {}, {}
     w, c, scheds = _timed(SCHEDULES[name], [(ranks, chunks)] * inner)

@@ -214,8 +214,8 @@ def _agree(pipe: PipelineRuntime, error: str | None, what: str) -> None:
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=pipe.device)
     # host=True: the flags are read on the host (on NCCL a wait is otherwise only
     # stream-ordered, with no deadline of its own)
-    flags = pipe._exchange(what, lambda p2p: p2p.all_gather(flag, pipe.num_ranks, what)
-                           .wait(pipe.timeout, pipe._failure_record, host=True))
+    flags = pipe.exchange(what, lambda p2p: p2p.all_gather(flag, pipe.num_ranks, what)
+                           .wait(pipe.timeout, pipe.failure_record, host=True))
     bad = [r for r, f in enumerate(flags) if int(f)]
     if error is not None:
         raise ValueError(f"{what}: {error}")

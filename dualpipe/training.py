@@ -139,7 +139,7 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
         handles = []
         for peer in sorted({peer for _s, _c, peer in pairs}):
             cs = [c for _s, c, p in pairs if p == peer]
-            g = pipe._to_group[peer]
+            g = pipe.to_group[peer]
             handles.append(p2p.irecv([theirs[c] for c in cs] + [have_theirs[c] for c in cs],
                                      g, what, tag=4))
             handles.append(p2p.isend([mine[c] for c in cs] + [have[c] for c in cs], g, what,
@@ -147,7 +147,7 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
         for h in handles:
             h.wait(pipe.timeout)
 
-    pipe._exchange("reduce_dualpipe_grads", swap)
+    pipe.exchange("reduce_dualpipe_grads", swap)
     for _stage, c, _peer in pairs:
         params = list(pipe.module[c].parameters())
         total = mine[c] + theirs[c]
@@ -241,7 +241,7 @@ def clip_grad_norm_(pipe: PipelineRuntime, max_norm: float, norm_type: float = 2
         dist.all_reduce(s, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM,
                         group=mesh.get_group())
         local = torch.maximum(local, s) if inf else local + s
-    parts = pipe._exchange("clip_grad_norm_", lambda p2p: p2p.all_gather(
+    parts = pipe.exchange("clip_grad_norm_", lambda p2p: p2p.all_gather(
         local, pipe.num_ranks, "gradient norms").wait(pipe.timeout))
     stacked = torch.cat([t.reshape(1) for t in parts])
     total64 = stacked.max() if inf else stacked.sum().pow(1.0 / norm_type)

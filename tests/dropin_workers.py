@@ -264,8 +264,8 @@ def many_lengths(rank: int, world: int, mb: int = 2, hidden: int = 4, N: int = 4
     to 3 here): every rank forgets the same signatures, and a length seen again after
     being forgotten has its shapes exchanged anew.  Rank 0's losses against one process."""
     from dualpipe import DualPipeV
-    from dualpipe import runtime as rt
-    rt._MAX_SIGNATURES = 3
+    from dualpipe.runtime import checks  # _remember_signature reads the limit there
+    checks.MAX_SIGNATURES = 3
     stages = [_seq_stage(s, hidden) for s in range(2 * world)]
     p = DualPipeV((_seq_stage(rank, hidden), _seq_stage(2 * world - 1 - rank, hidden)),
                   timeout=20)

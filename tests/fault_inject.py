@@ -99,11 +99,11 @@ def _ctor_token() -> str | None:
     try:
         import torch.distributed as dist
 
-        from dualpipe import runtime as rt
+        from dualpipe.runtime import transport
         group = dist.distributed_c10d._get_default_group()
-        store = rt._group_store(group)
+        store = transport.group_store(group)
         gname = str(getattr(group, "group_name", "") or "default")
-        prefix = f"dualpipe/{gname}/{rt._clone_count.get(gname, 0)}"
+        prefix = f"dualpipe/{gname}/{transport._clone_count.get(gname, 0)}"
         gen = store.add(f"{prefix}/shm/calls/{dist.get_rank()}", 0)
         key = f"{prefix}/shm/{gen}/where"
         if store.check([key]):

@@ -203,10 +203,10 @@ def transport_choice(rank: int, world: int):
 def _ctor_files(world: int) -> list[str] | None:
     """Files in the ring directory of the shared-memory agreement of the last pipeline
     this rank tried to build (None: no rank got as far as choosing a directory)."""
-    from dualpipe import runtime as rt
+    from dualpipe.runtime import transport
     store = dist.distributed_c10d._get_default_store()
     gname = str(getattr(dist.group.WORLD, "group_name", "") or "default")
-    key = f"dualpipe/{gname}/{rt._clone_count[gname]}/shm/1/where"
+    key = f"dualpipe/{gname}/{transport._clone_count[gname]}/shm/1/where"
     if not store.check([key]):
         return None
     directory, token = store.get(key).decode().split("\n")

@@ -2,9 +2,9 @@
 communicators, tested on CPU with fake CUDA events and fake communicators.
 
 On CUDA every interval of a step is a pair of CUDA events on the current stream; the
-conversion to seconds (``_on_device_clock``) and the runtime's lazy reading of the events
-are pinned here with fakes; the real device clock is checked by the ``gpu`` test in
-tests/test_nccl_gpu.py.
+conversion to seconds (``dualpipe.runtime.timing.on_device_clock``) and the runtime's lazy
+reading of the events are pinned here with fakes; the real device clock is checked by the
+``gpu`` test in tests/test_nccl_gpu.py.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import datetime
 
 import pytest
 
-from dualpipe import runtime as rt
+from dualpipe.runtime import timing, transport
 from tests.mp import run_ranks
 from tests.timing_workers import device_clock_steps, nccl_teardown
 
@@ -36,7 +36,7 @@ def test_device_clock_places_compute_and_waits_on_one_clock():
              (Ev(111.0), Ev(126.0), "F1.0", "wait"),      # the stream stalled 15 ms
              (Ev(126.0), Ev(146.0), "F1.0", "compute"),
              (Ev(146.0), Ev(150.0), "B1.0", "wait")]
-    out, wall, busy, wait = rt._on_device_clock(start, end, spans)
+    out, wall, busy, wait = timing.on_device_clock(start, end, spans)
     assert out == [(0.001, 0.011, "F0.0", "compute"), (0.011, 0.026, "F1.0", "wait"),
                    (0.026, 0.046, "F1.0", "compute"), (0.046, 0.05, "B1.0", "wait")]
     assert (wall, busy, wait) == pytest.approx((0.060, 0.030, 0.019))
@@ -95,13 +95,13 @@ class Comm:
 ])
 def test_release_groups_prefers_shutdown_or_abort(failed, methods, expect):
     log = []
-    rt._release_groups((Comm(log, "up", methods), Comm(log, "down", methods)), failed)
+    transport.release_groups((Comm(log, "up", methods), Comm(log, "down", methods)), failed)
     assert log == [("up", expect), ("down", expect)]
 
 
 def test_release_groups_never_raises():
     log = []
-    rt._release_groups((Comm(log, "up", ("shutdown",), fail=True), object(),
+    transport.release_groups((Comm(log, "up", ("shutdown",), fail=True), object(),
                         Comm(log, "down", ("shutdown",))), False)
     assert log == [("up", "shutdown"), ("down", "shutdown")]
 
@@ -141,7 +141,7 @@ def test_nccl_groups_carry_the_cta_cap_priority_and_timeout(monkeypatch):
     monkeypatch.setattr(dist, "ProcessGroupNCCL", _FakePGNCCL, raising=False)
     monkeypatch.setattr(_FakePGNCCL, "made", [])
     to = datetime.timedelta(seconds=42)
-    up, down = rt._nccl_groups(dist.HashStore(), "dualpipe/g/1", 1, 4, to, 24)
+    up, down = transport.nccl_groups(dist.HashStore(), "dualpipe/g/1", 1, 4, to, 24)
     for g in (up, down):
         assert (g.rank, g.size) == (1, 4)
         assert g.opts.config.max_ctas == 24 and g.opts.config.min_ctas is None
@@ -149,7 +149,7 @@ def test_nccl_groups_carry_the_cta_cap_priority_and_timeout(monkeypatch):
     up.store.set("k", "v")  # the two use distinct store prefixes
     assert up.store.check(["k"]) and not down.store.check(["k"])
     # no cap asked: NCCL's default (or $NCCL_MAX_CTAS) is left alone
-    a, _ = rt._nccl_groups(dist.HashStore(), "p", 0, 2, to, None)
+    a, _ = transport.nccl_groups(dist.HashStore(), "p", 0, 2, to, None)
     assert a.opts.config.max_ctas is None
 
 
@@ -161,7 +161,7 @@ def test_nccl_groups_abort_the_first_when_the_second_fails(monkeypatch):
     monkeypatch.setattr(_FakePGNCCL, "made", [])
     monkeypatch.setattr(_FakePGNCCL, "fail_on", 1)
     with pytest.raises(RuntimeError, match="NCCL init failed"):
-        rt._nccl_groups(dist.HashStore(), "p", 0, 2, datetime.timedelta(seconds=5), 8)
+        transport.nccl_groups(dist.HashStore(), "p", 0, 2, datetime.timedelta(seconds=5), 8)
     assert [g.calls for g in _FakePGNCCL.made] == [["abort"]]
 
 

@@ -30,7 +30,7 @@ def rank_io(s, rank: int, xs, ys):
 def pipeline_cases(rank: int, world: int, cases: list[dict]):
     """Run each case (a dict) and return what the parent compares with the reference."""
     from dualpipe import set_p2p_tensor_dtype, set_p2p_tensor_shapes
-    from dualpipe import runtime as rt
+    from dualpipe.runtime import boundary  # the declarations' home
     out = []
     for case in cases:
         if case.get("toy"):
@@ -40,7 +40,7 @@ def pipeline_cases(rank: int, world: int, cases: list[dict]):
         tuple_io, hook = case.get("tuple_io", False), case.get("hook", False)
         train = case.get("train", True)
         ret = case.get("return_outputs", False)
-        rt._p2p_shapes, rt._p2p_dtype = None, None
+        boundary._p2p_shapes, boundary._p2p_dtype = None, None
         if case.get("preset_shapes"):
             set_p2p_tensor_shapes([(MB, 8)])
             set_p2p_tensor_dtype(torch.float32)
@@ -70,7 +70,7 @@ def pipeline_cases(rank: int, world: int, cases: list[dict]):
         res["hook_calls"] = HookStage.calls
         res["timeline_len"] = len(p.timeline)
         out.append(res)
-        rt._p2p_shapes, rt._p2p_dtype = None, None
+        boundary._p2p_shapes, boundary._p2p_dtype = None, None
     return out
 
 
