@@ -420,7 +420,7 @@ class StepExecutor:
         busy = 0.0
         text = "start of step"
         agreed = False
-        poll = self.p2p.poll  # None when the transport needs no driving between actions
+        poll = self.p2p.poll if self.p2p.needs_poll else None  # no driving needed: skip it
         try:
             for (a, need, sends, post_upto, text) in plan.steps:
                 if poll is not None:
