@@ -26,9 +26,14 @@ What is modelled, and what is not:
 * a transfer between ranks costs ``latency + boundary_bytes * scale / bandwidth``;
   ``latency``, ``bandwidth`` and ``overhead`` are measured on 2 local gloo ranks
   (:func:`measure_runtime`; the command line's default with a stage factory) or given;
-* the step time is the simulated makespan of one replica: the data-parallel gradient
-  all-reduce, the optimizer step and any overlap of either with the pipeline are **not
-  modelled**;
+* the step time is the simulated makespan of one replica; the gradient synchronisation
+  after it is modelled only when asked (:class:`GradSync`, ``--grad-sync-bandwidth``):
+  then a ring all-reduce over the ``DP`` replicas of the gradients of the distinct stages
+  a rank holds (``2 (DP - 1) / DP`` of their bytes over the given bandwidth, plus ``2 (DP
+  - 1)`` latencies) and, for a schedule with duplicated stages (DualPipe), the exchange of
+  one stage's gradients with the partner rank (``reduce_dualpipe_grads``, at the pipeline's
+  transfer latency and bandwidth) are added, **not overlapped** with the pipeline (an
+  upper bound).  The optimizer step is never modelled;
 * memory per device is the peak of live activations on the worst rank (the simulator's
   ``peak_activations``, in stage-chunk units, times ``k`` blocks' saved bytes) plus the
   parameters of every stage module the rank holds (``Schedule.stages_per_rank``: DualPipe
@@ -687,9 +692,11 @@ def measure_runtime(boundary_bytes: int = 4, threads: int = 1, repeats: int = 7,
 class Candidate:
     """One (schedule, P, DP, N) and what it costs; ``status`` is ``"feasible"``,
     ``"over memory cap"`` or ``"invalid"`` (``reason`` says why for the last two).
-    Priced candidates carry ``costs`` (one stage chunk), ``step_time`` (simulated
-    makespan, seconds), ``bubble_fraction`` (idle time of the most idle rank / makespan) and
-    ``memory`` (bytes per device, ``activation_memory + param_memory``)."""
+    Priced candidates carry ``costs`` (one stage chunk), ``pipeline_time`` (simulated
+    makespan of one replica, seconds), ``grad_sync_time`` (the modelled gradient
+    synchronisation after it, ``None`` when not modelled), ``step_time`` (their sum),
+    ``bubble_fraction`` (idle time of the most idle rank / makespan) and ``memory`` (bytes
+    per device, ``activation_memory + param_memory``)."""
 
     schedule: str
     ranks: int
@@ -702,6 +709,8 @@ class Candidate:
     reason: str | None = None
     rejected_by: str | None = None  # "schedule", "batch", "layers" or "memory"
     step_time: float | None = None
+    pipeline_time: float | None = None
+    grad_sync_time: float | None = None
     bubble_fraction: float | None = None
     memory: int | None = None
     activation_memory: int | None = None
@@ -739,6 +748,7 @@ class Plan:
     # micro-batch size -> the block's cost measured there (plan(costs_at=...)); empty:
     # every size priced by linear scaling of ``block``
     measured_at: dict[int, BlockCosts] = field(default_factory=dict)
+    grad_sync: "GradSync | None" = None
 
     @property
     def recommendation(self) -> Candidate | None:
@@ -758,6 +768,7 @@ class Plan:
             "min_micro_batch": self.min_micro_batch, "schedules": self.schedules,
             "cost_model": self.block.to_json(),
             "measured_at": {str(m): b.to_json() for m, b in sorted(self.measured_at.items())},
+            "grad_sync": None if self.grad_sync is None else asdict(self.grad_sync),
             "assumptions": self.assumptions,
             "recommendation": None if rec is None else rec.to_json(),
             "why_none": None if rec is not None else self.why_none(),
@@ -766,11 +777,19 @@ class Plan:
 
     @property
     def assumptions(self) -> list[str]:
+        out = list(ASSUMPTIONS)
+        if self.grad_sync is not None:
+            out[0] = ("step time = simulated makespan of one data-parallel replica + the "
+                      "gradient synchronisation after it, not overlapped: ring all-reduce of "
+                      "the distinct stages' gradients over DP replicas at "
+                      f"{self.grad_sync.bandwidth:g} B/s and {self.grad_sync.latency:g} s "
+                      "per hop, and DualPipe's copy exchange at the transfer cost; the "
+                      "optimizer step is not modelled")
         if not self.measured_at:
-            return ASSUMPTIONS
-        return [ASSUMPTIONS[0], "block costs, saved activations and boundary bytes measured "
+            return out
+        return [out[0], "block costs, saved activations and boundary bytes measured "
                 "at each micro-batch size priced (" + ", ".join(map(str, sorted(
-                    self.measured_at))) + " samples)"] + ASSUMPTIONS[2:]
+                    self.measured_at))) + " samples)"] + out[2:]
 
     def why_none(self) -> str:
         """Which limit to relax when nothing is feasible."""
@@ -793,17 +812,19 @@ class Plan:
     def table(self, limit: int | None = None) -> str:
         """The priced candidates ranked, then the invalid ones, one line per
         (schedule, P) and reason."""
-        rows = [("schedule", "P", "DP", "N", "mb size", "step ms", "bubble", "memory/device",
-                 "status")]
+        sync = self.grad_sync is not None
+        rows = [("schedule", "P", "DP", "N", "mb size", "step ms") + (("sync ms",) if sync else ())
+                + ("bubble", "memory/device", "status")]
         priced = [c for c in self.candidates if c.priced]
         shown = priced if limit is None else priced[:limit]
         for c in shown:
             rows.append((c.schedule, str(c.ranks), str(c.dp), str(c.chunks), str(c.micro_batch),
-                         f"{c.step_time * 1e3:.3f}", f"{c.bubble_fraction:.1%}",
-                         format_bytes(c.memory),
-                         c.status if c.status == FEASIBLE else f"rejected: {c.reason}"))
+                         f"{c.step_time * 1e3:.3f}")
+                        + ((f"{c.grad_sync_time * 1e3:.3f}",) if sync else ())
+                        + (f"{c.bubble_fraction:.1%}", format_bytes(c.memory),
+                           c.status if c.status == FEASIBLE else f"rejected: {c.reason}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines = ["  ".join(v.rjust(w) if 0 < i < 8 else v.ljust(w)
+        lines = ["  ".join(v.rjust(w) if 0 < i < len(widths) else v.ljust(w)
                            for i, (v, w) in enumerate(zip(r[:-1], widths))) + "  " + r[-1]
                  for r in rows]
         if len(shown) < len(priced):
@@ -829,8 +850,9 @@ class Plan:
 
 
 ASSUMPTIONS = [
-    "step time = simulated makespan of one data-parallel replica; the gradient all-reduce "
-    "and the optimizer step are not modelled",
+    "step time = simulated makespan of one data-parallel replica; the gradient "
+    "synchronisation (DP all-reduce, DualPipe's copy exchange) and the optimizer step are "
+    "not modelled (--grad-sync-bandwidth models the first)",
     "block costs, saved activations and boundary bytes scale linearly with the micro-batch "
     "size (measured at cost_model.micro_batch samples)",
     "a stage of k blocks costs k blocks plus the runtime's overhead per action (F, I, W "
@@ -853,13 +875,17 @@ def _positive_int(name: str, v: object) -> int:
 def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
          memory_cap: int | None = None, schedules: list[str] | None = None,
          param_factor: float = 4.0, min_micro_batch: int = 1,
-         costs_at: Callable[[int], BlockCosts] | None = None) -> Plan:
+         costs_at: Callable[[int], BlockCosts] | None = None,
+         grad_sync: "GradSync | None" = None) -> Plan:
     """Enumerate and price every candidate (see the module docstring for the model).
 
     ``costs_at(m)``, when given, is the cost of one block measured at ``m``-sample
     micro-batches (e.g. :func:`profile_stage` with ``micro_batch=m``); it is called once
     per micro-batch size a valid candidate uses and replaces the linear scaling of
     ``block`` (which then only names the cost model in the JSON).
+
+    ``grad_sync``: model the gradient synchronisation after the pipeline
+    (:func:`grad_sync_time`); ``None``: step time = the pipeline's makespan.
 
     ``schedules`` defaults to every registered one; validity comes from the registry
     (``supports``) and the generators (``get_schedule`` raises for a bad combination),
@@ -916,10 +942,10 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
                 if costs_at is not None and m not in measured:
                     measured[m] = costs_at(m)
                 _price(c, s, block if costs_at is None else measured[m], k, m, memory_cap,
-                       param_factor)
+                       param_factor, grad_sync)
     cands.sort(key=_rank_key)
     return Plan(block, D, L, G, memory_cap, float(param_factor), names, cands,
-                min_micro_batch, measured)
+                min_micro_batch, measured, grad_sync)
 
 
 def _rank_key(c: Candidate) -> tuple:
@@ -944,14 +970,53 @@ def stage_costs(block: BlockCosts, k: int, m: int) -> Costs:
                  latency=block.latency + block.boundary_bytes * scale / block.bandwidth)
 
 
+@dataclass(frozen=True)
+class GradSync:
+    """The network the data-parallel gradient all-reduce runs on: ``bandwidth`` in bytes
+    per second (per rank, ring algorithm) and ``latency`` in seconds per hop.  This host
+    cannot measure it (the replicas are other hosts); give your cluster's figures."""
+
+    bandwidth: float
+    latency: float = 0.0
+
+    def __post_init__(self):
+        if not _is_number(self.bandwidth) or not self.bandwidth > 0:
+            raise ValueError(f"--grad-sync-bandwidth must be > 0 bytes/s, got "
+                             f"{self.bandwidth!r}")
+        if not _is_number(self.latency) or not math.isfinite(self.latency) or self.latency < 0:
+            raise ValueError(f"--grad-sync-latency must be a finite number of seconds >= 0, "
+                             f"got {self.latency!r}")
+
+
+def grad_sync_time(sync: GradSync, block: BlockCosts, s, k: int, dp: int) -> float:
+    """Seconds of gradient synchronisation after one step of schedule ``s`` with ``k``
+    blocks per stage on ``dp`` replicas: for a schedule with duplicated stages
+    (DualPipe), one exchange of a stage's gradients with the partner rank at the
+    pipeline's transfer cost (``reduce_dualpipe_grads``); then, for ``dp > 1``, a ring
+    all-reduce of the gradients of the distinct stages the rank holds:
+    ``2 (dp - 1) / dp * bytes / sync.bandwidth + 2 (dp - 1) * sync.latency``."""
+    stage_bytes = block.param_bytes * k
+    distinct = s.stages_per_rank // 2 if s.duplicated_stages else s.stages_per_rank
+    t = 0.0
+    if s.duplicated_stages:
+        t += block.latency + stage_bytes / block.bandwidth
+    if dp > 1:
+        t += (2 * (dp - 1) / dp * stage_bytes * distinct / sync.bandwidth
+              + 2 * (dp - 1) * sync.latency)
+    return t
+
+
 def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int | None,
-           param_factor: float) -> None:
+           param_factor: float, grad_sync: GradSync | None = None) -> None:
     """Price ``c`` with ``block``, the cost of one block measured at ``block.micro_batch``
     samples (linear scaling to ``m``; a block profiled at ``m`` itself has scale 1)."""
     scale = m / block.micro_batch
     c.costs = stage_costs(block, k, m)
     res = simulate(s, c.costs)
-    c.step_time = res.makespan
+    c.pipeline_time = res.makespan
+    if grad_sync is not None:
+        c.grad_sync_time = grad_sync_time(grad_sync, block, s, k, c.dp)
+    c.step_time = c.pipeline_time + (c.grad_sync_time or 0.0)
     c.bubble_fraction = res.bubble / res.makespan if res.makespan > 0 else 0.0
     c.activation_memory = math.ceil(max(res.peak_activations) * k * block.act_bytes * scale)
     c.param_memory = math.ceil(block.param_bytes * k * s.stages_per_rank * param_factor)
@@ -971,7 +1036,7 @@ def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int |
 class Verification:
     """One candidate run through the real runtime (:func:`verify`): ``measured`` is the
     median step makespan over ``steps`` (max end - min start across the ranks),
-    ``predicted`` the simulated step time of exactly what ran (DP = 1, the candidate's P,
+    ``predicted`` the simulated pipeline makespan of exactly what ran (DP = 1, the candidate's P,
     N and micro-batch size), ``ratio = measured / predicted`` (``None`` for a prediction
     of 0); ``note`` says what differs from the candidate (DP, cores shared)."""
 
@@ -1090,7 +1155,7 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
     _positive_int("--verify-steps", steps)
     g_run = c.micro_batch * c.chunks
     # the same micro-batch size and count: one replica's makespan, the candidate's own
-    v = Verification(role, c, predicted=c.step_time, global_batch_run=g_run,
+    v = Verification(role, c, predicted=c.pipeline_time, global_batch_run=g_run,
                      threads=threads)
     said = []
     if c.dp > 1:
@@ -1140,7 +1205,9 @@ overhead are measured on 2 local gloo ranks (--no-measure-runtime: not measured;
 --latency/--bandwidth/--overhead override); memory per device = peak live activations of
 the worst rank + parameters of the stage modules it holds x --param-factor.
 
-Not modelled: the data-parallel gradient all-reduce and optimizer step.
+Not modelled: the optimizer step; the gradient synchronisation (the DP all-reduce and
+DualPipe's copy exchange) only with --grad-sync-bandwidth (the replicas' network: this
+host cannot measure it), added after the pipeline, not overlapped.
 
 --verify (with --stage): run the recommendation and one runner-up (another schedule or P)
 through the runtime on this host, P local CPU ranks, one data-parallel replica (DP = 1,
@@ -1198,6 +1265,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--each-micro-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="with --stage: profile the block at every micro-batch size the plan "
                         "prices instead of scaling the example's costs linearly (default: on)")
+    p.add_argument("--grad-sync-bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="model the gradient synchronisation after each step: ring "
+                        "all-reduce over the DP replicas at this bandwidth (default: not "
+                        "modelled)")
+    p.add_argument("--grad-sync-latency", type=float, default=0.0, metavar="S",
+                   help="seconds per all-reduce hop with --grad-sync-bandwidth (default 0)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats with --stage")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first with --stage")
     p.add_argument("--threads", type=int, default=None,
@@ -1287,7 +1360,9 @@ def run(a: argparse.Namespace) -> int:
         say(f"wrote the cost model to {a.save_costs}")
     p = plan(block, a.devices, a.layers, a.global_batch, memory_cap=a.memory_cap,
              schedules=a.schedules, param_factor=a.param_factor,
-             min_micro_batch=a.min_micro_batch, costs_at=costs_at)
+             min_micro_batch=a.min_micro_batch, costs_at=costs_at,
+             grad_sync=None if a.grad_sync_bandwidth is None else GradSync(
+                 a.grad_sync_bandwidth, a.grad_sync_latency))
     rec = p.recommendation
     if not a.json:
         print(f"{len(p.candidates)} candidates for {p.devices} devices, {p.layers} layers, "
@@ -1298,7 +1373,10 @@ def run(a: argparse.Namespace) -> int:
                   f"{rec.layers_per_stage} layers per stage): step {rec.step_time * 1e3:.3f} ms "
                   f"simulated, bubble {rec.bubble_fraction:.1%}, "
                   f"{format_bytes(rec.memory)} per device "
-                  "(the DP all-reduce is not modelled)")
+                  + ("(the gradient synchronisation is not modelled: --grad-sync-bandwidth)"
+                     if p.grad_sync is None else
+                     f"(the step includes {rec.grad_sync_time * 1e3:.3f} ms of gradient "
+                     "synchronisation)"))
     verified: list[Verification] = []
     notes: list[str] = []
     if a.verify and rec is not None:

@@ -103,7 +103,7 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
     if not sched.duplicated_stages:
         return
     _check_stepped(pipe, "reduce_dualpipe_grads")
-    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe._stopped is None:
+    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe.stopped is None:
         raise RuntimeError("reduce_dualpipe_grads was already called after this step; calling "
                            "it again would add the partner rank's gradients twice")
     copies: dict[int, list[tuple[int, int]]] = {}

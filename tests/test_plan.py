@@ -623,3 +623,40 @@ def test_cli_stage_says_where_the_transport_figures_came_from(capsys):
     with pytest.raises(SystemExit) as e:
         main(_args(pathlib.Path("unused.json"), "--overhead", "-1"))
     assert e.value.code == 2
+
+
+def test_grad_sync_is_added_after_the_pipeline_when_modelled():
+    sync = planmod.GradSync(bandwidth=1e6, latency=1e-4)
+    p = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES, grad_sync=sync)
+    base = {(c.schedule, c.ranks, c.chunks): c
+            for c in plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES).candidates if c.priced}
+    for c in (c for c in p.candidates if c.priced):
+        b = base[(c.schedule, c.ranks, c.chunks)]
+        assert b.grad_sync_time is None and b.step_time == b.pipeline_time
+        assert c.pipeline_time == b.pipeline_time
+        s = get_schedule(c.schedule, c.ranks, c.chunks)
+        stage = BLOCK.param_bytes * c.layers_per_stage
+        want = 0.0
+        if c.schedule == "dualpipe":  # two copies of one stage: one exchange with the partner
+            want += BLOCK.latency + stage / BLOCK.bandwidth
+        distinct = 1 if c.schedule == "dualpipe" else len(s.placement[0])
+        if c.dp > 1:
+            want += 2 * (c.dp - 1) / c.dp * stage * distinct / 1e6 + 2 * (c.dp - 1) * 1e-4
+        assert c.grad_sync_time == pytest.approx(want, rel=1e-12), c.label()
+        assert c.step_time == pytest.approx(c.pipeline_time + want, rel=1e-12)
+    # a slow all-reduce moves the recommendation off the most data-parallel layout
+    free = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES).recommendation
+    slow = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES,
+                grad_sync=planmod.GradSync(bandwidth=1e4)).recommendation
+    assert free.dp == 4 and slow.dp < free.dp
+    assert "synchronisation" in p.to_json()["assumptions"][0]
+    with pytest.raises(ValueError, match="--grad-sync-bandwidth"):
+        planmod.GradSync(bandwidth=0)
+
+
+def test_cli_grad_sync_column_and_bad_value(costs_file, capsys):
+    assert main(_args(costs_file, "--grad-sync-bandwidth", "1e6")) == 0
+    out = capsys.readouterr().out
+    assert "sync ms" in out and "gradient synchronisation)" in out
+    assert main(_args(costs_file, "--grad-sync-bandwidth", "-5")) == 2
+    assert "--grad-sync-bandwidth" in capsys.readouterr().err

@@ -214,6 +214,12 @@ class PipelineRuntime(ArgChecks, FailureProtocol, StepTiming, nn.Module):
             return contextlib.nullcontext()
         return torch.cuda.stream(torch.cuda.Stream(device=self.device))
 
+    @property
+    def stopped(self) -> str | None:
+        """``None`` while the pipeline can step; after a failure or :meth:`close`, why it
+        cannot (the message ``step()`` raises)."""
+        return self._stopped
+
     def close(self) -> None:
         """Release this rank's side of the pipeline's transports (idempotent): the
         private NCCL communicators are shut down, the shared-memory rings unmapped, the
