@@ -12,6 +12,8 @@
   the one handle type :class:`~overlap.transport.TransferHandle`, the ``Peer*`` failures);
 * :mod:`overlap.p2p` -- asynchronous pipeline send/recv with a shape/dtype handshake;
 * :mod:`overlap.shm` -- the same interface over shared memory, for ranks on one host;
+* :mod:`overlap.connect` -- choosing and opening a transport for a process group
+  (:func:`~overlap.connect.open_transport`: shared memory or private process groups);
 * :mod:`overlap.partition` -- SM partitions between compute and communication;
 * :mod:`overlap.kernels` -- Triton kernels taking an SM budget (imports triton);
 * the extension's SM-budgeted ops (``sm_copy_``, ``gather_rows``, ``scatter_add_rows_``,
@@ -85,10 +87,11 @@ _EXPORTS = {
                   "PeerExited", "PeerAborted"),
     "p2p": ("P2P", "Handle", "TensorMeta"),
     "shm": ("ShmP2P", "ShmHandle", "ShmUnavailable", "DEFAULT_RING_BYTES"),
+    "connect": ("open_transport", "Connection", "TransportSetupError"),
 }
 # submodules importable as attributes; ``kernels`` imports triton, so only on use
 _SUBMODULES = ("streams", "trace", "timeline", "fb", "partition", "transport", "p2p", "shm",
-               "adapters", "kernels")
+               "connect", "adapters", "kernels")
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE) + list(_SUBMODULES)

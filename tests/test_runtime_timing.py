@@ -1,5 +1,6 @@
 """The runtime's timing (one clock per device) and the release of its private NCCL
-communicators, tested on CPU with fake CUDA events and fake communicators.
+communicators, tested on CPU with fake CUDA events and fake communicators (how they are
+built and released: tests/test_connect.py).
 
 On CUDA every interval of a step is a pair of CUDA events on the current stream; the
 conversion to seconds (``dualpipe.runtime.timing.on_device_clock``) and the runtime's lazy
@@ -8,11 +9,9 @@ reading of the events are pinned here with fakes; the real device clock is check
 """
 from __future__ import annotations
 
-import datetime
-
 import pytest
 
-from dualpipe.runtime import timing, transport
+from dualpipe.runtime import timing
 from tests.mp import run_ranks
 from tests.timing_workers import device_clock_steps, nccl_teardown
 
@@ -75,95 +74,6 @@ def test_runtime_device_clock_without_timeline_still_gives_stats():
 
 
 # ---- the private NCCL communicators -------------------------------------------------------
-
-class Comm:
-    def __init__(self, log, name, methods, fail=False):
-        for m in methods:
-            def call(m=m):
-                log.append((name, m))
-                if fail:
-                    raise RuntimeError("communicator already gone")
-            setattr(self, m, call)
-
-
-@pytest.mark.parametrize("failed,methods,expect", [
-    (False, ("shutdown", "abort"), "shutdown"),
-    (True, ("shutdown", "abort"), "abort"),
-    (False, ("_shutdown", "abort"), "_shutdown"),   # torch before shutdown() was public
-    (False, ("abort",), "abort"),
-    (True, ("shutdown",), "shutdown"),
-])
-def test_release_groups_prefers_shutdown_or_abort(failed, methods, expect):
-    log = []
-    transport.release_groups((Comm(log, "up", methods), Comm(log, "down", methods)), failed)
-    assert log == [("up", expect), ("down", expect)]
-
-
-def test_release_groups_never_raises():
-    log = []
-    transport.release_groups((Comm(log, "up", ("shutdown",), fail=True), object(),
-                        Comm(log, "down", ("shutdown",))), False)
-    assert log == [("up", "shutdown"), ("down", "shutdown")]
-
-
-class _Config:
-    max_ctas = min_ctas = None
-
-
-class _FakePGNCCL:
-    made: list = []
-    fail_on = None
-
-    class Options:
-        def __init__(self):
-            self.is_high_priority_stream = False
-            self.config = _Config()
-            self._timeout = None
-
-    def __init__(self, store, rank, size, opts):
-        if len(_FakePGNCCL.made) == _FakePGNCCL.fail_on:
-            raise RuntimeError("NCCL init failed")
-        self.store, self.rank, self.size, self.opts = store, rank, size, opts
-        self.calls = []
-        _FakePGNCCL.made.append(self)
-
-    def abort(self):
-        self.calls.append("abort")
-
-    def shutdown(self):
-        self.calls.append("shutdown")
-
-
-def test_nccl_groups_carry_the_cta_cap_priority_and_timeout(monkeypatch):
-    import torch.distributed as dist
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    monkeypatch.setattr(dist, "ProcessGroupNCCL", _FakePGNCCL, raising=False)
-    monkeypatch.setattr(_FakePGNCCL, "made", [])
-    to = datetime.timedelta(seconds=42)
-    up, down = transport.nccl_groups(dist.HashStore(), "dualpipe/g/1", 1, 4, to, 24)
-    for g in (up, down):
-        assert (g.rank, g.size) == (1, 4)
-        assert g.opts.config.max_ctas == 24 and g.opts.config.min_ctas is None
-        assert g.opts.is_high_priority_stream and g.opts._timeout == to
-    up.store.set("k", "v")  # the two use distinct store prefixes
-    assert up.store.check(["k"]) and not down.store.check(["k"])
-    # no cap asked: NCCL's default (or $NCCL_MAX_CTAS) is left alone
-    a, _ = transport.nccl_groups(dist.HashStore(), "p", 0, 2, to, None)
-    assert a.opts.config.max_ctas is None
-
-
-def test_nccl_groups_abort_the_first_when_the_second_fails(monkeypatch):
-    import torch.distributed as dist
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    monkeypatch.setattr(dist, "ProcessGroupNCCL", _FakePGNCCL, raising=False)
-    monkeypatch.setattr(_FakePGNCCL, "made", [])
-    monkeypatch.setattr(_FakePGNCCL, "fail_on", 1)
-    with pytest.raises(RuntimeError, match="NCCL init failed"):
-        transport.nccl_groups(dist.HashStore(), "p", 0, 2, datetime.timedelta(seconds=5), 8)
-    assert [g.calls for g in _FakePGNCCL.made] == [["abort"]]
-
 
 def test_nccl_max_ctas_argument_is_validated():
     from overlap.partition import PartitionConfigError, SMPartition, nccl_max_ctas_of

@@ -8,8 +8,9 @@ a flat list of steps.
 Which file does what:
 
 * ``pipeline.py``  -- :class:`PipelineRuntime`: construction and ``step()``.
-* ``transport.py`` -- which transport carries the traffic (shared memory, a private gloo
-  group, two private NCCL communicators) and building/releasing the private ones.
+* ``transport.py`` -- the pipeline's transport policy (``transport=`` and
+  ``$DUALPIPE_TRANSPORT``, the ring size, the store prefix per pipeline, setup failures as
+  :class:`PipelineError`); choosing and opening the transport is :mod:`overlap.connect`.
 * ``checks.py``    -- the stage modules' check, ``step()``'s argument checks and the
   step-start handshake.
 * ``plan.py``      -- the plan compiler: per rank, typed :class:`~.plan.Step` records

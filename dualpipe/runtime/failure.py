@@ -20,11 +20,12 @@ import time
 import traceback
 import weakref
 
+from overlap.connect import release_groups
 from overlap.p2p import PeerError, PeerExited, PeerTimeout
 
 from ..failures import RECORD_DEADLINE, Record, ShmBoard, StoreBoard, StoreUnresponsive
 from .errors import PipelineError, PipelineTimeout
-from .transport import release_groups, store_host
+from .transport import store_host
 
 __all__ = ["FailureProtocol", "AGREEMENT"]
 

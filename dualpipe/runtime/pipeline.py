@@ -129,7 +129,7 @@ class PipelineRuntime(ArgChecks, FailureProtocol, StepTiming, nn.Module):
         from overlap.partition import nccl_max_ctas_of
         max_ctas = nccl_max_ctas_of(nccl_max_ctas)  # validated on every backend
         # private transports over the same ranks carry the pipeline's traffic (see
-        # dualpipe.runtime.transport); NCCL gets two, one per direction (overlap.p2p.P2P)
+        # overlap.connect); NCCL gets two, one per direction (overlap.p2p.P2P)
         self._prefix = _transport.next_prefix(self.group)
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
@@ -151,14 +151,15 @@ class PipelineRuntime(ArgChecks, FailureProtocol, StepTiming, nn.Module):
                              "gradients are then computed in the backward itself)")
         # collective with every rank of the group (PipelineError on every rank if one
         # is missing, fails or exits meanwhile)
-        self.transport, shm, pg = _transport.connect(
+        conn = _transport.connect(
             self.group, self._store, self._prefix, backend, self.device, mode, self.rank,
             timeout, max_ctas)
+        self.transport = conn.name
         if self.transport == "nccl":
-            self._own_nccl_groups(pg)
+            self._own_nccl_groups(conn.groups)
         else:
-            self._pg = pg
-        self._open_board(shm, self._store, self._prefix, rank_mapping, timeout)
+            self._pg = conn.groups
+        self._open_board(conn.shm, self._store, self._prefix, rank_mapping, timeout)
         if max_ctas is not None and self.transport != "nccl":
             log.info("nccl_max_ctas=%d ignored: this pipeline's transport is %s, not NCCL",
                      max_ctas, self.transport)
@@ -173,7 +174,7 @@ class PipelineRuntime(ArgChecks, FailureProtocol, StepTiming, nn.Module):
                 _split_linear(m)
         self.record_timeline = record_timeline
         self.confirm_steps = confirm_steps
-        self._p2p = _transport.p2p_of(self.group, shm, self._pg)
+        self._p2p = conn.transport
         self._plans: dict[tuple, Plan] = {}
         # what crosses each boundary, per (num_chunks, mode, chunk, input signature):
         # the outputs' shapes/dtypes (sent once with the first activation) and which
