@@ -1,6 +1,6 @@
 """Draw a timeline: simulated or measured intervals -> PNG or Chrome/Perfetto trace.
 
-Input is a list of :class:`~dualpipe.simulate.Interval` (``rank``, ``start``, ``end``,
+Input is a list of :class:`~overlap.trace.Interval` (``rank``, ``start``, ``end``,
 ``action``, ``lane``) and the :class:`~dualpipe.schedules.Schedule` they belong to (for
 the placement: which stream and stage each chunk of a rank is).  Times are in any
 unit: simulated cost units or measured seconds; ``time_unit`` names it.
