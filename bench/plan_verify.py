@@ -10,7 +10,8 @@ Models (the two stage kinds of ``bench.vs_torch``; the first is ``bench.bubble``
 ``mlp``   ``examples.plan_stage:make_block``, the residual MLP block of ``vs_torch``'s
           mlp case (real compute, one torch thread per rank: at most 2 ranks here).
 
-For each setting the planner profiles the block (at every micro-batch size it prices),
+For each setting the planner profiles the block (at every micro-batch size it prices;
+the MLP block as a stage of as many blocks as the smallest stage the setting prices),
 measures transfer latency, bandwidth and its own overhead per action on 2 local gloo
 ranks, ranks the candidates, then runs the recommendation and a runner-up through the
 runtime (``--verify``: one data-parallel replica) and reports measured / predicted step
@@ -44,15 +45,15 @@ SETTINGS = {
         ["--devices", "4", "--layers", "8", "--global-batch", "16", "--memory-cap", "128",
          "--param-factor", "1", "--schedules", "dualpipe", "dualpipev", "1f1b", "zb1p"],
     ],
-    "mlp": [
+    "mlp": [  # --profile-blocks: the smallest stage these settings price (k = 8 or 2)
         ["--devices", "2", "--layers", "32", "--global-batch", "16", "--min-micro-batch", "4",
-         "--schedules", "1f1b", "zb1p"],
+         "--schedules", "1f1b", "zb1p", "--profile-blocks", "8"],
         ["--devices", "2", "--layers", "32", "--global-batch", "32", "--min-micro-batch", "4",
-         "--memory-cap", "60MiB"],
+         "--memory-cap", "60MiB", "--profile-blocks", "8"],
         ["--devices", "2", "--layers", "8", "--global-batch", "32", "--min-micro-batch", "4",
-         "--memory-cap", "16MiB"],
+         "--memory-cap", "16MiB", "--profile-blocks", "2"],
         ["--devices", "2", "--layers", "8", "--global-batch", "128", "--min-micro-batch", "16",
-         "--memory-cap", "48MiB"],
+         "--memory-cap", "48MiB", "--profile-blocks", "2"],
     ],
 }
 STAGES = {"sleep": "bench.plan_verify:make_sleep_block",

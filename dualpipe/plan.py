@@ -343,12 +343,15 @@ class Profile:
     threads: int = 1
     notes: list[str] = field(default_factory=list)
     transport: str | None = None  # where latency/bandwidth/overhead came from
+    blocks: int = 1  # timed as a stage of this many fresh blocks (figures per block)
 
     def describe(self) -> str:
         c = self.costs
         fb = "f + b (no overlap)" if c.fb is None else f"{c.fb * 1e3:9.3f} ms"
         where = self.device if self.device != "cpu" else f"cpu, {self.threads} torch thread(s)"
-        lines = [f"measured one block on {where} (median of {self.repeats} after "
+        what = "one block" if self.blocks == 1 else \
+            f"a stage of {self.blocks} blocks (per block below)"
+        lines = [f"measured {what} on {where} (median of {self.repeats} after "
                  f"{self.warmup} warm-up, micro-batch of {c.micro_batch} samples):",
                  f"  F  forward                 {c.f * 1e3:9.3f} ms",
                  f"  B  full backward           {c.b * 1e3:9.3f} ms",
@@ -370,7 +373,8 @@ class Profile:
 
 def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: int = 2,
                   latency: float = 0.0, bandwidth: float = math.inf,
-                  micro_batch: int | None = None, overhead: float = 0.0) -> Profile:
+                  micro_batch: int | None = None, overhead: float = 0.0,
+                  blocks: int = 1) -> Profile:
     """Measure one block: ``factory()`` returns ``(block, example_micro_batch,
     criterion_or_None)``; the example is a tensor (or a tuple of them, passed as
     ``block(*inputs)``) whose first dimension is the micro-batch size.  ``criterion``,
@@ -399,7 +403,10 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
     ``micro_batch``: measure at that many samples instead of the example's (the example
     repeated along dim 0 and cut, as ``--verify`` feeds the runtime).  ``overhead`` (the
     runtime's cost per action, :func:`measure_runtime`) is passed through like the
-    transport."""
+    transport.  ``blocks`` > 1: time an ``nn.Sequential`` of that many fresh blocks from
+    the factory (a stage streams its blocks' weights, which one block timed again and
+    again keeps in cache) and report every figure per block (the stage's / ``blocks``);
+    F&B is then measured on the first block alone."""
     import torch
 
     from .weight_grad import WeightGradStore, split_linear_weight_grads
@@ -408,7 +415,12 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
         factory = load_stage_factory(factory)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    _positive_int("blocks", blocks)
     block, inputs, criterion = _call_factory(factory)
+    first = block
+    if blocks > 1:
+        import torch.nn as nn
+        block = nn.Sequential(first, *[_call_factory(factory)[0] for _ in range(blocks - 1)])
     if micro_batch is not None:
         _positive_int("micro_batch", micro_batch)
         inputs = tuple(_repeat_rows(t, micro_batch) for t in inputs)
@@ -485,7 +497,11 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
                 ws.append(tw)
     finally:
         WeightGradStore.enabled = was
-    f, b, i, w = (statistics.median(v) for v in (fs, bs, is_, ws))
+    f, b, i, w = (statistics.median(v) / blocks for v in (fs, bs, is_, ws))
+    act_bytes, param_bytes = act_bytes / blocks, param_bytes / blocks
+    if blocks > 1:
+        notes.append(f"timed a stage of {blocks} fresh blocks: F, B, I, W, saved and "
+                     f"parameter bytes are per block (the stage's / {blocks})")
     if deferred == 0:
         notes.append("the block defers no weight gradient (no nn.Linear and no "
                      "WeightGradStore-aware autograd Function): W = 0, so the W passes of "
@@ -502,14 +518,15 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
                      f"({b * 1e3:.3f} ms, timed separately); W set to B")
         w = b
     fb = None
-    if hasattr(type(block), "overlapped_forward_backward"):
-        fb = _time_overlapped(block, fresh_inputs, forward, clock, warmup, repeats, notes)
-    costs = BlockCosts(f=f, b=b, w=w, fb=fb, act_bytes=int(act_bytes),
-                       param_bytes=int(param_bytes), boundary_bytes=int(boundary_bytes),
+    if hasattr(type(first), "overlapped_forward_backward"):
+        fb = _time_overlapped(first, fresh_inputs, lambda xs: first(*xs), clock, warmup,
+                              repeats, notes)
+    costs = BlockCosts(f=f, b=b, w=w, fb=fb, act_bytes=round(act_bytes),
+                       param_bytes=round(param_bytes), boundary_bytes=int(boundary_bytes),
                        micro_batch=micro_batch, latency=latency, bandwidth=bandwidth,
                        overhead=overhead)
     return Profile(costs, i, repeats, warmup, str(device), n_linear,
-                   torch.get_num_threads(), notes)
+                   torch.get_num_threads(), notes, blocks=blocks)
 
 
 def _time_overlapped(block, fresh_inputs, forward, clock, warmup: int, repeats: int,
@@ -1217,8 +1234,8 @@ communication kernels) and --verify on CUDA blocks.
 
 Cost file: {"f": s, "b": s, "w": s, "fb": s|null, "act_bytes": int, "param_bytes": int,
 "boundary_bytes": int, "micro_batch": int, "latency": s, "bandwidth": bytes/s|null,
-"overhead": s} (fb, latency, bandwidth and overhead optional: no overlap, 0, infinite, 0).  See docs/performance.md,
-"Planning a run".
+"overhead": s} (fb, latency, bandwidth and overhead optional: no overlap, 0, infinite,
+0).  See docs/performance.md, "Planning a run".
 """
 
 
@@ -1271,6 +1288,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "modelled)")
     p.add_argument("--grad-sync-latency", type=float, default=0.0, metavar="S",
                    help="seconds per all-reduce hop with --grad-sync-bandwidth (default 0)")
+    p.add_argument("--profile-blocks", type=int, default=1, metavar="K",
+                   help="with --stage: time a stage of K fresh blocks and divide by K (a "
+                        "stage streams its blocks' weights; one block timed again and again "
+                        "stays in cache); at most the smallest stage you plan (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats with --stage")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first with --stage")
     p.add_argument("--threads", type=int, default=None,
@@ -1307,6 +1328,8 @@ def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> N
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.verify_warmup < 0:
         parser.error(f"--verify-warmup must be >= 0, got {a.verify_warmup}")
+    if a.profile_blocks < 1:
+        parser.error(f"--profile-blocks must be >= 1, got {a.profile_blocks}")
     for name in ("latency", "overhead"):
         v = getattr(a, name)
         if v is not None and not (math.isfinite(v) and v >= 0):
@@ -1330,7 +1353,8 @@ def run(a: argparse.Namespace) -> int:
                 raise ValueError(f"--threads must be >= 1, got {a.threads}")
             import torch
             torch.set_num_threads(a.threads)
-        prof = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup)
+        prof = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup,
+                             blocks=a.profile_blocks)
         block, threads, source = prof.costs, prof.threads, None
     if measure:
         rt = measure_runtime(boundary_bytes=block.boundary_bytes, threads=threads)
@@ -1347,9 +1371,9 @@ def run(a: argparse.Namespace) -> int:
             def costs_at(m: int) -> BlockCosts:
                 if m == block.micro_batch:
                     return block
-                c = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup,
-                                  micro_batch=m).costs.with_transport(
-                                      block.latency, block.bandwidth, block.overhead)
+                c = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup, micro_batch=m,
+                                  blocks=a.profile_blocks).costs
+                c = c.with_transport(block.latency, block.bandwidth, block.overhead)
                 say(f"measured at a micro-batch of {m}: F {c.f * 1e3:.3f} ms, B "
                     f"{c.b * 1e3:.3f} ms, W {c.w * 1e3:.3f} ms, saved "
                     f"{format_bytes(c.act_bytes)}, output {format_bytes(c.boundary_bytes)}")

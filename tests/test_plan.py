@@ -660,3 +660,26 @@ def test_cli_grad_sync_column_and_bad_value(costs_file, capsys):
     assert "sync ms" in out and "gradient synchronisation)" in out
     assert main(_args(costs_file, "--grad-sync-bandwidth", "-5")) == 2
     assert "--grad-sync-bandwidth" in capsys.readouterr().err
+
+
+def test_profile_a_stage_of_several_blocks_reports_per_block_figures():
+    """Per-sample sleep layers: a stage of 3 fresh blocks at 10 rows (20/40/20 ms per
+    block) gives per-block F, B, W within 5 %; bytes are per block, exactly."""
+    from tests.plan_stages import DIM, F_ROW, B_ROW, W_ROW, make_sleep_block
+    one = planmod.profile_stage(make_sleep_block, repeats=1, warmup=0, micro_batch=10)
+    prof = planmod.profile_stage(make_sleep_block, repeats=3, warmup=1, micro_batch=10,
+                                 blocks=3)
+    c = prof.costs
+    assert prof.blocks == 3 and "a stage of 3 blocks" in prof.describe()
+    assert c.f == pytest.approx(10 * F_ROW, rel=0.05)
+    assert c.b == pytest.approx(10 * B_ROW, rel=0.05)
+    assert c.w == pytest.approx(10 * W_ROW, rel=0.05)
+    assert (c.param_bytes, c.act_bytes) == (one.costs.param_bytes, one.costs.act_bytes)
+    assert c.boundary_bytes == 10 * DIM * 4
+    lin = lambda: (nn.Linear(8, 8), torch.randn(5, 8), None)  # noqa: E731
+    one, three = (planmod.profile_stage(lin, repeats=1, warmup=0, blocks=n).costs
+                  for n in (1, 3))
+    assert three.param_bytes == one.param_bytes == (8 * 8 + 8) * 4
+    assert three.act_bytes == one.act_bytes > 0  # each block saves its own input
+    with pytest.raises(ValueError, match="blocks"):
+        planmod.profile_stage(make_sleep_block, blocks=0)
