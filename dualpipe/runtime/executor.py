@@ -25,7 +25,8 @@ import warnings
 
 import torch
 
-from overlap.p2p import META_LEN, Handle, TensorMeta, pack_meta, unpack_meta
+from overlap.p2p import META_LEN, TensorMeta, pack_meta, unpack_meta
+from overlap.transport import TransferHandle
 
 from ..schedules import B, F, FB, I, Schedule
 from ..utils import gather, run_backward
@@ -96,10 +97,10 @@ class StepExecutor:
         self.wgrads: dict[tuple[int, int], list] = {}
         for c, mbs in batches.items():
             self.inputs[c] = list(mbs)
-        self.recv_handles: list[Handle | None] = [None] * len(plan.recvs)
-        self.meta_handles: dict[tuple, Handle] = {}  # (F|B, chunk) -> shapes or layout
-        self.send_handles: list[Handle] = []         # shape messages; reaped at the end
-        self.pending: dict[int, Handle] = {}         # send id -> data send not yet reaped
+        self.recv_handles: list[TransferHandle | None] = [None] * len(plan.recvs)
+        self.meta_handles: dict[tuple, TransferHandle] = {}  # (F|B, chunk) -> shapes or layout
+        self.send_handles: list[TransferHandle] = []         # shape messages; reaped at the end
+        self.pending: dict[int, TransferHandle] = {}         # send id -> data send not yet reaped
         self.posted = 0
         self.meta_sent = pipe._meta_sent
         self.meta_recv = pipe._meta_recv
