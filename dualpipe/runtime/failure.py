@@ -183,6 +183,15 @@ class FailureProtocol:
             return Record(h, "timeout", f"{where}: {e}; the process group's store, hosted by "
                           f"{who}, does not answer either: that process is stopped or "
                           "hung"), True
+        if silent and peer is not None and peer not in silent \
+                and not isinstance(e, (PeerTimeout, PeerExited)):
+            # the transfer's peer is alive and closed the connection: it is stopping the
+            # pipeline and its record is on the way.  (gloo closes every connection of a
+            # rank whose own wait timed out at once, before that rank has diagnosed and
+            # written its record; blaming the silent rank here would call it dead)
+            rec = self._await_record()
+            if rec is not None:
+                return rec, False
         if silent:
             v = peer if peer in silent else min(silent)
             state = board.state(v)
@@ -196,14 +205,21 @@ class FailureProtocol:
         if not isinstance(e, PeerExited):
             # the peer is alive and closed the connection: it is stopping the pipeline,
             # and its record is on the way
-            end = time.monotonic() + RECORD_DEADLINE
-            while time.monotonic() < end:
-                rec = board.read()
-                if rec is not None:
-                    return rec, False
-                time.sleep(0.02)
+            rec = self._await_record()
+            if rec is not None:
+                return rec, False
         return Record(peer, "lost", f"{where}: {e}; another rank crashed, was killed or lost "
                       "its connection"), True
+
+    def _await_record(self) -> Record | None:
+        """Another rank's record, read until :data:`~dualpipe.failures.RECORD_DEADLINE`
+        runs out (``None`` if none came)."""
+        end = time.monotonic() + RECORD_DEADLINE
+        while True:
+            rec = self._board.read()
+            if rec is not None or time.monotonic() >= end:
+                return rec
+            time.sleep(0.02)
 
     def _own_nccl_groups(self, groups: tuple) -> None:
         """Keep ``groups`` (private NCCL communicators) as the transport's backends and

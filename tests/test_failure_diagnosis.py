@@ -1,0 +1,85 @@
+"""FailureProtocol._diagnose on a store-backed board, one process, no transport: which
+record a rank writes for a failed transfer nobody has recorded yet.
+
+The race these pin down was seen in CI (SIGSTOP of rank 2, gloo): a neighbour of the
+frozen rank timed out inside gloo's own wait, and gloo then closed *every* connection of
+that neighbour at once -- before it had diagnosed and written its record.  Rank 0, whose
+receive from that (alive) neighbour failed with "Connection closed by peer", found no
+record, saw rank 2 silent, and recorded "rank 2 died": every rank then raised a
+PipelineError, not the PipelineTimeout a frozen rank must produce.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dualpipe.failures import RECORD_DEADLINE, Record
+from dualpipe.runtime.failure import FailureProtocol
+from overlap.p2p import PeerExited, PeerLost, PeerTimeout
+
+
+class Board:
+    """A store board whose liveness answer and record are set by the test."""
+
+    def __init__(self, silent: set[int], record_after: float | None = None,
+                 record: Record | None = None):
+        self.silent_in_vote: set[int] = set()
+        self.unresponsive = self.gone = False
+        self.host = 0
+        self._silent, self._record = silent, None
+        if record_after is not None:
+            threading.Timer(record_after, setattr, (self, "_record", record)).start()
+
+    def not_responding(self) -> set[int]:
+        return set(self._silent)
+
+    def read(self):
+        return self._record
+
+    def state(self, rank: int):
+        return None  # a store cannot tell a dead process from a stopped one
+
+
+def _proto(board: Board) -> FailureProtocol:
+    p = FailureProtocol.__new__(FailureProtocol)
+    p.rank, p.num_ranks, p._board, p._to_pipe = 0, 4, board, [0, 1, 2, 3]
+    return p
+
+
+WHERE = "pipeline rank 0, action F1.2+B0.0"
+TIMEOUT_REC = Record(2, "timeout", "pipeline rank 1, action F0.3: activation for F0.3: rank 2 "
+                     "did not answer within 3 s; rank 2 is not responding")
+
+
+def test_connection_closed_by_a_live_peer_waits_for_that_peers_record():
+    board = Board({2}, record_after=0.3, record=TIMEOUT_REC)
+    t0 = time.monotonic()
+    rec, mine = _proto(board)._diagnose(
+        PeerLost("activation for F1.2: the connection failed (Connection closed by peer)",
+                 1, "activation for F1.2"), WHERE)
+    assert (rec, mine) == (TIMEOUT_REC, False)
+    assert 0.25 < time.monotonic() - t0 < 0.3 + 1.0
+
+
+def test_connection_closed_by_a_live_peer_without_a_record_blames_the_silent_rank():
+    board = Board({2})
+    t0 = time.monotonic()
+    rec, mine = _proto(board)._diagnose(PeerLost("closed", 1, "activation"), WHERE)
+    took = time.monotonic() - t0
+    assert mine and rec.culprit == 2 and rec.kind == "lost" and "rank 2 died" in rec.text
+    assert RECORD_DEADLINE - 0.05 < took < RECORD_DEADLINE + 1.0
+
+
+@pytest.mark.parametrize("err", [PeerLost("closed", 2, "activation"),
+                                 PeerExited("exited", 1, "activation"),
+                                 PeerTimeout("no answer within 3 s", 1, "activation")])
+def test_no_wait_when_the_peer_is_the_silent_rank_exited_or_timed_out(err):
+    """The silent rank is the diagnosis at once: it is the peer itself, the peer's
+    process exited, or this rank's own wait timed out."""
+    t0 = time.monotonic()
+    rec, mine = _proto(Board({2}))._diagnose(err, WHERE)
+    assert time.monotonic() - t0 < 0.5
+    assert mine and rec.culprit == 2
+    assert rec.kind == ("timeout" if isinstance(err, PeerTimeout) else "lost")
