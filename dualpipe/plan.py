@@ -71,11 +71,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .schedules import REGISTRY, get_schedule, placement_schedule, spec_of
+from .schedules import B, F, FB, I, REGISTRY, W, get_schedule, placement_schedule, spec_of
 from .simulate import Costs, SimResult, simulate
 
 __all__ = ["BlockCosts", "Candidate", "Plan", "plan", "profile_stage", "load_stage_factory",
-           "Verification", "verify", "verify_candidates", "parse_bytes", "format_bytes",
+           "Verification", "verify", "measured_costs", "breakdown", "verify_candidates", "parse_bytes", "format_bytes",
            "add_arguments", "check_arguments", "run"]
 
 FEASIBLE = "feasible"
@@ -381,10 +381,14 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
     when given, maps the block's output to a scalar loss to drive the backward (its own
     cost is not counted in F); otherwise the backward is driven by a gradient of ones.
 
-    * F: the forward; B: the full backward (weight gradients computed at once);
-    * I and W: the runtime's split -- :func:`split_linear_weight_grads` on the block,
-      then a backward with ``WeightGradStore.enabled`` (I) and the deferred closures it
-      collected run afterwards (W), as the runtime's ``I`` and ``W`` actions run them.
+    * the block is first split as the runtime splits it with
+      ``split_linear_weight_grads=True`` (:func:`split_linear_weight_grads`: every
+      ``nn.Linear`` through the split's autograd Function), so every figure is of the
+      block the runtime runs (and ``--verify`` runs);
+    * F: the forward; B: the full backward (``WeightGradStore`` disabled: weight
+      gradients computed at once);
+    * I and W: a backward with ``WeightGradStore.enabled`` (I) and the deferred closures
+      it collected run afterwards (W), as the runtime's ``I`` and ``W`` actions run them.
       A block that defers nothing (no ``nn.Linear`` and no WeightGradStore-aware
       function) gets W = 0, with a note;
     * F&B: through the block class's ``overlapped_forward_backward`` when it has one
@@ -460,20 +464,28 @@ def profile_stage(factory: Callable[[], tuple] | str, repeats: int = 5, warmup: 
     del out
     act_bytes = sum(saved.values())
 
-    # F and B: the block as the user built it
-    fs, bs = [], []
-    for r in range(warmup + repeats):
-        xs = fresh_inputs()
-        tf, out = clock.time(lambda: forward(xs))
-        tb, _ = clock.time(lambda: backward(out))
-        del out
-        if r >= warmup:
-            fs.append(tf)
-            bs.append(tb)
-
-    # I and W: the runtime's split of the same backward
+    # F and B as the runtime runs them with split_linear_weight_grads=True (what --verify
+    # runs; zero-bubble schedules need it for their W): the split's autograd Function in
+    # every nn.Linear (measured 12-19 % slower forwards than plain nn.Linear on the MLP
+    # block of examples/plan_stage.py, CPU); the store disabled, B computes the weight
+    # gradients at once
     n_linear = split_linear_weight_grads(block)
     was = WeightGradStore.enabled
+    WeightGradStore.enabled = False
+    fs, bs = [], []
+    try:
+        for r in range(warmup + repeats):
+            xs = fresh_inputs()
+            tf, out = clock.time(lambda: forward(xs))
+            tb, _ = clock.time(lambda: backward(out))
+            del out
+            if r >= warmup:
+                fs.append(tf)
+                bs.append(tb)
+    finally:
+        WeightGradStore.enabled = was
+
+    # I and W: the split of the same backward
     WeightGradStore.take()  # start from an empty group
     is_, ws, deferred = [], [], 0
     try:
@@ -1066,6 +1078,18 @@ class Verification:
     global_batch_run: int | None = None
     threads: int | None = None
     note: str | None = None
+    #: per action kind: the mean and median duration the runtime measured, the predicted
+    #: compute (the profile, without the overhead per action) and how many ran
+    actions: dict[str, dict] = field(default_factory=dict)
+    #: the simulated makespan with the measured action costs (same schedule, latency):
+    #: ``measured / replayed`` is the model's own error, ``replayed / predicted`` the
+    #: profile's
+    replayed: float | None = None
+    replay_ratio: float | None = None
+    #: measured: the runtime's mean time between two actions that was not a wait;
+    #: predicted: the plan's overhead per action (``None`` if not given)
+    between: float | None = None
+    overhead: float | None = None
 
     def to_json(self) -> dict:
         c = self.candidate
@@ -1115,11 +1139,17 @@ def _repeat_rows(t, rows: int):
     return t.repeat(reps, *([1] * (t.dim() - 1)))[:rows]
 
 
-def _verify_rank(rank: int, world: int, cfg: dict) -> list[tuple[float, float]]:
+def _verify_rank(rank: int, world: int, cfg: dict) -> tuple[list[tuple[float, float]],
+                                                            dict[str, list[float]]]:
     """One rank of a :func:`verify` run: its stage modules (``nn.Sequential`` of ``k``
     fresh blocks from the factory each), its share of the batch (the example micro-batch
     repeated to ``micro_batch`` rows per micro-batch), then ``warmup + steps`` training
-    steps; returns the measured steps' ``(start, end)``."""
+    steps; returns, from the measured steps, ``{"spans": [(start, end)], "actions":
+    {"F": [s, ...], "I": ..., ...}, "between": [s, gaps]}``: the steps' times, the
+    durations of their compute actions by kind, and the time between consecutive
+    compute actions that was not a wait on a receive (the runtime's own work between
+    actions: posting, bookkeeping) with the number of such gaps (all from the runtime's
+    own timeline)."""
     import torch.nn as nn
 
     from .api import Pipeline
@@ -1142,7 +1172,9 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> list[tuple[float, float]]:
 
     def loss(*outs):
         return _loss(outs[0] if len(outs) == 1 else outs, criterion)
-    spans = []
+    spans: list[tuple[float, float]] = []
+    actions: dict[str, list[float]] = {}
+    between = [0.0, 0]
     try:
         for i in range(cfg["warmup"] + cfg["steps"]):
             pipe.zero_grad(set_to_none=True)
@@ -1150,14 +1182,47 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> list[tuple[float, float]]:
                                                 criterion=loss))
             if i >= cfg["warmup"]:
                 spans.append((t0, t1))
+                compute = []
+                waited = 0.0
+                for iv in pipe.timeline:
+                    if iv.lane == "compute":
+                        compute.append(iv)
+                        actions.setdefault(iv.action.kind, []).append(iv.end - iv.start)
+                    elif compute:  # a wait after the first action (before it: start-up)
+                        waited += iv.end - iv.start
+                if len(compute) > 1:
+                    busy = sum(iv.end - iv.start for iv in compute)
+                    between[0] += max(0.0, compute[-1].end - compute[0].start - busy - waited)
+                    between[1] += len(compute) - 1
     finally:
         pipe.close()
-    return spans
+    return {"spans": spans, "actions": actions, "between": between}
+
+
+def measured_costs(predicted: Costs, actions: dict[str, list[float]],
+                   between: float = 0.0) -> Costs:
+    """``predicted`` with each action's cost replaced by the mean the runtime measured
+    for that kind (``actions``: durations by kind, see :func:`_verify_rank`; the mean,
+    not the median: a step's makespan adds every action's time, tail included) plus
+    ``between``, the runtime's measured time between two actions; kinds that did not
+    run keep their predicted cost.  ``b`` is the measured B, else I + W (each with its
+    ``between``: the runtime runs them as two actions)."""
+    mean = {k: statistics.fmean(v) + between for k, v in actions.items() if v}
+    f = mean.get(F, predicted.f)
+    w = mean.get(W, predicted.w)
+    if B in mean:
+        b = mean[B]
+    elif I in mean:
+        b = mean[I] + w
+    else:
+        b = predicted.b
+    fb = mean.get(FB, predicted.fb)
+    return Costs(f=f, b=max(b, w), w=w, fb=fb, latency=predicted.latency)
 
 
 def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidate",
            steps: int = 5, warmup: int = 2, threads: int = 1,
-           timeout: float = 600.0) -> Verification:
+           timeout: float = 600.0, overhead: float | None = None) -> Verification:
     """Run candidate ``c`` of a plan through the runtime on this machine: ``c.ranks``
     local gloo ranks (:func:`dualpipe.launch.run_ranks`, ``threads`` torch threads each),
     one data-parallel replica, the stages built from ``stage`` (a ``module:function``
@@ -1165,7 +1230,12 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
     ``split_linear_weight_grads=True`` and ``transport="group"``.  The prediction is the
     same cost model priced for what runs: DP = 1 and a global batch of
     ``micro_batch * N`` (the candidate's own step time: a replica's makespan does not
-    depend on DP)."""
+    depend on DP).
+
+    Where an error comes from (:func:`breakdown`): each action kind's measured mean
+    against its predicted cost, the runtime's measured time between actions against
+    ``overhead`` (the plan's per-action overhead, when given), and the schedule replayed
+    by the simulator with the measured figures (:func:`measured_costs`)."""
     from .launch import makespans, run_ranks
     if not c.priced:
         raise ValueError(f"{c.label()} was not priced: {c.reason}")
@@ -1187,10 +1257,46 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
            "micro_batch": c.micro_batch, "warmup": warmup, "steps": steps,
            "timeout": timeout}
     per_rank = run_ranks(_verify_rank, c.ranks, cfg, timeout=timeout, threads=threads)
-    v.step_times = makespans(per_rank)
+    v.step_times = makespans([r["spans"] for r in per_rank])
     v.measured = statistics.median(v.step_times)
     v.ratio = v.measured / v.predicted if v.predicted else None
+    actions: dict[str, list[float]] = {}
+    for r in per_rank:
+        for k, durations in r["actions"].items():
+            actions.setdefault(k, []).extend(durations)
+    gaps = sum(r["between"][1] for r in per_rank)
+    v.between = sum(r["between"][0] for r in per_rank) / gaps if gaps else 0.0
+    v.overhead = overhead
+    if c.costs is not None and actions:
+        # the profiled compute of each kind: the priced cost less the overhead per
+        # action it carries (stage_costs: once for F, I, W; twice for B and F&B)
+        o = overhead or 0.0
+        want = {F: c.costs.f - o, B: c.costs.b - 2 * o, I: c.costs.b - c.costs.w - o,
+                W: c.costs.w - o, FB: c.costs.pair - 2 * o}
+        v.actions = {k: {"measured": statistics.fmean(d), "median": statistics.median(d),
+                         "predicted": want[k],
+                         "count": len(d)} for k, d in sorted(actions.items()) if k in want}
+        v.replayed = simulate(get_schedule(c.schedule, c.ranks, c.chunks),
+                              measured_costs(c.costs, actions, v.between)).makespan
+        v.replay_ratio = v.measured / v.replayed if v.replayed else None
     return v
+
+
+def breakdown(v: Verification) -> str:
+    """Where a verification's error comes from, in one line: each action kind's measured
+    median against its predicted cost, and the schedule replayed with the measured costs
+    (``measured / replayed`` near 1: the profile was off, not the model)."""
+    parts = [f"{k} {d['measured'] * 1e3:.2f}/{d['predicted'] * 1e3:.2f} ms"
+             for k, d in v.actions.items()]
+    text = "actions measured/predicted: " + ", ".join(parts)
+    if v.between is not None:
+        text += f"; between actions {v.between * 1e3:.2f} ms measured"
+        if v.overhead is not None:
+            text += f" (overhead per action {v.overhead * 1e3:.2f} ms predicted)"
+    if v.replayed:
+        text += (f"; replayed with the measured action times: {v.replayed * 1e3:.1f} ms "
+                 f"(measured/replayed {v.replay_ratio:.3f})")
+    return text
 
 
 def verify_table(vs: list[Verification], notes: list[str]) -> str:
@@ -1203,6 +1309,7 @@ def verify_table(vs: list[Verification], notes: list[str]) -> str:
     lines = ["  ".join(x.rjust(w) if i >= 3 else x.ljust(w)
                        for i, (x, w) in enumerate(zip(r, widths))) for r in rows]
     lines += [f"  note: {v.role}: {v.note}" for v in vs if v.note]
+    lines += [f"  {v.role}: {breakdown(v)}" for v in vs if v.actions]
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -1413,7 +1520,8 @@ def run(a: argparse.Namespace) -> int:
                 f"{prof.threads} torch thread(s) each, {a.verify_warmup} + "
                 f"{a.verify_steps} steps ...")
             verified.append(verify(c, a.stage, role, steps=a.verify_steps,
-                                   warmup=a.verify_warmup, threads=prof.threads))
+                                   warmup=a.verify_warmup, threads=prof.threads,
+                                   overhead=p.block.overhead))
         say(verify_table(verified, notes))
     if a.json:
         d = p.to_json()

@@ -416,6 +416,17 @@ def test_cli_verify_runs_the_recommendation_and_a_runner_up(capsys):
         assert v["ratio"] == pytest.approx(v["measured"] / v["predicted"])
     # DP = 1: what ran is the candidate itself, so the prediction is its step time
     assert vs[0]["predicted"] == pytest.approx(rec["step_time"], rel=1e-12)
+    # the breakdown: every kind the schedule runs, each measured near its profiled
+    # compute (sleep blocks; B = 2 F, so a kind mapped to the wrong cost lands at 0.5
+    # or 2), the time between actions, and the replay with the measured figures
+    for v in vs:
+        kinds = set(v["actions"])
+        assert {"F"} < kinds <= {"F", "B", "I", "W", "FB"}, v["actions"]
+        for k, a in v["actions"].items():
+            assert a["count"] > 0 and 0.7 < a["measured"] / a["predicted"] < 1.6, (k, a)
+        assert v["between"] >= 0 and v["overhead"] is not None
+        assert 0.5 < v["replay_ratio"] < 2.0, v
+        assert v["replay_ratio"] == pytest.approx(v["measured"] / v["replayed"])
 
 
 def test_verify_runs_one_replica_of_a_data_parallel_candidate():
@@ -430,6 +441,26 @@ def test_verify_runs_one_replica_of_a_data_parallel_candidate():
     assert v.predicted == pytest.approx(c.step_time, rel=1e-12)
     assert "data-parallel part is not verified" in v.note
     assert 0.5 < v.ratio < 2.0, v
+    assert set(v.actions) == {"F", "B"} and v.overhead is None  # 1F1B; none given
+    text = planmod.breakdown(v)
+    assert text.startswith("actions measured/predicted: B ") and ", F " in text, text
+    assert "between actions" in text and "predicted)" not in text
+    assert f"measured/replayed {v.replay_ratio:.3f}" in text
+
+
+def test_measured_costs_take_means_plus_the_time_between_actions():
+    """The replay's costs: each kind's mean (a makespan adds the tail too) plus the
+    time between two actions; B from I + W when only the split ran (two actions, two
+    gaps); kinds that did not run keep the prediction."""
+    pred = Costs(f=1.0, b=2.0, w=1.0, fb=2.5, latency=0.25)
+    c = planmod.measured_costs(pred, {"F": [1.0, 3.0], "I": [2.0], "W": [1.0, 1.0, 1.0]},
+                               between=0.5)
+    assert (c.f, c.w, c.b, c.fb, c.latency) == (2.5, 1.5, 4.0, 2.5, 0.25)
+    c = planmod.measured_costs(pred, {"B": [3.0], "FB": [4.0]})
+    assert (c.f, c.b, c.w, c.fb) == (1.0, 3.0, 1.0, 4.0)
+    # a measured W longer than the measured B (noise) cannot make invalid costs
+    c = planmod.measured_costs(pred, {"B": [1.0], "W": [1.5]})
+    assert c.b == c.w == 1.5
 
 
 def test_verify_candidates_skip_pipelines_larger_than_the_limit():
