@@ -368,7 +368,7 @@ def test_cli_stage_factory_and_save_costs(tmp_path, capsys):
 
 def test_cli_out_of_scope_flag_is_unknown(costs_file, capsys):
     with pytest.raises(SystemExit) as e:
-        main(_args(costs_file, "--comm-sms"))
+        main(_args(costs_file, "--verify-on-cuda"))
     assert e.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
 
@@ -485,6 +485,7 @@ def test_cli_help_says_what_is_not_in_this_version(capsys):
         main(["plan", "--help"])
     out = capsys.readouterr().out
     assert "--verify" in out and "--comm-sms" in out and "all-reduce" in out
+    assert "Not in this version: --verify on CUDA blocks" in " ".join(out.split())
 
 
 def test_min_micro_batch_rejects_smaller_micro_batches():
