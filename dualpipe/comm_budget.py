@@ -9,9 +9,16 @@ a communication kernel side by side on the GPU for every communication SM budget
 given, and its ``overlap_gpu.json`` is what this module reads.  For each measured
 budget ``s`` (one *point*):
 
-* ``compute_factor``: the compute kernel's time alone at that split over its fastest
-  time in the same measurement (1.0 for the split that leaves compute the most SMs);
-* ``comm_bandwidth``: bytes per second of the communication kernel alone with ``s`` SMs;
+* ``compute_factor``: the compute kernel's time alone at that split over its time
+  alone on the most SMs any row of the chosen kernels gives it (the median of those
+  rows); exactly 1.0 for a row with that many compute SMs -- a software split leaves
+  cuBLAS every SM on every row, so there only the overlap efficiency carries the
+  interference, while a persistent GEMM or a green-context partition really loses SMs --
+  and never below 1.0 (a split cannot speed compute up: less is noise);
+* ``comm_bandwidth``: bytes per second of the communication kernel alone with ``s`` SMs,
+  capped at ``link_bandwidth`` when given: ``bench.overlap_gpu`` runs on one GPU (a
+  1-rank NCCL group), so its rate is what the SMs can move, not what the links between
+  GPUs carry (``--comm-bandwidth``: the per-GPU all-to-all bandwidth of your network);
 * ``overlap_efficiency``: how much of the shorter of the two the measured overlap hid,
   ``(T_comp + T_comm - T_both) / min(T_comp, T_comm)``, clipped to [0, 1].
 
@@ -30,18 +37,18 @@ fixes 20 of 132 SMs for communication):
 :func:`dualpipe.plan.plan` prices every candidate at every point and keeps the budget
 that gives it the shortest step.  What this does not model: the kernels' interference
 on the block's own kernels (the measurement's GEMM and all-to-all stand in for them), a
-budget the measurement did not include, and the network beyond the GPU (the
-measurement's all-to-all is on one GPU unless it was run across nodes).
+budget the measurement did not include, and the network beyond the GPU unless
+``--comm-bandwidth`` gives it (the measurement is on one GPU).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["BudgetPoint", "CommBudget", "load_comm_budget", "DEFAULT_KERNELS"]
+__all__ = ["BudgetPoint", "CommBudget", "load_comm_budget", "budget_label", "DEFAULT_KERNELS"]
 
 #: the (partition, compute, comm) rows used when ``--comm-kernels`` is not given, in
 #: order of preference: a cuBLAS GEMM next to an NCCL all-to-all, split in software
@@ -59,7 +66,14 @@ class BudgetPoint:
     overlap_efficiency: float
 
     def label(self) -> str:
-        return f"{self.comm_sms} comm SMs" if self.comm_sms else "default (no split)"
+        """``"16"``, or ``"default"`` for the row without a split (communication kernels
+        at their own size, which still occupy SMs)."""
+        return budget_label(self.comm_sms)
+
+
+def budget_label(comm_sms: int) -> str:
+    """How a budget is printed: the SM count, ``"default"`` for 0 (no split)."""
+    return str(comm_sms) if comm_sms else "default"
 
 
 @dataclass(frozen=True)
@@ -73,13 +87,40 @@ class CommBudget:
     micro_batch: int
     kernels: str
     source: str
+    link_bandwidth: float | None = None
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.points:
+            raise ValueError("a communication SM budget needs at least one measured point")
+        if isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int) \
+                or self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be an integer >= 1, got {self.micro_batch!r}")
+        if not (isinstance(self.comm_bytes, (int, float)) and math.isfinite(self.comm_bytes)
+                and self.comm_bytes >= 0):
+            raise ValueError(f"--comm-bytes must be a finite number of bytes >= 0, got "
+                             f"{self.comm_bytes!r}")
+        if self.link_bandwidth is not None and not self.link_bandwidth > 0:
+            raise ValueError(f"--comm-bandwidth must be > 0 bytes/s, got "
+                             f"{self.link_bandwidth!r}")
+        for p in self.points:
+            if not (p.compute_factor >= 1.0 and p.comm_bandwidth > 0
+                    and 0.0 <= p.overlap_efficiency <= 1.0):
+                raise ValueError(f"bad budget point {p}: needs compute_factor >= 1, "
+                                 "comm_bandwidth > 0, 0 <= overlap_efficiency <= 1")
+
+    def bandwidth(self, p: BudgetPoint) -> float:
+        """The communication's bytes per second at budget ``p``: what its SMs move,
+        capped by the link (``link_bandwidth``)."""
+        return p.comm_bandwidth if self.link_bandwidth is None \
+            else min(p.comm_bandwidth, self.link_bandwidth)
 
     def costs_at(self, block, p: BudgetPoint):
         """``block`` (a :class:`dualpipe.plan.BlockCosts` at any micro-batch size)
         priced with budget ``p``: its compute slowed by ``p.compute_factor``, F and B
         waiting for their halves of the communication, the F&B pair overlapping it."""
         comm = self.comm_bytes * block.micro_batch / self.micro_batch
-        d = comm / p.comm_bandwidth
+        d = comm / self.bandwidth(p)
         k = p.compute_factor
         pair = (block.f + block.b if block.fb is None else block.fb) * k
         fb = pair + d - p.overlap_efficiency * min(pair, d)
@@ -88,19 +129,23 @@ class CommBudget:
                        fb=fb)
 
     def describe(self) -> str:
+        link = ("measured on one GPU, not capped by a link (--comm-bandwidth)"
+                if self.link_bandwidth is None else
+                f"capped at --comm-bandwidth {self.link_bandwidth / 1e9:g} GB/s")
         lines = [f"communication SM budget: {len(self.points)} point(s) of {self.kernels} "
                  f"from {self.source}; {self.comm_bytes / 2**20:.3f} MiB moved per forward + "
-                 f"backward of one block at {self.micro_batch} samples",
+                 f"backward of one block at {self.micro_batch} samples; bandwidth {link}",
                  "  comm SMs  compute SMs  compute x  comm GB/s  overlap efficiency"]
         for p in self.points:
-            lines.append(f"  {p.comm_sms:8d}  {p.compute_sms:11d}  {p.compute_factor:9.3f}  "
-                         f"{p.comm_bandwidth / 1e9:9.2f}  {p.overlap_efficiency:18.3f}")
+            lines.append(f"  {p.label():>8s}  {p.compute_sms:11d}  {p.compute_factor:9.3f}  "
+                         f"{self.bandwidth(p) / 1e9:9.2f}  {p.overlap_efficiency:18.3f}")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"kernels": self.kernels, "source": self.source, "comm_bytes": self.comm_bytes,
-                "micro_batch": self.micro_batch,
-                "points": [p.__dict__ for p in self.points]}
+                "micro_batch": self.micro_batch, "link_bandwidth": self.link_bandwidth,
+                "warnings": list(self.warnings), "points": [asdict(p) for p in self.points]}
 
 
 def _number(row: dict, key: str, where: str) -> float:
@@ -111,11 +156,13 @@ def _number(row: dict, key: str, where: str) -> float:
 
 
 def load_comm_budget(path: str | os.PathLike, comm_bytes: float, micro_batch: int,
-                     kernels: str | None = None) -> CommBudget:
+                     kernels: str | None = None,
+                     link_bandwidth: float | None = None) -> CommBudget:
     """Read ``bench.overlap_gpu``'s JSON (``path``) into a :class:`CommBudget` for a
     block moving ``comm_bytes`` per forward + backward at ``micro_batch`` samples.
     ``kernels``: ``"partition/compute/comm"`` rows to use (default: the first of
-    :data:`DEFAULT_KERNELS` present, else the triple with the most rows).  Raises
+    :data:`DEFAULT_KERNELS` present, else the triple with the most rows);
+    ``link_bandwidth``: cap the measured bandwidth (bytes/s).  Raises
     ``ValueError`` saying what to change for a file that is not such a measurement, a
     triple it does not hold, or a bad volume."""
     name = os.fspath(path)
@@ -176,12 +223,22 @@ def load_comm_budget(path: str | os.PathLike, comm_bytes: float, micro_batch: in
         eff = (t_comp + t_comm - t_both) / min(t_comp, t_comm)
         raw.append((int(_number(r, "comm_sms", where)), int(_number(r, "compute_sms", where)),
                     t_comp, bw, min(1.0, max(0.0, eff))))
-    fastest = min(t for _, _, t, _, _ in raw)
-    points = tuple(sorted((BudgetPoint(s, cs, t / fastest, bw, eff)
+    most = max(cs for _, cs, _, _, _ in raw)
+    ref = sorted(t for _, cs, t, _, _ in raw if cs == most)
+    ref_t = ref[len(ref) // 2]
+    points = tuple(sorted((BudgetPoint(s, cs, 1.0 if cs == most else max(1.0, t / ref_t), bw,
+                                       eff)
                            for s, cs, t, bw, eff in raw), key=lambda p: p.comm_sms))
+    warnings = []
+    if d.get("finished") is False:
+        warnings.append("the measurement did not finish (crashed or killed): rows so far")
+    if d.get("truncated"):
+        warnings.append("the measurement was cut short by its --max-seconds")
+    if d.get("errors"):
+        warnings.append(f"{len(d['errors'])} setting(s) of the measurement failed")
     gpu = ""
     m = d.get("machine")
     if isinstance(m, dict):
         gpu = str(m.get("gpu") or "")
     return CommBudget(points, float(comm_bytes), int(micro_batch), kernels,
-                      name + (f" ({gpu})" if gpu else ""))
+                      name + (f" ({gpu})" if gpu else ""), link_bandwidth, tuple(warnings))

@@ -78,7 +78,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
-from .comm_budget import CommBudget, load_comm_budget
+from .comm_budget import CommBudget, budget_label, load_comm_budget
 from .schedules import B, F, FB, I, REGISTRY, W, get_schedule, placement_schedule, spec_of
 from .simulate import Costs, SimResult, simulate
 
@@ -871,7 +871,7 @@ class Plan:
             rows.append((c.schedule, str(c.ranks), str(c.dp), str(c.chunks), str(c.micro_batch),
                          f"{c.step_time * 1e3:.3f}")
                         + ((f"{c.grad_sync_time * 1e3:.3f}",) if sync else ())
-                        + ((str(c.comm_sms),) if sms else ())
+                        + ((budget_label(c.comm_sms),) if sms else ())
                         + (f"{c.bubble_fraction:.1%}", format_bytes(c.memory),
                            c.status if c.status == FEASIBLE else f"rejected: {c.reason}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -1385,7 +1385,8 @@ predicted step time, and where the error comes from.
 --comm-sms FILE --comm-bytes BYTES: the block moves BYTES per forward + backward (e.g. its
 MoE dispatch + combine) and FILE is bench.overlap_gpu's overlap_gpu.json measured on the
 GPU you plan for: each candidate is priced at each communication SM budget measured there
-and keeps its best (column "comm SMs").  Not in this version: --verify on CUDA blocks.
+and keeps its best (column "comm SMs"); --comm-bandwidth caps the measured (one-GPU)
+bandwidth at your network's.  Not in this version: --verify on CUDA blocks.
 
 Cost file: {"f": s, "b": s, "w": s, "fb": s|null, "act_bytes": int, "param_bytes": int,
 "boundary_bytes": int, "micro_batch": int, "latency": s, "bandwidth": bytes/s|null,
@@ -1451,6 +1452,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --comm-sms: bytes one block moves per forward + backward at "
                         "the cost model's micro-batch (e.g. MoE dispatch + combine), half in "
                         "each")
+    p.add_argument("--comm-bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="with --comm-sms: cap the measured communication bandwidth at your "
+                        "network's per-GPU all-to-all bandwidth (the measurement runs on one "
+                        "GPU; default: not capped)")
     p.add_argument("--comm-kernels", metavar="PARTITION/COMPUTE/COMM", default=None,
                    help="with --comm-sms: which measured kernels to use (default: "
                         "software/cublas/nccl_a2a when present)")
@@ -1485,6 +1490,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """What argparse cannot say by itself (``parser.error``: exit 2 with the usage)."""
+    if a.comm_sms is not None and a.verify:
+        parser.error("--verify runs the candidates on this host's CPU ranks, with no SM split "
+                     "and no MoE communication, while --comm-sms prices a GPU run: use one "
+                     "or the other")
     if a.verify and a.stage is None:
         parser.error("--verify runs the candidates through the runtime, which needs a stage "
                      "factory to build the stages: pass --stage module:function (a --costs "
@@ -1497,8 +1506,9 @@ def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> N
     if (a.comm_sms is None) != (a.comm_bytes is None):
         parser.error("--comm-sms FILE and --comm-bytes BYTES go together: the measured SM "
                      "budgets and the bytes one block moves per forward + backward")
-    if a.comm_kernels is not None and a.comm_sms is None:
-        parser.error("--comm-kernels chooses rows of a --comm-sms FILE: pass that file too")
+    if (a.comm_kernels is not None or a.comm_bandwidth is not None) and a.comm_sms is None:
+        parser.error("--comm-kernels and --comm-bandwidth refine a --comm-sms FILE: pass that "
+                     "file too")
     if a.profile_blocks < 1:
         parser.error(f"--profile-blocks must be >= 1, got {a.profile_blocks}")
     for name in ("latency", "overhead"):
@@ -1515,6 +1525,9 @@ def run(a: argparse.Namespace) -> int:
     say = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
     measure = a.costs is None if a.measure_runtime is None else a.measure_runtime
     prof, costs_at = None, None
+    comm = None
+    if a.comm_sms is not None:  # a bad file is said before any profiling
+        comm = load_comm_budget(a.comm_sms, a.comm_bytes, 1, a.comm_kernels, a.comm_bandwidth)
     if a.costs is not None:
         block = BlockCosts.load(a.costs)
         threads, source = (1 if a.threads is None else a.threads), f"from {a.costs}"
@@ -1553,9 +1566,8 @@ def run(a: argparse.Namespace) -> int:
         with open(a.save_costs, "w") as fh:
             json.dump(block.to_json(), fh, indent=1)
         say(f"wrote the cost model to {a.save_costs}")
-    comm = None
-    if a.comm_sms is not None:
-        comm = load_comm_budget(a.comm_sms, a.comm_bytes, block.micro_batch, a.comm_kernels)
+    if comm is not None:  # the volume refers to the cost model's micro-batch
+        comm = replace(comm, micro_batch=block.micro_batch)
         say(comm.describe())
     p = plan(block, a.devices, a.layers, a.global_batch, memory_cap=a.memory_cap,
              schedules=a.schedules, param_factor=a.param_factor,
@@ -1573,10 +1585,10 @@ def run(a: argparse.Namespace) -> int:
                   f"simulated, bubble {rec.bubble_fraction:.1%}, "
                   f"{format_bytes(rec.memory)} per device"
                   + ("" if rec.comm_sms is None else
-                     f", {rec.comm_sms} communication SMs ({comm.kernels})")
+                     f", communication SM budget {budget_label(rec.comm_sms)} ({comm.kernels})")
                   + (" (the gradient synchronisation is not modelled: --grad-sync-bandwidth)"
                      if p.grad_sync is None else
-                     f"(the step includes {rec.grad_sync_time * 1e3:.3f} ms of gradient "
+                     f" (the step includes {rec.grad_sync_time * 1e3:.3f} ms of gradient "
                      "synchronisation)"))
     verified: list[Verification] = []
     notes: list[str] = []

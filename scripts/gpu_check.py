@@ -884,7 +884,8 @@ def _judge_overlap(ctx: Context, res: StepResult) -> Verdict:
 
 PLAN_COMM_ARGS = ["plan", "--stage", "examples.plan_stage:make_block", "--no-measure-runtime",
                   "--no-each-micro-batch", "--repeats", "3", "--warmup", "1", "--devices", "8",
-                  "--layers", "48", "--global-batch", "512", "--comm-bytes", "16MiB", "--json"]
+                  "--layers", "48", "--global-batch", "512", "--min-micro-batch", "4",
+                  "--comm-bytes", "16MiB", "--json"]
 
 
 def _argv_plan_comm(ctx: Context, timeout: float) -> List[str]:
@@ -892,11 +893,14 @@ def _argv_plan_comm(ctx: Context, timeout: float) -> List[str]:
     written to ``plan_comm.json`` (the block is the CPU example: what this step checks
     is that the planner reads this GPU's measurement and prices the budgets)."""
     args = PLAN_COMM_ARGS + ["--comm-sms", str(ctx.path("ovl") / "overlap_gpu.json")]
-    script = ("import contextlib, sys\n"
+    # the JSON is written only when the planner printed one (no empty file to collect)
+    script = ("import contextlib, io, sys\n"
               "from dualpipe.__main__ import main\n"
-              f"with open({str(ctx.path('plan_comm.json'))!r}, 'w') as f, "
-              "contextlib.redirect_stdout(f):\n"
+              "buf = io.StringIO()\n"
+              "with contextlib.redirect_stdout(buf):\n"
               f"    rc = main({args!r})\n"
+              "if buf.getvalue().strip():\n"
+              f"    open({str(ctx.path('plan_comm.json'))!r}, 'w').write(buf.getvalue())\n"
               "sys.exit(rc)\n")
     return [ctx.python, "-c", script]
 
@@ -905,6 +909,8 @@ def judge_plan_comm(data: dict) -> Verdict:
     rec = data.get("recommendation") or {}
     budget = data.get("comm_budget") or {}
     points = [p.get("comm_sms") for p in budget.get("points") or []]
+    if not rec:
+        return Verdict(False, f"nothing feasible: {data.get('why_none')}")
     if rec.get("comm_sms") is None:
         return Verdict(False, "the recommendation has no communication SM budget")
     per = {}
@@ -919,9 +925,11 @@ def judge_plan_comm(data: dict) -> Verdict:
 
 
 def _judge_plan_comm(ctx: Context, res: StepResult) -> Verdict:
+    if not (ctx.path("ovl") / "overlap_gpu.json").is_file():
+        return Verdict(False, "overlap-bench wrote no overlap_gpu.json: nothing to plan with")
     path = ctx.path("plan_comm.json")
-    if not path.is_file() or not path.read_text().strip():
-        return Verdict(False, "no plan JSON written")
+    if not path.is_file():
+        return Verdict(False, "the planner printed no JSON (its error is in the log tail)")
     return judge_plan_comm(_load_json(path))
 
 

@@ -386,7 +386,7 @@ def test_plan_comm_step_runs_the_planner_on_a_measurement(tmp_path):
     ctx.python = sys.executable
     (tmp_path / "ovl").mkdir()
     rows = [{"partition": "software", "compute": "cublas", "comm": "nccl_a2a",
-             "comm_sms": k, "compute_sms": 132 - k, "t_comp_ms": tc, "t_comm_ms": tm,
+             "comm_sms": k, "compute_sms": 132, "t_comp_ms": tc, "t_comm_ms": tm,
              "t_both_ms": tb, "comm_gbps": 128 * 2**20 / (tm / 1e3) / 1e9}
             for k, tc, tm, tb in ((8, 1.0, 4.0, 4.5), (16, 1.1, 2.0, 2.4), (24, 1.3, 1.5, 2.0))]
     (tmp_path / "ovl" / "overlap_gpu.json").write_text(json.dumps(

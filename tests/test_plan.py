@@ -366,13 +366,6 @@ def test_cli_stage_factory_and_save_costs(tmp_path, capsys):
     assert again.micro_batch == 4 and again.param_bytes > 0
 
 
-def test_cli_out_of_scope_flag_is_unknown(costs_file, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(_args(costs_file, "--verify-on-cuda"))
-    assert e.value.code == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
-
-
 def test_cli_verify_needs_a_stage_factory(costs_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(_args(costs_file, "--verify"))
