@@ -53,8 +53,15 @@ prediction is the same cost model priced for what ran (DP = 1, a global batch of
 ``m * N``; a replica's makespan does not depend on DP, so it is the candidate's own step
 time).  The data-parallel part (DP > 1, the all-reduce) is not verified.
 
-Not in this version: sweeping the GPU SM budget of the communication kernels
-(``--comm-sms``), and ``--verify`` on CUDA blocks.
+The communication SM budget (``--comm-sms FILE --comm-bytes BYTES``,
+:mod:`dualpipe.comm_budget`): from ``bench.overlap_gpu``'s measurement of a compute and
+a communication kernel side by side at each SM split on the target GPU, every candidate
+is priced at every measured budget (compute slowed by the split, F and B alone waiting
+for their half of the block's communication, F&B overlapping it at the measured
+efficiency) and keeps its best; the table says which.  The measurement is the GPU's; the
+plan itself needs none.
+
+Not in this version: ``--verify`` on CUDA blocks.
 """
 from __future__ import annotations
 
@@ -68,9 +75,10 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
+from .comm_budget import CommBudget, budget_label, load_comm_budget
 from .schedules import B, F, FB, I, REGISTRY, W, get_schedule, placement_schedule, spec_of
 from .simulate import Costs, SimResult, simulate
 
@@ -745,6 +753,9 @@ class Candidate:
     activation_memory: int | None = None
     param_memory: int | None = None
     costs: Costs | None = None
+    #: with a communication SM budget (plan(comm=...)): the measured budget this
+    #: candidate is priced at, the one that gives it the shortest step
+    comm_sms: int | None = None
 
     @property
     def priced(self) -> bool:
@@ -778,6 +789,7 @@ class Plan:
     # every size priced by linear scaling of ``block``
     measured_at: dict[int, BlockCosts] = field(default_factory=dict)
     grad_sync: "GradSync | None" = None
+    comm: CommBudget | None = None
 
     @property
     def recommendation(self) -> Candidate | None:
@@ -798,6 +810,7 @@ class Plan:
             "cost_model": self.block.to_json(),
             "measured_at": {str(m): b.to_json() for m, b in sorted(self.measured_at.items())},
             "grad_sync": None if self.grad_sync is None else asdict(self.grad_sync),
+            "comm_budget": None if self.comm is None else self.comm.to_json(),
             "assumptions": self.assumptions,
             "recommendation": None if rec is None else rec.to_json(),
             "why_none": None if rec is not None else self.why_none(),
@@ -814,6 +827,14 @@ class Plan:
                       f"{self.grad_sync.bandwidth:g} B/s and {self.grad_sync.latency:g} s "
                       "per hop, and DualPipe's copy exchange at the transfer cost; the "
                       "optimizer step is not modelled")
+        if self.comm is not None:
+            out.append(f"communication SM budget: each candidate priced at each of the "
+                       f"{len(self.comm.points)} budgets measured in {self.comm.source} "
+                       f"({self.comm.kernels}) and kept at its best; "
+                       f"{self.comm.comm_bytes:g} B moved per forward + backward of a block "
+                       f"at {self.comm.micro_batch} samples, half unhidden in F and in B "
+                       "alone, overlapped in F&B at the measured efficiency "
+                       "(dualpipe.comm_budget)")
         if not self.measured_at:
             return out
         return [out[0], "block costs, saved activations and boundary bytes measured "
@@ -841,15 +862,16 @@ class Plan:
     def table(self, limit: int | None = None) -> str:
         """The priced candidates ranked, then the invalid ones, one line per
         (schedule, P) and reason."""
-        sync = self.grad_sync is not None
+        sync, sms = self.grad_sync is not None, self.comm is not None
         rows = [("schedule", "P", "DP", "N", "mb size", "step ms") + (("sync ms",) if sync else ())
-                + ("bubble", "memory/device", "status")]
+                + (("comm SMs",) if sms else ()) + ("bubble", "memory/device", "status")]
         priced = [c for c in self.candidates if c.priced]
         shown = priced if limit is None else priced[:limit]
         for c in shown:
             rows.append((c.schedule, str(c.ranks), str(c.dp), str(c.chunks), str(c.micro_batch),
                          f"{c.step_time * 1e3:.3f}")
                         + ((f"{c.grad_sync_time * 1e3:.3f}",) if sync else ())
+                        + ((budget_label(c.comm_sms),) if sms else ())
                         + (f"{c.bubble_fraction:.1%}", format_bytes(c.memory),
                            c.status if c.status == FEASIBLE else f"rejected: {c.reason}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -905,7 +927,7 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
          memory_cap: int | None = None, schedules: list[str] | None = None,
          param_factor: float = 4.0, min_micro_batch: int = 1,
          costs_at: Callable[[int], BlockCosts] | None = None,
-         grad_sync: "GradSync | None" = None) -> Plan:
+         grad_sync: "GradSync | None" = None, comm: CommBudget | None = None) -> Plan:
     """Enumerate and price every candidate (see the module docstring for the model).
 
     ``costs_at(m)``, when given, is the cost of one block measured at ``m``-sample
@@ -915,6 +937,10 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
 
     ``grad_sync``: model the gradient synchronisation after the pipeline
     (:func:`grad_sync_time`); ``None``: step time = the pipeline's makespan.
+
+    ``comm``: the block's communication and the measured SM budgets it can run with
+    (:mod:`dualpipe.comm_budget`): every candidate is priced at every budget and keeps
+    the one that gives it the shortest step (``Candidate.comm_sms``).
 
     ``schedules`` defaults to every registered one; validity comes from the registry
     (``supports``) and the generators (``get_schedule`` raises for a bad combination),
@@ -970,11 +996,14 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
                     continue
                 if costs_at is not None and m not in measured:
                     measured[m] = costs_at(m)
-                _price(c, s, block if costs_at is None else measured[m], k, m, memory_cap,
-                       param_factor, grad_sync)
+                at = block if costs_at is None else measured[m]
+                if comm is None:
+                    _price(c, s, at, k, m, memory_cap, param_factor, grad_sync)
+                else:
+                    _price_budgets(c, s, at, k, m, memory_cap, param_factor, grad_sync, comm)
     cands.sort(key=_rank_key)
     return Plan(block, D, L, G, memory_cap, float(param_factor), names, cands,
-                min_micro_batch, measured, grad_sync)
+                min_micro_batch, measured, grad_sync, comm)
 
 
 def _rank_key(c: Candidate) -> tuple:
@@ -1056,6 +1085,21 @@ def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int |
                     f"{format_bytes(memory_cap)}")
     else:
         c.status = FEASIBLE
+
+
+def _price_budgets(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int | None,
+                   param_factor: float, grad_sync: GradSync | None, comm: CommBudget) -> None:
+    """:func:`_price` at every measured communication SM budget; ``c`` keeps the budget
+    with the shortest step (the first, fewest comm SMs, on a tie)."""
+    best = None
+    for point in comm.points:
+        trial = replace(c)
+        _price(trial, s, comm.costs_at(block, point), k, m, memory_cap, param_factor,
+               grad_sync)
+        trial.comm_sms = point.comm_sms
+        if best is None or trial.step_time < best.step_time:
+            best = trial
+    c.__dict__.update(best.__dict__)
 
 
 # --------------------------------------------------------------------------- verification
@@ -1336,8 +1380,13 @@ host cannot measure it), added after the pipeline, not overlapped.
 --verify (with --stage): run the recommendation and one runner-up (another schedule or P)
 through the runtime on this host, P local CPU ranks, one data-parallel replica (DP = 1,
 global batch m x N: the data-parallel part is not verified), and print measured /
-predicted step time.  Not in this version: --comm-sms (sweeping the GPU SM budget of the
-communication kernels) and --verify on CUDA blocks.
+predicted step time, and where the error comes from.
+
+--comm-sms FILE --comm-bytes BYTES: the block moves BYTES per forward + backward (e.g. its
+MoE dispatch + combine) and FILE is bench.overlap_gpu's overlap_gpu.json measured on the
+GPU you plan for: each candidate is priced at each communication SM budget measured there
+and keeps its best (column "comm SMs"); --comm-bandwidth caps the measured (one-GPU)
+bandwidth at your network's.  Not in this version: --verify on CUDA blocks.
 
 Cost file: {"f": s, "b": s, "w": s, "fb": s|null, "act_bytes": int, "param_bytes": int,
 "boundary_bytes": int, "micro_batch": int, "latency": s, "bandwidth": bytes/s|null,
@@ -1395,6 +1444,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "modelled)")
     p.add_argument("--grad-sync-latency", type=float, default=0.0, metavar="S",
                    help="seconds per all-reduce hop with --grad-sync-bandwidth (default 0)")
+    p.add_argument("--comm-sms", metavar="FILE", default=None,
+                   help="bench.overlap_gpu's overlap_gpu.json from the target GPU: price each "
+                        "candidate at each communication SM budget measured there (needs "
+                        "--comm-bytes)")
+    p.add_argument("--comm-bytes", type=_size_arg, default=None, metavar="BYTES",
+                   help="with --comm-sms: bytes one block moves per forward + backward at "
+                        "the cost model's micro-batch (e.g. MoE dispatch + combine), half in "
+                        "each")
+    p.add_argument("--comm-bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="with --comm-sms: cap the measured communication bandwidth at your "
+                        "network's per-GPU all-to-all bandwidth (the measurement runs on one "
+                        "GPU; default: not capped)")
+    p.add_argument("--comm-kernels", metavar="PARTITION/COMPUTE/COMM", default=None,
+                   help="with --comm-sms: which measured kernels to use (default: "
+                        "software/cublas/nccl_a2a when present)")
     p.add_argument("--profile-blocks", type=int, default=1, metavar="K",
                    help="with --stage: time a stage of K fresh blocks and divide by K (a "
                         "stage streams its blocks' weights; one block timed again and again "
@@ -1426,6 +1490,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """What argparse cannot say by itself (``parser.error``: exit 2 with the usage)."""
+    if a.comm_sms is not None and a.verify:
+        parser.error("--verify runs the candidates on this host's CPU ranks, with no SM split "
+                     "and no MoE communication, while --comm-sms prices a GPU run: use one "
+                     "or the other")
     if a.verify and a.stage is None:
         parser.error("--verify runs the candidates through the runtime, which needs a stage "
                      "factory to build the stages: pass --stage module:function (a --costs "
@@ -1435,6 +1503,12 @@ def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> N
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.verify_warmup < 0:
         parser.error(f"--verify-warmup must be >= 0, got {a.verify_warmup}")
+    if (a.comm_sms is None) != (a.comm_bytes is None):
+        parser.error("--comm-sms FILE and --comm-bytes BYTES go together: the measured SM "
+                     "budgets and the bytes one block moves per forward + backward")
+    if (a.comm_kernels is not None or a.comm_bandwidth is not None) and a.comm_sms is None:
+        parser.error("--comm-kernels and --comm-bandwidth refine a --comm-sms FILE: pass that "
+                     "file too")
     if a.profile_blocks < 1:
         parser.error(f"--profile-blocks must be >= 1, got {a.profile_blocks}")
     for name in ("latency", "overhead"):
@@ -1451,6 +1525,9 @@ def run(a: argparse.Namespace) -> int:
     say = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
     measure = a.costs is None if a.measure_runtime is None else a.measure_runtime
     prof, costs_at = None, None
+    comm = None
+    if a.comm_sms is not None:  # a bad file is said before any profiling
+        comm = load_comm_budget(a.comm_sms, a.comm_bytes, 1, a.comm_kernels, a.comm_bandwidth)
     if a.costs is not None:
         block = BlockCosts.load(a.costs)
         threads, source = (1 if a.threads is None else a.threads), f"from {a.costs}"
@@ -1489,11 +1566,14 @@ def run(a: argparse.Namespace) -> int:
         with open(a.save_costs, "w") as fh:
             json.dump(block.to_json(), fh, indent=1)
         say(f"wrote the cost model to {a.save_costs}")
+    if comm is not None:  # the volume refers to the cost model's micro-batch
+        comm = replace(comm, micro_batch=block.micro_batch)
+        say(comm.describe())
     p = plan(block, a.devices, a.layers, a.global_batch, memory_cap=a.memory_cap,
              schedules=a.schedules, param_factor=a.param_factor,
              min_micro_batch=a.min_micro_batch, costs_at=costs_at,
              grad_sync=None if a.grad_sync_bandwidth is None else GradSync(
-                 a.grad_sync_bandwidth, a.grad_sync_latency))
+                 a.grad_sync_bandwidth, a.grad_sync_latency), comm=comm)
     rec = p.recommendation
     if not a.json:
         print(f"{len(p.candidates)} candidates for {p.devices} devices, {p.layers} layers, "
@@ -1503,10 +1583,12 @@ def run(a: argparse.Namespace) -> int:
             print(f"recommendation: {rec.label()} (micro-batch {rec.micro_batch} samples, "
                   f"{rec.layers_per_stage} layers per stage): step {rec.step_time * 1e3:.3f} ms "
                   f"simulated, bubble {rec.bubble_fraction:.1%}, "
-                  f"{format_bytes(rec.memory)} per device "
-                  + ("(the gradient synchronisation is not modelled: --grad-sync-bandwidth)"
+                  f"{format_bytes(rec.memory)} per device"
+                  + ("" if rec.comm_sms is None else
+                     f", communication SM budget {budget_label(rec.comm_sms)} ({comm.kernels})")
+                  + (" (the gradient synchronisation is not modelled: --grad-sync-bandwidth)"
                      if p.grad_sync is None else
-                     f"(the step includes {rec.grad_sync_time * 1e3:.3f} ms of gradient "
+                     f" (the step includes {rec.grad_sync_time * 1e3:.3f} ms of gradient "
                      "synchronisation)"))
     verified: list[Verification] = []
     notes: list[str] = []

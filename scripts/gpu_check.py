@@ -28,6 +28,8 @@ sm-partition          45    ``python -m bench.sm_partition``: SM ids each side o
                             SMPartition reaches, disjointness, budgeted GEMM timings
 overlap-bench         60    ``python -m bench.overlap_gpu``: comm SM sweep, software and
                             green-context splits
+plan-comm             20    ``python -m dualpipe plan --comm-sms`` on that measurement:
+                            the recommendation's communication SM budget
 micro-bench           40    ``bench/test_micro.py`` on CUDA (pytest-benchmark)
 ====================  ====  ==========================================================
 
@@ -36,7 +38,8 @@ Later steps use the interpreter and PYTHONPATH that ``scripts/setup.sh`` prints
 
 OUT_DIR (default ``out/gpu-check``) receives at most 8 files: ``summary.md``,
 ``gpu_check.json`` (every step's record and facts), ``steps.log`` (every step's output),
-``gpu_tests.json``, ``sm_partition.json``, ``overlap_gpu.json``, ``micro.json``. The summary
+``gpu_tests.json``, ``sm_partition.json``, ``overlap_gpu.json``, ``plan_comm.json``,
+``micro.json``. The summary
 table is printed last. Exit status: 0 every step passed, 1 a step failed, 2 bad
 arguments, 3 no CUDA here. See docs/gpu_check.md.
 
@@ -879,6 +882,57 @@ def _judge_overlap(ctx: Context, res: StepResult) -> Verdict:
     return judge_overlap(_load_json(path))
 
 
+PLAN_COMM_ARGS = ["plan", "--stage", "examples.plan_stage:make_block", "--no-measure-runtime",
+                  "--no-each-micro-batch", "--repeats", "3", "--warmup", "1", "--devices", "8",
+                  "--layers", "48", "--global-batch", "512", "--min-micro-batch", "4",
+                  "--comm-bytes", "16MiB", "--json"]
+
+
+def _argv_plan_comm(ctx: Context, timeout: float) -> List[str]:
+    """``python -m dualpipe plan --comm-sms`` on overlap-bench's measurement, its JSON
+    written to ``plan_comm.json`` (the block is the CPU example: what this step checks
+    is that the planner reads this GPU's measurement and prices the budgets)."""
+    args = PLAN_COMM_ARGS + ["--comm-sms", str(ctx.path("ovl") / "overlap_gpu.json")]
+    # the JSON is written only when the planner printed one (no empty file to collect)
+    script = ("import contextlib, io, sys\n"
+              "from dualpipe.__main__ import main\n"
+              "buf = io.StringIO()\n"
+              "with contextlib.redirect_stdout(buf):\n"
+              f"    rc = main({args!r})\n"
+              "if buf.getvalue().strip():\n"
+              f"    open({str(ctx.path('plan_comm.json'))!r}, 'w').write(buf.getvalue())\n"
+              "sys.exit(rc)\n")
+    return [ctx.python, "-c", script]
+
+
+def judge_plan_comm(data: dict) -> Verdict:
+    rec = data.get("recommendation") or {}
+    budget = data.get("comm_budget") or {}
+    points = [p.get("comm_sms") for p in budget.get("points") or []]
+    if not rec:
+        return Verdict(False, f"nothing feasible: {data.get('why_none')}")
+    if rec.get("comm_sms") is None:
+        return Verdict(False, "the recommendation has no communication SM budget")
+    per = {}
+    for c in data.get("candidates") or []:
+        if c.get("comm_sms") is not None:
+            per.setdefault(c["schedule"], c["comm_sms"])  # the best-ranked of each
+    note = (f"{rec['schedule']} P={rec['ranks']} N={rec['chunks']} at {rec['comm_sms']} "
+            f"comm SMs ({budget.get('kernels')}, measured points {points}); best-ranked per "
+            "schedule: " + ", ".join(f"{k} {v}" for k, v in per.items()))
+    return Verdict(True, note, {"recommendation_comm_sms": rec["comm_sms"],
+                                "points": points, "per_schedule": per})
+
+
+def _judge_plan_comm(ctx: Context, res: StepResult) -> Verdict:
+    if not (ctx.path("ovl") / "overlap_gpu.json").is_file():
+        return Verdict(False, "overlap-bench wrote no overlap_gpu.json: nothing to plan with")
+    path = ctx.path("plan_comm.json")
+    if not path.is_file():
+        return Verdict(False, "the planner printed no JSON (its error is in the log tail)")
+    return judge_plan_comm(_load_json(path))
+
+
 def _argv_micro(ctx: Context, timeout: float) -> List[str]:
     return [ctx.python, "-m", "pytest", "-q", "-rsfE", "-p", "no:cacheprovider",
             "-p", "gpu_check_pytest", "--gpu-check-json", str(ctx.path("micro_tests.json")),
@@ -949,6 +1003,9 @@ def default_steps() -> List[Step]:
         Step("overlap-bench", 60, _argv_overlap, judge=_judge_overlap,
              artifacts={"overlap_gpu.json": "ovl/overlap_gpu.json"},
              what="compute/comm overlap per comm SM budget, software and green-context"),
+        Step("plan-comm", 20, _argv_plan_comm, env=step_env, judge=_judge_plan_comm,
+             artifacts={"plan_comm.json": "plan_comm.json"},
+             what="plan --comm-sms prices every candidate at the budgets just measured"),
         Step("micro-bench", 40, _argv_micro, env=_with_scripts, judge=_judge_micro,
              artifacts={"micro.json": "micro.json"},
              what="extension ops and the Triton GEMM timed on CUDA (synchronized)"),

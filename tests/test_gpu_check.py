@@ -369,12 +369,38 @@ def test_step_commands(tmp_path):
     assert "--benchmark-only" in m and gc.MICRO_SELECTION in m
     names = [s.name for s in gc.default_steps()]
     assert names == ["env", "build", "build-info", "gpu-tests", "nccl-dualpipev", "nccl-1f1b",
-                     "sm-partition", "overlap-bench", "micro-bench"]
+                     "sm-partition", "overlap-bench", "plan-comm", "micro-bench"]
     arts = [n for s in gc.default_steps() for n in s.artifacts]
     assert len(arts) + len(gc.SUMMARY_FILES) <= gc.MAX_FILES
     # budgets are ceilings; together they may exceed the deadline a little (later steps
     # then get what is left), not by more than one step's worth
     assert sum(s.budget_s for s in gc.default_steps()) < gc.DEADLINE_S + 150
+
+
+def test_plan_comm_step_runs_the_planner_on_a_measurement(tmp_path):
+    """The plan-comm step's own command, run here on an overlap_gpu.json in the
+    benchmark's format (written by the test, so this checks the command and the
+    judgement, not a GPU), from the repository root as the runner runs it."""
+    root = Path(__file__).resolve().parents[1]
+    ctx = gc.Context(root=root, scratch=tmp_path, out_dir=tmp_path / "out")
+    ctx.python = sys.executable
+    (tmp_path / "ovl").mkdir()
+    rows = [{"partition": "software", "compute": "cublas", "comm": "nccl_a2a",
+             "comm_sms": k, "compute_sms": 132, "t_comp_ms": tc, "t_comm_ms": tm,
+             "t_both_ms": tb, "comm_gbps": 128 * 2**20 / (tm / 1e3) / 1e9}
+            for k, tc, tm, tb in ((8, 1.0, 4.0, 4.5), (16, 1.1, 2.0, 2.4), (24, 1.3, 1.5, 2.0))]
+    (tmp_path / "ovl" / "overlap_gpu.json").write_text(json.dumps(
+        {"benchmark": "overlap_gpu", "machine": {"gpu": "Fake"}, "config": {"comm_mib": 128},
+         "rows": rows}))
+    argv = gc._argv_plan_comm(ctx, 20)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    v = gc._judge_plan_comm(ctx, None)
+    assert v.ok, v.note
+    assert v.facts["points"] == [8, 16, 24] and v.facts["recommendation_comm_sms"] in (8, 16, 24)
+    assert "comm SMs (software/cublas/nccl_a2a" in v.note
+    assert not gc.judge_plan_comm({"recommendation": {"schedule": "1f1b"}}).ok
 
 
 def test_arch_matches():
