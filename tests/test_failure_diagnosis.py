@@ -15,16 +15,16 @@ import time
 
 import pytest
 
-from dualpipe.failures import RECORD_DEADLINE, Record
+from dualpipe.failures import RECORD_DEADLINE, Record, StoreBoard
 from dualpipe.runtime.failure import FailureProtocol
 from overlap.p2p import PeerExited, PeerLost, PeerTimeout
 
 
-class Board:
-    """A store board whose liveness answer and record are set by the test."""
+class Scripted:
+    """A board whose liveness answer and record are set by the test."""
 
     def __init__(self, silent: set[int], record_after: float | None = None,
-                 record: Record | None = None):
+                 record: Record | None = None):  # noqa: D107 - no StoreBoard.__init__
         self.silent_in_vote: set[int] = set()
         self.unresponsive = self.gone = False
         self.host = 0
@@ -40,6 +40,10 @@ class Board:
 
     def state(self, rank: int):
         return None  # a store cannot tell a dead process from a stopped one
+
+
+class Board(Scripted, StoreBoard):
+    """A store board (no store behind it: every answer scripted)."""
 
 
 def _proto(board: Board) -> FailureProtocol:
@@ -70,6 +74,29 @@ def test_connection_closed_by_a_live_peer_without_a_record_blames_the_silent_ran
     took = time.monotonic() - t0
     assert mine and rec.culprit == 2 and rec.kind == "lost" and "rank 2 died" in rec.text
     assert RECORD_DEADLINE - 0.05 < took < RECORD_DEADLINE + 1.0
+
+
+class ShmLikeBoard(Scripted):
+    """The shared-memory board's answers: not a store board (its record is written with
+    the stop flag, so none can arrive later) and /proc knows who exited."""
+
+    def state(self, rank: int):
+        return "exited" if rank in self._silent else "alive"
+
+
+def test_shared_memory_stop_without_a_record_blames_the_dead_rank_at_once():
+    """Seen in a sweep after the first fix: on shared memory a rank whose end-of-step
+    agreement failed raises the stop flag before its record (to end the others'
+    all_gather at once), so no record ever comes; waiting 2 s for one broke the 2 s
+    SIGKILL promise.  The dead rank is named at once instead."""
+    board = ShmLikeBoard({0})
+    assert not isinstance(board, StoreBoard)
+    t0 = time.monotonic()
+    rec, mine = _proto(board)._diagnose(
+        PeerLost("end-of-step agreement: pipeline rank (group rank 1) stopped the pipeline",
+                 1, "end-of-step agreement"), WHERE)
+    assert time.monotonic() - t0 < 0.5
+    assert mine and rec.culprit == 0 and rec.kind == "lost" and "rank 0 died" in rec.text
 
 
 @pytest.mark.parametrize("err", [PeerLost("closed", 2, "activation"),

@@ -183,12 +183,14 @@ class FailureProtocol:
             return Record(h, "timeout", f"{where}: {e}; the process group's store, hosted by "
                           f"{who}, does not answer either: that process is stopped or "
                           "hung"), True
-        if silent and peer is not None and peer not in silent \
-                and not isinstance(e, (PeerTimeout, PeerExited)):
+        if silent and isinstance(board, StoreBoard) and peer is not None \
+                and peer not in silent and not isinstance(e, (PeerTimeout, PeerExited)):
             # the transfer's peer is alive and closed the connection: it is stopping the
             # pipeline and its record is on the way.  (gloo closes every connection of a
             # rank whose own wait timed out at once, before that rank has diagnosed and
-            # written its record; blaming the silent rank here would call it dead)
+            # written its record; blaming the silent rank here would call it dead.  Not
+            # on shared memory: there the record is written with the stop flag, so a
+            # stop without one -- the agreement's early release -- never gets one)
             rec = self._await_record()
             if rec is not None:
                 return rec, False
