@@ -257,6 +257,18 @@ class StoreBoard:
             self.unresponsive = True
         return False
 
+    def will_not_agree(self, step: int) -> None:
+        """Tell the ranks voting on agreement ``step`` that this rank will never
+        complete it (it failed during the step): its vote is "failed" at once, so a
+        voter does not wait its deadline for a live rank that stopped elsewhere."""
+        try:
+            store_call(self.store.set, f"{self.prefix}/agree/{step}/{self.rank}", "failed")
+        except StoreUnresponsive:  # the diagnosis then names the store's host
+            self.unresponsive = True
+        except Exception as e:  # noqa: BLE001 - gone with its host; the deadline bounds it
+            log.debug("posting the failed vote failed: %s", e)
+            self.unresponsive = self.gone = True
+
     def state(self, rank: int) -> str | None:
         """A rank's process state: a store cannot tell (see :meth:`ShmBoard.state`)."""
         return None
@@ -277,7 +289,10 @@ def _wait_acks(board: StoreBoard, clock) -> None:
         try:
             if store_call(board.store.add, board._key + "/acks", 0) >= need:
                 return
-            need = board.world - 1 - len(board.not_responding(0.3))
+            # a whole STALE_AFTER window: on a loaded host a live rank's heartbeat thread
+            # can miss a shorter one, and leaving before it read the record makes it
+            # blame this host (seen: a 0.3 s window let the host exit under a live reader)
+            need = board.world - 1 - len(board.not_responding(STALE_AFTER))
         except Exception:  # noqa: BLE001
             return
 
@@ -319,6 +334,9 @@ class ShmBoard:
 
     def agreement_committed(self, step: int, deadline: float = 0.0) -> bool:
         return False  # the shared board's all_gather is all-or-nothing
+
+    def will_not_agree(self, step: int) -> None:
+        pass  # no votes here
 
     def wait_for_readers_at_exit(self) -> None:
         pass

@@ -110,3 +110,25 @@ def test_no_wait_when_the_peer_is_the_silent_rank_exited_or_timed_out(err):
     assert time.monotonic() - t0 < 0.5
     assert mine and rec.culprit == 2
     assert rec.kind == ("timeout" if isinstance(err, PeerTimeout) else "lost")
+
+
+# --------------------------------------------------------------------------- the vote
+
+def test_a_rank_that_failed_during_the_step_ends_the_vote_at_once():
+    """Seen in the SIGKILL sweep (gloo, DualPipeV, victim 1): rank 0 failed in I0.5 and
+    recorded it; ranks 2 and 3, whose all_gather failed, voted and waited the whole 2 s
+    vote deadline for rank 0 -- alive, its heartbeat going on, but never to complete
+    the agreement -- and raised 2.4-2.9 s after the kill (promise: 2 s).  A failing
+    rank now says at once that it will not agree (``StoreBoard.will_not_agree``)."""
+    import torch.distributed as dist
+    store = dist.HashStore()
+    boards = [StoreBoard(store, "vote", r, 2, 0) for r in range(2)]
+    try:
+        boards[1].will_not_agree(1)
+        t0 = time.monotonic()
+        assert boards[0].agreement_committed(1, deadline=2.0) is False
+        assert time.monotonic() - t0 < 0.5
+        assert boards[0].silent_in_vote == set()  # it voted; it is not silent
+    finally:
+        for b in boards:
+            b.close()

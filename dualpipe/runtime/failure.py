@@ -128,6 +128,10 @@ class FailureProtocol:
         if tb is not None:  # finished frames below the caller may hold transfers
             traceback.clear_frames(tb)
         rank, board = self.rank, self._board
+        if board is not None:
+            # first of all: ranks voting on this step's agreement (gloo) stop waiting for
+            # this one, which is alive (its heartbeat goes on) but will never complete it
+            board.will_not_agree(self._agreements + 1)
         where = f"pipeline rank {rank}, action {action}"
         rec, mine = None, True
         if isinstance(e, PeerError):
