@@ -96,7 +96,8 @@ class CommBudget:
         if isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int) \
                 or self.micro_batch < 1:
             raise ValueError(f"micro_batch must be an integer >= 1, got {self.micro_batch!r}")
-        if not (isinstance(self.comm_bytes, (int, float)) and math.isfinite(self.comm_bytes)
+        if isinstance(self.comm_bytes, bool) or not (
+                isinstance(self.comm_bytes, (int, float)) and math.isfinite(self.comm_bytes)
                 and self.comm_bytes >= 0):
             raise ValueError(f"--comm-bytes must be a finite number of bytes >= 0, got "
                              f"{self.comm_bytes!r}")
@@ -164,12 +165,8 @@ def load_comm_budget(path: str | os.PathLike, comm_bytes: float, micro_batch: in
     :data:`DEFAULT_KERNELS` present, else the triple with the most rows);
     ``link_bandwidth``: cap the measured bandwidth (bytes/s).  Raises
     ``ValueError`` saying what to change for a file that is not such a measurement, a
-    triple it does not hold, or a bad volume."""
+    triple it does not hold, or (from :class:`CommBudget`) a bad volume."""
     name = os.fspath(path)
-    if isinstance(comm_bytes, bool) or not isinstance(comm_bytes, (int, float)) \
-            or not math.isfinite(comm_bytes) or comm_bytes < 0:
-        raise ValueError(f"--comm-bytes must be a finite number of bytes >= 0, got "
-                         f"{comm_bytes!r}")
     try:
         with open(path) as fh:
             d: Any = json.load(fh)

@@ -81,6 +81,7 @@ class _Caller:
     def __init__(self) -> None:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._since: float | None = None  # when the running call started
+        self._hung = False  # a caller gave up on the running call (cleared when it returns)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -102,11 +103,14 @@ class _Caller:
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 box.append((False, e))
             self._since = None
+            self._hung = False
             done.set()
 
     def call(self, fn: Callable, *args, timeout: float = CALL_DEADLINE):
         since = self._since
-        if since is not None and time.monotonic() - since > CALL_DEADLINE:
+        # (a call that timed out is hung even if its deadline has only just passed: the
+        # clock test alone let the next call queue behind it for another full deadline)
+        if since is not None and (self._hung or time.monotonic() - since > CALL_DEADLINE):
             raise StoreUnresponsive(f"a store call has been waiting for "
                                     f"{time.monotonic() - since:.1f} s")
         self._start()
@@ -114,6 +118,8 @@ class _Caller:
         done = threading.Event()
         self._q.put((fn, args, box, done))
         if not done.wait(timeout):
+            if self._since is not None:
+                self._hung = True
             raise StoreUnresponsive(f"the store did not answer within {timeout:g} s")
         ok, value = box[0]
         if ok:
@@ -135,6 +141,10 @@ class StoreBoard:
     """Failure record, heartbeats and end-of-step votes in the process group's store
     (pipelines on gloo or NCCL).  ``rank``/``world``: pipeline ranks; ``host``: the
     pipeline rank whose process hosts the store (``None`` if none of them does)."""
+
+    #: a record can land after the connection that reported the failure closed (gloo
+    #: closes a rank's connections when its own wait times out, before it records)
+    late_records = True
 
     def __init__(self, store, prefix: str, rank: int, world: int, host: int | None,
                  timeout: float = CALL_DEADLINE) -> None:
@@ -303,6 +313,7 @@ class ShmBoard:
 
     unresponsive = gone = False
     host = None
+    late_records = False  # the record is written with the stop flag, or never
     silent_in_vote: set[int] = set()  # no votes here (see StoreBoard)
 
     def __init__(self, shm, to_pipe: list[int]) -> None:

@@ -1183,8 +1183,7 @@ def _repeat_rows(t, rows: int):
     return t.repeat(reps, *([1] * (t.dim() - 1)))[:rows]
 
 
-def _verify_rank(rank: int, world: int, cfg: dict) -> tuple[list[tuple[float, float]],
-                                                            dict[str, list[float]]]:
+def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
     """One rank of a :func:`verify` run: its stage modules (``nn.Sequential`` of ``k``
     fresh blocks from the factory each), its share of the batch (the example micro-batch
     repeated to ``micro_batch`` rows per micro-batch), then ``warmup + steps`` training

@@ -80,6 +80,8 @@ class ShmLikeBoard(Scripted):
     """The shared-memory board's answers: not a store board (its record is written with
     the stop flag, so none can arrive later) and /proc knows who exited."""
 
+    late_records = False
+
     def state(self, rank: int):
         return "exited" if rank in self._silent else "alive"
 

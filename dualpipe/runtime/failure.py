@@ -187,7 +187,7 @@ class FailureProtocol:
             return Record(h, "timeout", f"{where}: {e}; the process group's store, hosted by "
                           f"{who}, does not answer either: that process is stopped or "
                           "hung"), True
-        if silent and isinstance(board, StoreBoard) and peer is not None \
+        if silent and board.late_records and peer is not None \
                 and peer not in silent and not isinstance(e, (PeerTimeout, PeerExited)):
             # the transfer's peer is alive and closed the connection: it is stopping the
             # pipeline and its record is on the way.  (gloo closes every connection of a
