@@ -95,7 +95,7 @@ def run_setting(model: str, args: list[str], steps: int, warmup: int,
                 "seconds": took}
     d = json.loads(p.stdout)
     return {"model": model, "args": args, "seconds": took, "cost_model": d["cost_model"],
-            "measured_at": sorted(map(int, d["measured_at"])),
+            "measured_at": [[e["micro_batch"], e["rank_blocks"]] for e in d["measured_at"]],
             "verify": d["verify"]["candidates"], "notes": d["verify"]["notes"]}
 
 
@@ -169,7 +169,9 @@ def report(runs: list[dict], machine: dict) -> str:
         c = r["cost_model"]
         lines.append(f"* {r['model']} `{' '.join(r['args'])}`: runtime measured: latency "
                      f"{c['latency'] * 1e6:.0f} us, overhead {c['overhead'] * 1e6:.0f} us "
-                     f"per action; block profiled at micro-batches {r['measured_at']}")
+                     f"per action; block profiled at "
+                     + ", ".join(f"m={m}" + ("" if k is None else f" x {k} blocks")
+                                 for m, k in r["measured_at"]))
     return "\n".join(lines) + "\n"
 
 

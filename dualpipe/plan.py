@@ -785,9 +785,10 @@ class Plan:
     schedules: list[str]
     candidates: list[Candidate]
     min_micro_batch: int = 1
-    # micro-batch size -> the block's cost measured there (plan(costs_at=...)); empty:
-    # every size priced by linear scaling of ``block``
-    measured_at: dict[int, BlockCosts] = field(default_factory=dict)
+    # (micro-batch size, blocks per rank or None) -> the block's cost measured there
+    # (plan(costs_at=..., rank_blocks=...)); empty: every size priced by linear scaling
+    # of ``block``
+    measured_at: dict[tuple[int, int | None], BlockCosts] = field(default_factory=dict)
     grad_sync: "GradSync | None" = None
     comm: CommBudget | None = None
 
@@ -808,7 +809,9 @@ class Plan:
             "memory_cap": self.memory_cap, "param_factor": self.param_factor,
             "min_micro_batch": self.min_micro_batch, "schedules": self.schedules,
             "cost_model": self.block.to_json(),
-            "measured_at": {str(m): b.to_json() for m, b in sorted(self.measured_at.items())},
+            "measured_at": [{"micro_batch": m, "rank_blocks": k, "costs": b.to_json()}
+                            for (m, k), b in sorted(self.measured_at.items(),
+                                                    key=lambda kv: (kv[0][0], kv[0][1] or 0))],
             "grad_sync": None if self.grad_sync is None else asdict(self.grad_sync),
             "comm_budget": None if self.comm is None else self.comm.to_json(),
             "assumptions": self.assumptions,
@@ -837,9 +840,13 @@ class Plan:
                        "(dualpipe.comm_budget)")
         if not self.measured_at:
             return out
+        sizes = sorted({m for m, _ in self.measured_at})
+        ranks = sorted({k for _, k in self.measured_at if k is not None})
         return [out[0], "block costs, saved activations and boundary bytes measured "
-                "at each micro-batch size priced (" + ", ".join(map(str, sorted(
-                    self.measured_at))) + " samples)"] + out[2:]
+                "at each micro-batch size priced (" + ", ".join(map(str, sizes)) + " samples)"
+                + ("" if not ranks else ", per block of a stage of as many blocks as one "
+                   "rank of the candidate holds (" + ", ".join(map(str, ranks))
+                   + " blocks)")] + out[2:]
 
     def why_none(self) -> str:
         """Which limit to relax when nothing is feasible."""
@@ -926,14 +933,20 @@ def _positive_int(name: str, v: object) -> int:
 def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
          memory_cap: int | None = None, schedules: list[str] | None = None,
          param_factor: float = 4.0, min_micro_batch: int = 1,
-         costs_at: Callable[[int], BlockCosts] | None = None,
-         grad_sync: "GradSync | None" = None, comm: CommBudget | None = None) -> Plan:
+         costs_at: Callable[..., BlockCosts] | None = None,
+         grad_sync: "GradSync | None" = None, comm: CommBudget | None = None,
+         rank_blocks: bool = False) -> Plan:
     """Enumerate and price every candidate (see the module docstring for the model).
 
     ``costs_at(m)``, when given, is the cost of one block measured at ``m``-sample
     micro-batches (e.g. :func:`profile_stage` with ``micro_batch=m``); it is called once
     per micro-batch size a valid candidate uses and replaces the linear scaling of
-    ``block`` (which then only names the cost model in the JSON).
+    ``block`` (which then only names the cost model in the JSON).  With
+    ``rank_blocks=True`` it is called as ``costs_at(m, blocks)``, once per pair, where
+    ``blocks`` is how many blocks one rank of the candidate holds (``k`` per stage times
+    ``Schedule.stages_per_rank``): the cost per block of a rank that streams that many
+    blocks' weights and activations (e.g. :func:`profile_stage` with
+    ``blocks=blocks``), which a stage of a few blocks timed in cache underestimates.
 
     ``grad_sync``: model the gradient synchronisation after the pipeline
     (:func:`grad_sync_time`); ``None``: step time = the pipeline's makespan.
@@ -958,7 +971,7 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
     names = list(REGISTRY) if not schedules else list(dict.fromkeys(schedules))
     specs = [spec_of(n) for n in names]  # ValueError naming the choices for a typo
     cands: list[Candidate] = []
-    measured: dict[int, BlockCosts] = {}
+    measured: dict[tuple[int, int | None], BlockCosts] = {}
     for spec in specs:
         for P in _divisors(D):
             DP = D // P
@@ -994,9 +1007,12 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
                 except ValueError as e:
                     c.reason, c.rejected_by = str(e), "schedule"
                     continue
-                if costs_at is not None and m not in measured:
-                    measured[m] = costs_at(m)
-                at = block if costs_at is None else measured[m]
+                at = block
+                if costs_at is not None:
+                    key = (m, k * s.stages_per_rank if rank_blocks else None)
+                    if key not in measured:
+                        measured[key] = costs_at(*key) if rank_blocks else costs_at(m)
+                    at = measured[key]
                 if comm is None:
                     _price(c, s, at, k, m, memory_cap, param_factor, grad_sync)
                 else:
@@ -1401,6 +1417,20 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _profile_blocks_arg(text: str) -> int | str:
+    """``--profile-blocks``: a block count >= 1, or ``rank`` (each candidate's own)."""
+    if text == "rank":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(
+            f"want a number of blocks >= 1 or 'rank', got {text!r}")
+    return k
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--costs", metavar="FILE", help="cost model of one block (JSON)")
@@ -1458,10 +1488,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comm-kernels", metavar="PARTITION/COMPUTE/COMM", default=None,
                    help="with --comm-sms: which measured kernels to use (default: "
                         "software/cublas/nccl_a2a when present)")
-    p.add_argument("--profile-blocks", type=int, default=1, metavar="K",
+    p.add_argument("--profile-blocks", type=_profile_blocks_arg, default=1, metavar="K|rank",
                    help="with --stage: time a stage of K fresh blocks and divide by K (a "
                         "stage streams its blocks' weights; one block timed again and again "
-                        "stays in cache); at most the smallest stage you plan (default 1)")
+                        "stays in cache); at most the smallest stage you plan (default 1). "
+                        "'rank': profile again for each candidate, as a stage of as many "
+                        "blocks as one of its ranks holds (slower: once per micro-batch size "
+                        "and block count)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats with --stage")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first with --stage")
     p.add_argument("--threads", type=int, default=None,
@@ -1508,8 +1541,6 @@ def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> N
     if (a.comm_kernels is not None or a.comm_bandwidth is not None) and a.comm_sms is None:
         parser.error("--comm-kernels and --comm-bandwidth refine a --comm-sms FILE: pass that "
                      "file too")
-    if a.profile_blocks < 1:
-        parser.error(f"--profile-blocks must be >= 1, got {a.profile_blocks}")
     for name in ("latency", "overhead"):
         v = getattr(a, name)
         if v is not None and not (math.isfinite(v) and v >= 0):
@@ -1536,8 +1567,10 @@ def run(a: argparse.Namespace) -> int:
                 raise ValueError(f"--threads must be >= 1, got {a.threads}")
             import torch
             torch.set_num_threads(a.threads)
+        per_rank = a.profile_blocks == "rank"
+        base_blocks = 1 if per_rank else a.profile_blocks
         prof = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup,
-                             blocks=a.profile_blocks)
+                             blocks=base_blocks)
         block, threads, source = prof.costs, prof.threads, None
     if measure:
         rt = measure_runtime(boundary_bytes=block.boundary_bytes, threads=threads)
@@ -1550,17 +1583,25 @@ def run(a: argparse.Namespace) -> int:
     if prof is not None:
         prof.costs, prof.transport = block, source
         say(prof.describe())
-        if a.each_micro_batch:
-            def costs_at(m: int) -> BlockCosts:
-                if m == block.micro_batch:
-                    return block
-                c = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup, micro_batch=m,
-                                  blocks=a.profile_blocks).costs
-                c = c.with_transport(block.latency, block.bandwidth, block.overhead)
-                say(f"measured at a micro-batch of {m}: F {c.f * 1e3:.3f} ms, B "
-                    f"{c.b * 1e3:.3f} ms, W {c.w * 1e3:.3f} ms, saved "
-                    f"{format_bytes(c.act_bytes)}, output {format_bytes(c.boundary_bytes)}")
-                return c
+        if a.each_micro_batch or per_rank:
+            profiled: dict[tuple[int, int], BlockCosts] = {
+                (block.micro_batch, base_blocks): block}
+
+            def costs_at(m: int, blocks: int | None = None) -> BlockCosts:
+                # without --each-micro-batch: at the example's size, scaled linearly
+                key = (m if a.each_micro_batch else block.micro_batch,
+                       blocks if per_rank else base_blocks)
+                if key not in profiled:
+                    c = profile_stage(a.stage, repeats=a.repeats, warmup=a.warmup,
+                                      micro_batch=key[0], blocks=key[1]).costs
+                    profiled[key] = c = c.with_transport(block.latency, block.bandwidth,
+                                                         block.overhead)
+                    say(f"measured at a micro-batch of {key[0]}"
+                        + (f", a stage of {key[1]} blocks" if per_rank else "")
+                        + f": F {c.f * 1e3:.3f} ms, B {c.b * 1e3:.3f} ms, W "
+                        f"{c.w * 1e3:.3f} ms per block, saved {format_bytes(c.act_bytes)}, "
+                        f"output {format_bytes(c.boundary_bytes)}")
+                return profiled[key]
     if a.save_costs:
         with open(a.save_costs, "w") as fh:
             json.dump(block.to_json(), fh, indent=1)
@@ -1571,6 +1612,7 @@ def run(a: argparse.Namespace) -> int:
     p = plan(block, a.devices, a.layers, a.global_batch, memory_cap=a.memory_cap,
              schedules=a.schedules, param_factor=a.param_factor,
              min_micro_batch=a.min_micro_batch, costs_at=costs_at,
+             rank_blocks=prof is not None and a.profile_blocks == "rank",
              grad_sync=None if a.grad_sync_bandwidth is None else GradSync(
                  a.grad_sync_bandwidth, a.grad_sync_latency), comm=comm)
     rec = p.recommendation

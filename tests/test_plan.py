@@ -596,7 +596,8 @@ def test_costs_measured_at_each_micro_batch_replace_the_linear_scaling():
         assert c.activation_memory == math.ceil(max(res.peak_activations)
                                                 * c.layers_per_stage * 100 * c.micro_batch)
     d = p.to_json()
-    assert sorted(map(int, d["measured_at"])) == sorted(set(seen))
+    assert [e["micro_batch"] for e in d["measured_at"]] == sorted(set(seen))
+    assert all(e["rank_blocks"] is None for e in d["measured_at"])
     assert any("measured at each micro-batch size" in a for a in d["assumptions"])
     assert not plan(BLOCK, **SMALL).to_json()["measured_at"]
 
@@ -708,3 +709,55 @@ def test_profile_a_stage_of_several_blocks_reports_per_block_figures():
     assert three.act_bytes == one.act_bytes > 0  # each block saves its own input
     with pytest.raises(ValueError, match="blocks"):
         planmod.profile_stage(make_sleep_block, blocks=0)
+
+
+def test_costs_measured_per_rank_block_count():
+    """``rank_blocks=True``: each candidate is priced with the block measured at its
+    micro-batch as a stage of the blocks one of its ranks holds (k x stages_per_rank:
+    DualPipe and DualPipeV hold two stages, 1F1B one), once per pair."""
+    seen = []
+
+    def costs_at(m, blocks):
+        seen.append((m, blocks))
+        # a bigger working set is slower per block (cache): 1 % per block held
+        g = 1 + 0.01 * blocks
+        return BlockCosts(f=1e-3 * g * m, b=2e-3 * g * m, w=1e-3 * g * m, act_bytes=100 * m,
+                          param_bytes=5000, boundary_bytes=40 * m, micro_batch=m,
+                          latency=1e-5, bandwidth=1e8)
+    p = plan(BLOCK, **SMALL, schedules=SMALL_SCHEDULES, costs_at=costs_at, rank_blocks=True)
+    priced = [c for c in p.candidates if c.priced]
+    assert len(seen) == len(set(seen))  # once per (micro-batch, blocks)
+    pairs = set()
+    for c in priced:
+        s = get_schedule(c.schedule, c.ranks, c.chunks)
+        held = c.layers_per_stage * s.stages_per_rank
+        assert held == c.layers_per_stage * (2 if c.schedule.startswith("dualpipe") else 1)
+        pairs.add((c.micro_batch, held))
+        want = planmod.stage_costs(costs_at(c.micro_batch, held), c.layers_per_stage,
+                                   c.micro_batch)
+        assert (c.costs.f, c.costs.b, c.costs.w) == pytest.approx((want.f, want.b, want.w),
+                                                                  rel=1e-12)
+    assert set(seen[:len(pairs)]) == pairs
+    d = p.to_json()
+    assert {(e["micro_batch"], e["rank_blocks"]) for e in d["measured_at"]} == pairs
+    assert any("as many blocks as one rank of the candidate holds" in a
+               for a in d["assumptions"])
+
+
+def test_cli_profile_blocks_per_rank(capsys):
+    """``--profile-blocks rank``: the CLI profiles the block once per (micro-batch, blocks
+    per rank) the plan prices, and says so; a bad value exits 2 naming the choices."""
+    d = _plan_json(capsys, *SLEEP, "--global-batch", "4", "--no-measure-runtime",
+                   "--repeats", "1", "--warmup", "0", "--profile-blocks", "rank")
+    got = {(e["micro_batch"], e["rank_blocks"]) for e in d["measured_at"]}
+    want = set()
+    for c in d["candidates"]:
+        if c["step_time"] is not None:
+            spr = 2 if c["schedule"] == "dualpipev" else 1
+            want.add((c["micro_batch"], c["layers_per_stage"] * spr))
+    assert got == want and len(want) >= 3
+    for bad in ("0", "ranks", "-2"):
+        with pytest.raises(SystemExit) as e:
+            main(["plan", *SLEEP, "--profile-blocks", bad])
+        assert e.value.code == 2
+        assert "want a number of blocks >= 1 or 'rank'" in capsys.readouterr().err
