@@ -11,7 +11,8 @@ Models (the two stage kinds of ``bench.vs_torch``; the first is ``bench.bubble``
           mlp case (real compute, one torch thread per rank: at most 2 ranks here).
 
 For each setting the planner profiles the block (at every micro-batch size it prices;
-the MLP block as a stage of as many blocks as the smallest stage the setting prices),
+the MLP block as a stage of as many blocks as one rank of the candidate holds, or as the
+smallest stage the setting prices),
 measures transfer latency, bandwidth and its own overhead per action on 2 local gloo
 ranks, ranks the candidates, then runs the recommendation and a runner-up through the
 runtime (``--verify``: one data-parallel replica) and reports measured / predicted step
@@ -49,11 +50,12 @@ SETTINGS = {
         ["--devices", "4", "--layers", "8", "--global-batch", "16", "--memory-cap", "128",
          "--param-factor", "1", "--schedules", "dualpipe", "dualpipev", "1f1b", "zb1p"],
     ],
-    "mlp": [  # --profile-blocks: the smallest stage these settings price (k = 8 or 2)
+    "mlp": [  # --profile-blocks: each candidate's blocks per rank (32 layers: 16 or 32), or
+        # the smallest stage the setting prices (8 layers: k = 2)
         ["--devices", "2", "--layers", "32", "--global-batch", "16", "--min-micro-batch", "4",
-         "--schedules", "1f1b", "zb1p", "--profile-blocks", "8"],
+         "--schedules", "1f1b", "zb1p", "--profile-blocks", "rank"],
         ["--devices", "2", "--layers", "32", "--global-batch", "32", "--min-micro-batch", "4",
-         "--memory-cap", "60MiB", "--profile-blocks", "8"],
+         "--memory-cap", "60MiB", "--profile-blocks", "rank"],
         ["--devices", "2", "--layers", "8", "--global-batch", "32", "--min-micro-batch", "4",
          "--memory-cap", "16MiB", "--profile-blocks", "2"],
         ["--devices", "2", "--layers", "8", "--global-batch", "128", "--min-micro-batch", "16",
@@ -101,7 +103,8 @@ def run_setting(model: str, args: list[str], steps: int, warmup: int,
 
 HEADERS = ["model", "plan arguments", "verified", "candidate", "predicted ms", "measured ms",
            "measured/predicted", "action measured/profiled", "between actions ms",
-           "replayed ms", "measured/replayed", "note"]
+           "replayed ms", "measured/replayed", "re-profiled ms", "measured/re-profiled",
+           "re-profile spread", "note"]
 
 
 def _actions(v: dict) -> str:
@@ -122,7 +125,7 @@ def rows_of(runs: list[dict]) -> list[list[str]]:
     for r in runs:
         setting = " ".join(r["args"])
         if "error" in r:
-            rows.append([r["model"], setting, "-", "error"] + ["-"] * 7 + [r["error"]])
+            rows.append([r["model"], setting, "-", "error"] + ["-"] * 10 + [r["error"]])
             continue
         for v in r["verify"]:
             rows.append([r["model"], setting, v["role"],
@@ -132,6 +135,9 @@ def rows_of(runs: list[dict]) -> list[list[str]]:
                          _between(v),
                          "-" if not v.get("replayed") else f"{v['replayed'] * 1e3:.1f}",
                          "-" if not v.get("replay_ratio") else f"{v['replay_ratio']:.3f}",
+                         "-" if not v.get("reprofiled") else f"{v['reprofiled'] * 1e3:.1f}",
+                         "-" if not v.get("reprofile_ratio") else f"{v['reprofile_ratio']:.3f}",
+                         "-" if not v.get("profile_spread") else f"{v['profile_spread']:.2f}",
                          v.get("note") or ""])
             setting = ""
     return rows
@@ -148,6 +154,13 @@ def summary(runs: list[dict]) -> str:
         text += (f" Replayed with the measured action times (the model's own error): "
                  f"{sum(abs(x - 1) <= 0.05 for x in replays)} of {len(replays)} within 5 % "
                  f"({min(replays):.3f}-{max(replays):.3f}).")
+    again = [v["reprofile_ratio"] for v in vs if v.get("reprofile_ratio")]
+    if again:
+        spreads = [v["profile_spread"] for v in vs if v.get("profile_spread")]
+        text += (f" Priced with the block re-profiled by the ranks around each run: "
+                 f"{sum(abs(x - 1) <= 0.05 for x in again)} of {len(again)} within 5 % "
+                 f"({min(again):.3f}-{max(again):.3f}); those profiles of one block, seconds "
+                 f"apart, differed by {min(spreads):.2f}-{max(spreads):.2f}x (F + B, max/min).")
     return text
 
 
@@ -162,7 +175,10 @@ def report(runs: list[dict], machine: dict) -> str:
              "charged, which also covers the runtime's work inside an action's span); "
              "*replayed* the simulator's makespan of the same schedule with the measured "
              "action times plus that gap: *measured/replayed* is the model's own error, "
-             "*replayed/predicted* the profile's.", ""]
+             "*replayed/predicted* the profile's; *re-profiled* the same prediction with "
+             "the block profiled again by every rank right before and after its run "
+             "(`--verify-reprofile`), *re-profile spread* the max/min of F + B over those "
+             "profiles: how much this machine's speed moved within the run.", ""]
     for r in runs:
         if "error" in r:
             continue

@@ -1031,17 +1031,39 @@ def _rank_key(c: Candidate) -> tuple:
             c.chunks or 0)
 
 
+#: how many times each action kind is charged the runtime's overhead per action: F, I
+#: and W run as one action each; B = I + W and an F&B pair as two
+OVERHEAD_ACTIONS = {F: 1, I: 1, W: 1, B: 2, FB: 2}
+
+
+def charged_costs(f: float, b: float, w: float, fb: float | None, overhead: float,
+                  latency: float) -> Costs:
+    """A stage's compute per action kind plus the runtime's ``overhead`` per action
+    (:data:`OVERHEAD_ACTIONS`), as the simulator prices it."""
+    n = OVERHEAD_ACTIONS
+    return Costs(f=f + n[F] * overhead, b=b + n[B] * overhead, w=w + n[W] * overhead,
+                 fb=None if fb is None else fb + n[FB] * overhead, latency=latency)
+
+
+def compute_of(costs: Costs, overhead: float) -> dict[str, float]:
+    """The inverse of :func:`charged_costs`: each action kind's compute (``I`` = B - W)
+    without the overhead it was charged."""
+    n = OVERHEAD_ACTIONS
+    return {F: costs.f - n[F] * overhead, B: costs.b - n[B] * overhead,
+            I: costs.b - costs.w - n[I] * overhead, W: costs.w - n[W] * overhead,
+            FB: costs.pair - n[FB] * overhead}
+
+
 def stage_costs(block: BlockCosts, k: int, m: int) -> Costs:
     """What the simulator prices for a stage of ``k`` blocks on ``m``-sample
     micro-batches: each block's time scaled by ``m / block.micro_batch``, plus the
-    runtime's ``overhead`` per action (F, I, W once; B = I + W and an F&B pair twice),
-    and a transfer of ``latency + boundary_bytes * scale / bandwidth``."""
+    runtime's ``overhead`` per action (:func:`charged_costs`), and a transfer of
+    ``latency + boundary_bytes * scale / bandwidth``."""
     scale = m / block.micro_batch
     per = k * scale
-    o = block.overhead
-    return Costs(f=block.f * per + o, b=block.b * per + 2 * o, w=block.w * per + o,
-                 fb=None if block.fb is None else block.fb * per + 2 * o,
-                 latency=block.latency + block.boundary_bytes * scale / block.bandwidth)
+    return charged_costs(block.f * per, block.b * per, block.w * per,
+                         None if block.fb is None else block.fb * per, block.overhead,
+                         block.latency + block.boundary_bytes * scale / block.bandwidth)
 
 
 @dataclass(frozen=True)
@@ -1150,6 +1172,15 @@ class Verification:
     #: predicted: the plan's overhead per action (``None`` if not given)
     between: float | None = None
     overhead: float | None = None
+    #: with ``verify(profile=...)``: the block re-profiled by every rank at the
+    #: candidate's micro-batch before its first step and after its last (per-block
+    #: seconds: ``median`` of f, b, w and ``each`` profile), and the schedule priced with
+    #: that median: ``measured / reprofiled`` is the error of a profile taken with the run
+    profiled: dict | None = None
+    reprofiled: float | None = None
+    reprofile_ratio: float | None = None
+    #: max / min of F + B over those profiles (1.0: the machine's speed held still)
+    profile_spread: float | None = None
 
     def to_json(self) -> dict:
         c = self.candidate
@@ -1234,6 +1265,16 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
     spans: list[tuple[float, float]] = []
     actions: dict[str, list[float]] = {}
     between = [0.0, 0]
+    profiled: list[dict] = []
+
+    def reprofile():
+        # the planner's own profile of the block, at this micro-batch, in this rank, now
+        # (before the first step and after the last: the machine's speed may drift
+        # between the plan and the run, and during the run)
+        if cfg.get("profile") is not None:
+            c = profile_stage(factory, micro_batch=cfg["micro_batch"], **cfg["profile"]).costs
+            profiled.append({"f": c.f, "b": c.b, "w": c.w, "fb": c.fb})
+    reprofile()
     try:
         for i in range(cfg["warmup"] + cfg["steps"]):
             pipe.zero_grad(set_to_none=True)
@@ -1255,7 +1296,8 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
                     between[1] += len(compute) - 1
     finally:
         pipe.close()
-    return {"spans": spans, "actions": actions, "between": between}
+    reprofile()
+    return {"spans": spans, "actions": actions, "between": between, "profiled": profiled}
 
 
 def measured_costs(predicted: Costs, actions: dict[str, list[float]],
@@ -1279,9 +1321,14 @@ def measured_costs(predicted: Costs, actions: dict[str, list[float]],
     return Costs(f=f, b=max(b, w), w=w, fb=fb, latency=predicted.latency)
 
 
+#: a verification notes an unsteady machine when the block's re-profiles differ by more
+STEADY = 0.05
+
+
 def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidate",
            steps: int = 5, warmup: int = 2, threads: int = 1,
-           timeout: float = 600.0, overhead: float | None = None) -> Verification:
+           timeout: float = 600.0, overhead: float | None = None,
+           profile: dict | None = None) -> Verification:
     """Run candidate ``c`` of a plan through the runtime on this machine: ``c.ranks``
     local gloo ranks (:func:`dualpipe.launch.run_ranks`, ``threads`` torch threads each),
     one data-parallel replica, the stages built from ``stage`` (a ``module:function``
@@ -1294,7 +1341,15 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
     Where an error comes from (:func:`breakdown`): each action kind's measured mean
     against its predicted cost, the runtime's measured time between actions against
     ``overhead`` (the plan's per-action overhead, when given), and the schedule replayed
-    by the simulator with the measured figures (:func:`measured_costs`)."""
+    by the simulator with the measured figures (:func:`measured_costs`).
+
+    ``profile`` (``{"blocks": K, "repeats": r, "warmup": w}``, :func:`profile_stage`'s
+    arguments): every rank also profiles the block at the candidate's micro-batch right
+    before its first step and after its last, and the schedule is priced again with the
+    median of those profiles (``Verification.reprofiled``): the same prediction from a
+    profile taken with the run instead of minutes before it, so ``measured /
+    reprofiled`` is the planner's error without the machine's drift in between
+    (``reprofiled / predicted``)."""
     from .launch import makespans, run_ranks
     if not c.priced:
         raise ValueError(f"{c.label()} was not priced: {c.reason}")
@@ -1314,7 +1369,7 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
     v.note = "; ".join(said) or None
     cfg = {"stage": stage, "schedule": c.schedule, "chunks": c.chunks, "k": c.layers_per_stage,
            "micro_batch": c.micro_batch, "warmup": warmup, "steps": steps,
-           "timeout": timeout}
+           "timeout": timeout, "profile": profile}
     per_rank = run_ranks(_verify_rank, c.ranks, cfg, timeout=timeout, threads=threads)
     v.step_times = makespans([r["spans"] for r in per_rank])
     v.measured = statistics.median(v.step_times)
@@ -1327,17 +1382,34 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
     v.between = sum(r["between"][0] for r in per_rank) / gaps if gaps else 0.0
     v.overhead = overhead
     if c.costs is not None and actions:
-        # the profiled compute of each kind: the priced cost less the overhead per
-        # action it carries (stage_costs: once for F, I, W; twice for B and F&B)
-        o = overhead or 0.0
-        want = {F: c.costs.f - o, B: c.costs.b - 2 * o, I: c.costs.b - c.costs.w - o,
-                W: c.costs.w - o, FB: c.costs.pair - 2 * o}
+        # the profiled compute of each kind: the priced cost less its overhead
+        want = compute_of(c.costs, overhead or 0.0)
         v.actions = {k: {"measured": statistics.fmean(d), "median": statistics.median(d),
                          "predicted": want[k],
                          "count": len(d)} for k, d in sorted(actions.items()) if k in want}
         v.replayed = simulate(get_schedule(c.schedule, c.ranks, c.chunks),
                               measured_costs(c.costs, actions, v.between)).makespan
         v.replay_ratio = v.measured / v.replayed if v.replayed else None
+    fresh = [p for r in per_rank for p in r.get("profiled", [])]
+    if fresh and c.costs is not None:
+        # the median: one profile caught by a hiccup does not move it
+        mid = {key: statistics.median(p[key] for p in fresh) for key in ("f", "b", "w")}
+        fbs = [p["fb"] for p in fresh if p["fb"] is not None]
+        fb = statistics.median(fbs) * c.layers_per_stage if len(fbs) == len(fresh) else None
+        k = c.layers_per_stage
+        v.profiled = {"median": mid, "each": fresh, "blocks": profile.get("blocks", 1)}
+        v.reprofiled = simulate(get_schedule(c.schedule, c.ranks, c.chunks), charged_costs(
+            mid["f"] * k, mid["b"] * k, mid["w"] * k, fb, overhead or 0.0,
+            c.costs.latency)).makespan
+        v.reprofile_ratio = v.measured / v.reprofiled if v.reprofiled else None
+        # the same profile, seconds apart: how steady this machine is
+        fs = [p["f"] + p["b"] for p in fresh]
+        v.profile_spread = max(fs) / min(fs) if min(fs) > 0 else None
+        if v.profile_spread is not None and v.profile_spread > 1 + STEADY:
+            said.append(f"the block's profile (F + B) varied {v.profile_spread:.2f}x between "
+                        f"the {len(fresh)} profiles taken with this run: this machine's speed "
+                        f"is not steady enough to check a prediction to {STEADY:.0%}")
+            v.note = "; ".join(said)
     return v
 
 
@@ -1355,15 +1427,26 @@ def breakdown(v: Verification) -> str:
     if v.replayed:
         text += (f"; replayed with the measured action times: {v.replayed * 1e3:.1f} ms "
                  f"(measured/replayed {v.replay_ratio:.3f})")
+    if v.reprofiled:
+        each = v.profiled["each"]
+        text += (f"; re-profiled with the run ({len(each)} profiles, F "
+                 f"{min(p['f'] for p in each) * 1e3:.3f}-{max(p['f'] for p in each) * 1e3:.3f} "
+                 f"ms per block): predicted {v.reprofiled * 1e3:.1f} ms (measured/re-profiled "
+                 f"{v.reprofile_ratio:.3f})")
     return text
 
 
 def verify_table(vs: list[Verification], notes: list[str]) -> str:
+    again = any(v.reprofiled for v in vs)
     rows = [("verified", "candidate", "status", "predicted ms", "measured ms",
-             "measured/predicted")]
+             "measured/predicted") + (("re-profiled ms", "measured/re-profiled") if again
+                                      else ())]
     for v in vs:
         rows.append((v.role, v.candidate.label(), v.candidate.status, f"{v.predicted * 1e3:.3f}",
-                     f"{v.measured * 1e3:.3f}", "-" if v.ratio is None else f"{v.ratio:.3f}"))
+                     f"{v.measured * 1e3:.3f}", "-" if v.ratio is None else f"{v.ratio:.3f}")
+                    + ((("-", "-") if not v.reprofiled else (
+                        f"{v.reprofiled * 1e3:.3f}", f"{v.reprofile_ratio:.3f}")) if again
+                       else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(x.rjust(w) if i >= 3 else x.ljust(w)
                        for i, (x, w) in enumerate(zip(r, widths))) for r in rows]
@@ -1518,6 +1601,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="untimed steps first (default 2)")
     p.add_argument("--verify-max-ranks", type=int, default=4, metavar="P",
                    help="skip candidates on more pipeline ranks (default 4)")
+    p.add_argument("--verify-reprofile", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --verify: every rank profiles the block again at the "
+                        "candidate's micro-batch right before and after its run, and the "
+                        "prediction is repeated with that profile (the planner's error "
+                        "without the machine's drift since the plan; default: on)")
 
 
 def check_arguments(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -1642,9 +1730,14 @@ def run(a: argparse.Namespace) -> int:
             say(f"verifying {role} {c.label()}: {c.ranks} local rank(s), "
                 f"{prof.threads} torch thread(s) each, {a.verify_warmup} + "
                 f"{a.verify_steps} steps ...")
+            again = None
+            if a.verify_reprofile:  # as the plan profiled this candidate's block
+                again = {"repeats": a.repeats, "warmup": a.warmup, "blocks": (
+                    c.layers_per_stage * get_schedule(c.schedule, c.ranks, c.chunks)
+                    .stages_per_rank if a.profile_blocks == "rank" else a.profile_blocks)}
             verified.append(verify(c, a.stage, role, steps=a.verify_steps,
                                    warmup=a.verify_warmup, threads=prof.threads,
-                                   overhead=p.block.overhead))
+                                   overhead=p.block.overhead, profile=again))
         say(verify_table(verified, notes))
     if a.json:
         d = p.to_json()

@@ -11,6 +11,7 @@
 * ``--verify``: per-sample sleep blocks (``tests/plan_stages.py``) run through the runtime
   on local ranks, measured / predicted within a loose sanity band (a functional check).
 """
+import argparse
 import json
 import math
 import pathlib
@@ -420,6 +421,41 @@ def test_cli_verify_runs_the_recommendation_and_a_runner_up(capsys):
         assert v["between"] >= 0 and v["overhead"] is not None
         assert 0.5 < v["replay_ratio"] < 2.0, v
         assert v["replay_ratio"] == pytest.approx(v["measured"] / v["replayed"])
+    # the re-profile with the run: each of the 2 ranks before and after, at the
+    # candidate's micro-batch (per-sample sleeps: F = m x F_ROW per block), and the
+    # schedule priced again with the mean of those profiles
+    from tests.plan_stages import B_ROW, F_ROW, W_ROW
+    for v in vs:
+        prof = v["profiled"]
+        assert len(prof["each"]) == 4 and prof["blocks"] == 1
+        cand = next(c for c in d["candidates"] if (c["schedule"], c["ranks"], c["chunks"])
+                    == (v["schedule"], 2, v["chunks"]))
+        m, k, mean = v["micro_batch"], cand["layers_per_stage"], prof["median"]
+        assert (mean["f"], mean["b"], mean["w"]) == pytest.approx(
+            (m * F_ROW, m * B_ROW, m * W_ROW), rel=0.25), (m, prof)
+        want = simulate(get_schedule(v["schedule"], 2, v["chunks"]), planmod.charged_costs(
+            mean["f"] * k, mean["b"] * k, mean["w"] * k, None, v["overhead"],
+            cand["costs"]["latency"])).makespan
+        assert v["reprofiled"] == pytest.approx(want, rel=1e-12)
+        assert 0.5 < v["reprofile_ratio"] < 2.0 and v["profile_spread"] >= 1.0, v
+    # --no-verify-reprofile: verify(profile=None), which re-profiles nothing (next test)
+    parser = argparse.ArgumentParser()
+    planmod.add_arguments(parser)
+    assert not parser.parse_args([*SLEEP, "--no-verify-reprofile"]).verify_reprofile
+    assert parser.parse_args(SLEEP).verify_reprofile
+
+
+def test_overhead_rule_and_its_inverse():
+    """One rule for the overhead per action (F, I, W once; B and F&B twice):
+    :func:`compute_of` undoes :func:`charged_costs`, and stage_costs charges it."""
+    c = planmod.charged_costs(3.0, 5.0, 2.0, 7.0, 0.25, 0.1)
+    assert (c.f, c.b, c.w, c.pair, c.latency) == (3.25, 5.5, 2.25, 7.5, 0.1)
+    assert planmod.compute_of(c, 0.25) == {"F": 3.0, "B": 5.0, "I": 3.0, "W": 2.0, "FB": 7.0}
+    block = BlockCosts(**{**BLOCK.to_json(), "overhead": 1e-4})
+    sc = planmod.stage_costs(block, 3, block.micro_batch)
+    got = planmod.compute_of(sc, 1e-4)
+    assert (got["F"], got["B"], got["W"]) == pytest.approx((3 * block.f, 3 * block.b,
+                                                            3 * block.w), rel=1e-12)
 
 
 def test_verify_runs_one_replica_of_a_data_parallel_candidate():
@@ -435,6 +471,7 @@ def test_verify_runs_one_replica_of_a_data_parallel_candidate():
     assert "data-parallel part is not verified" in v.note
     assert 0.5 < v.ratio < 2.0, v
     assert set(v.actions) == {"F", "B"} and v.overhead is None  # 1F1B; none given
+    assert v.reprofiled is None and v.profiled is None  # verify(profile=None)
     text = planmod.breakdown(v)
     assert text.startswith("actions measured/predicted: B ") and ", F " in text, text
     assert "between actions" in text and "predicted)" not in text
