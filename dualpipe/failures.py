@@ -145,6 +145,8 @@ class StoreBoard:
     #: a record can land after the connection that reported the failure closed (gloo
     #: closes a rank's connections when its own wait times out, before it records)
     late_records = True
+    #: the record alone stops nobody: host-side waits poll it (their abort callback)
+    waits_poll_record = True
 
     def __init__(self, store, prefix: str, rank: int, world: int, host: int | None,
                  timeout: float = CALL_DEADLINE) -> None:
@@ -314,6 +316,7 @@ class ShmBoard:
     unresponsive = gone = False
     host = None
     late_records = False  # the record is written with the stop flag, or never
+    waits_poll_record = False  # the stop flag ends every wait itself
     silent_in_vote: set[int] = set()  # no votes here (see StoreBoard)
 
     def __init__(self, shm, to_pipe: list[int]) -> None:

@@ -81,6 +81,7 @@ class ShmLikeBoard(Scripted):
     the stop flag, so none can arrive later) and /proc knows who exited."""
 
     late_records = False
+    waits_poll_record = False
 
     def state(self, rank: int):
         return "exited" if rank in self._silent else "alive"

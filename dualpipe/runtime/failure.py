@@ -83,7 +83,8 @@ class FailureProtocol:
     def _abort(self):
         """The abort callback of host-side waits: the store-backed record (gloo, NCCL).
         Shared memory needs none: a failing rank's stop flag ends every wait itself."""
-        return self.failure_record if isinstance(self._board, StoreBoard) else None
+        board = self._board
+        return self.failure_record if board is not None and board.waits_poll_record else None
 
     def _step_failed(self, e: Exception, action: str, agreed: bool) -> None:
         """A step failed at ``action`` with ``e`` (the executor has dropped its own
