@@ -51,7 +51,11 @@ micro-batch repeated along dim 0 to the candidate's ``m`` rows.  The measured st
 is the median makespan (max end - min start across the ranks) of the timed steps; the
 prediction is the same cost model priced for what ran (DP = 1, a global batch of
 ``m * N``; a replica's makespan does not depend on DP, so it is the candidate's own step
-time).  The data-parallel part (DP > 1, the all-reduce) is not verified.
+time).  The data-parallel part (DP > 1, the all-reduce) is not verified.  Every rank also
+re-profiles the block at the candidate's micro-batch around its run, and the schedule is
+priced again with that profile (``--verify-reprofile``): the prediction without the
+machine's drift between the plan and the run; the profiles' spread says whether the
+machine held still enough to check a prediction at all.
 
 The communication SM budget (``--comm-sms FILE --comm-bytes BYTES``,
 :mod:`dualpipe.comm_budget`): from ``bench.overlap_gpu``'s measurement of a compute and
@@ -1478,7 +1482,9 @@ host cannot measure it), added after the pipeline, not overlapped.
 --verify (with --stage): run the recommendation and one runner-up (another schedule or P)
 through the runtime on this host, P local CPU ranks, one data-parallel replica (DP = 1,
 global batch m x N: the data-parallel part is not verified), and print measured /
-predicted step time, and where the error comes from.
+predicted step time, and where the error comes from (each action kind against its
+profile, the run replayed by the simulator, and the prediction again with the block
+re-profiled by the ranks around the run: --no-verify-reprofile skips that).
 
 --comm-sms FILE --comm-bytes BYTES: the block moves BYTES per forward + backward (e.g. its
 MoE dispatch + combine) and FILE is bench.overlap_gpu's overlap_gpu.json measured on the

@@ -575,7 +575,9 @@ class _Overlapping(nn.Module):
 def test_profile_measures_overlapped_forward_backward():
     prof = planmod.profile_stage(lambda: (_Overlapping(), torch.randn(2, 4), None),
                                  repeats=3, warmup=1)
-    assert 0.030 <= prof.costs.fb < 0.030 * 1.05 + prof.costs.f + prof.costs.b
+    # measured through overlapped_forward_backward: its 30 ms sleep plus its own work
+    # (a sleep on this VM wakes up to a few ms late; F + B alone would be ~0.1 ms)
+    assert 0.030 <= prof.costs.fb < 0.030 * 1.5 + prof.costs.f + prof.costs.b
     assert any("overlapped_forward_backward" in n for n in prof.notes)
 
 
