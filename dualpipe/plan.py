@@ -976,6 +976,9 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
     specs = [spec_of(n) for n in names]  # ValueError naming the choices for a typo
     cands: list[Candidate] = []
     measured: dict[tuple[int, int | None], BlockCosts] = {}
+    # id(block priced) -> (that block, [(comm SMs, the block at that budget)]); the block
+    # is kept so its id stays its own
+    at_budgets: dict[int, tuple[BlockCosts, list[tuple[int, BlockCosts]]]] = {}
     for spec in specs:
         for P in _divisors(D):
             DP = D // P
@@ -1019,8 +1022,12 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
                     at = measured[key]
                 if comm is None:
                     _price(c, s, at, k, m, memory_cap, param_factor, grad_sync)
-                else:
-                    _price_budgets(c, s, at, k, m, memory_cap, param_factor, grad_sync, comm)
+                else:  # the block at each budget depends only on the block priced
+                    if id(at) not in at_budgets:
+                        at_budgets[id(at)] = (at, [(pt.comm_sms, comm.costs_at(at, pt))
+                                                   for pt in comm.points])
+                    _price_budgets(c, s, at_budgets[id(at)][1], k, m, memory_cap,
+                                   param_factor, grad_sync)
     cands.sort(key=_rank_key)
     return Plan(block, D, L, G, memory_cap, float(param_factor), names, cands,
                 min_micro_batch, measured, grad_sync, comm)
@@ -1129,16 +1136,17 @@ def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int |
         c.status = FEASIBLE
 
 
-def _price_budgets(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int | None,
-                   param_factor: float, grad_sync: GradSync | None, comm: CommBudget) -> None:
-    """:func:`_price` at every measured communication SM budget; ``c`` keeps the budget
-    with the shortest step (the first, fewest comm SMs, on a tie)."""
+def _price_budgets(c: Candidate, s, budgets: list[tuple[int, BlockCosts]], k: int, m: int,
+                   memory_cap: int | None, param_factor: float,
+                   grad_sync: GradSync | None) -> None:
+    """:func:`_price` at every measured communication SM budget (``budgets``: each
+    budget's SM count and the block's costs there, :meth:`CommBudget.costs_at`); ``c``
+    keeps the budget with the shortest step (the first, fewest comm SMs, on a tie)."""
     best = None
-    for point in comm.points:
+    for comm_sms, at in budgets:
         trial = replace(c)
-        _price(trial, s, comm.costs_at(block, point), k, m, memory_cap, param_factor,
-               grad_sync)
-        trial.comm_sms = point.comm_sms
+        _price(trial, s, at, k, m, memory_cap, param_factor, grad_sync)
+        trial.comm_sms = comm_sms
         if best is None or trial.step_time < best.step_time:
             best = trial
     c.__dict__.update(best.__dict__)
