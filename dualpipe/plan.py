@@ -844,13 +844,16 @@ class Plan:
                        "(dualpipe.comm_budget)")
         if not self.measured_at:
             return out
-        sizes = sorted({m for m, _ in self.measured_at})
+        sizes = sorted({b.micro_batch for b in self.measured_at.values()})
+        scaled = any(b.micro_batch != m for (m, _), b in self.measured_at.items())
         ranks = sorted({k for _, k in self.measured_at if k is not None})
-        return [out[0], "block costs, saved activations and boundary bytes measured "
-                "at each micro-batch size priced (" + ", ".join(map(str, sizes)) + " samples)"
+        what = ("block costs, saved activations and boundary bytes measured at "
+                + ("each micro-batch size priced" if not scaled else "the example's "
+                   "micro-batch") + " (" + ", ".join(map(str, sizes)) + " samples)"
                 + ("" if not ranks else ", per block of a stage of as many blocks as one "
                    "rank of the candidate holds (" + ", ".join(map(str, ranks))
-                   + " blocks)")] + out[2:]
+                   + " blocks)"))
+        return [out[0], what] + ([out[1]] if scaled else []) + out[2:]
 
     def why_none(self) -> str:
         """Which limit to relax when nothing is feasible."""
@@ -970,6 +973,9 @@ def plan(block: BlockCosts, devices: int, layers: int, global_batch: int,
     if memory_cap is not None and memory_cap < 0:
         raise ValueError(f"--memory-cap must be >= 0 bytes, got {memory_cap}")
     _positive_int("--min-micro-batch", min_micro_batch)
+    if rank_blocks and costs_at is None:
+        raise ValueError("rank_blocks=True prices each candidate with costs_at(m, blocks): "
+                         "pass costs_at too")
     if not _is_number(param_factor) or param_factor < 0:
         raise ValueError(f"--param-factor must be >= 0, got {param_factor!r}")
     names = list(REGISTRY) if not schedules else list(dict.fromkeys(schedules))
@@ -1251,7 +1257,9 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
     durations of their compute actions by kind, and the time between consecutive
     compute actions that was not a wait on a receive (the runtime's own work between
     actions: posting, bookkeeping) with the number of such gaps (all from the runtime's
-    own timeline)."""
+    own timeline), and ``"profiled"``: with ``cfg["profile"]``, the block's per-block F,
+    B, W and F&B from :func:`profile_stage` before the first step and after the last
+    (every rank past its last step first)."""
     import torch.nn as nn
 
     from .api import Pipeline
@@ -1284,10 +1292,12 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
         # (before the first step and after the last: the machine's speed may drift
         # between the plan and the run, and during the run)
         if cfg.get("profile") is not None:
-            c = profile_stage(factory, micro_batch=cfg["micro_batch"], **cfg["profile"]).costs
+            args = dict(cfg["profile"])
+            args.setdefault("micro_batch", cfg["micro_batch"])
+            c = profile_stage(factory, **args).costs
             profiled.append({"f": c.f, "b": c.b, "w": c.w, "fb": c.fb})
-    reprofile()
     try:
+        reprofile()  # inside: a failing profile still closes the pipeline
         for i in range(cfg["warmup"] + cfg["steps"]):
             pipe.zero_grad(set_to_none=True)
             t0, t1, _ = timed(lambda: pipe.step(*inputs, num_chunks=cfg["chunks"],
@@ -1306,9 +1316,14 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
                     busy = sum(iv.end - iv.start for iv in compute)
                     between[0] += max(0.0, compute[-1].end - compute[0].start - busy - waited)
                     between[1] += len(compute) - 1
+        if cfg.get("profile") is not None:
+            # every rank is done with its last measured step before any profiles again
+            # (the barrier has the process group's timeout, run_ranks')
+            import torch.distributed as dist
+            dist.barrier()
+        reprofile()
     finally:
         pipe.close()
-    reprofile()
     return {"spans": spans, "actions": actions, "between": between, "profiled": profiled}
 
 
@@ -1356,7 +1371,9 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
     by the simulator with the measured figures (:func:`measured_costs`).
 
     ``profile`` (``{"blocks": K, "repeats": r, "warmup": w}``, :func:`profile_stage`'s
-    arguments): every rank also profiles the block at the candidate's micro-batch right
+    arguments; ``"micro_batch"`` to profile at another size and scale linearly, as a plan
+    without ``--each-micro-batch`` does): every rank also profiles the block (at the
+    candidate's micro-batch by default) right
     before its first step and after its last, and the schedule is priced again with the
     median of those profiles (``Verification.reprofiled``): the same prediction from a
     profile taken with the run instead of minutes before it, so ``measured /
@@ -1407,12 +1424,14 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
         # the median: one profile caught by a hiccup does not move it
         mid = {key: statistics.median(p[key] for p in fresh) for key in ("f", "b", "w")}
         fbs = [p["fb"] for p in fresh if p["fb"] is not None]
-        fb = statistics.median(fbs) * c.layers_per_stage if len(fbs) == len(fresh) else None
-        k = c.layers_per_stage
-        v.profiled = {"median": mid, "each": fresh, "blocks": profile.get("blocks", 1)}
+        fb = statistics.median(fbs) if len(fbs) == len(fresh) else None
+        # per stage; a profile at another micro-batch scaled linearly, as the plan did
+        per = c.layers_per_stage * c.micro_batch / profile.get("micro_batch", c.micro_batch)
+        v.profiled = {"median": mid, "each": fresh, "blocks": profile.get("blocks", 1),
+                      "micro_batch": profile.get("micro_batch", c.micro_batch)}
         v.reprofiled = simulate(get_schedule(c.schedule, c.ranks, c.chunks), charged_costs(
-            mid["f"] * k, mid["b"] * k, mid["w"] * k, fb, overhead or 0.0,
-            c.costs.latency)).makespan
+            mid["f"] * per, mid["b"] * per, mid["w"] * per, None if fb is None else fb * per,
+            overhead or 0.0, c.costs.latency)).makespan
         v.reprofile_ratio = v.measured / v.reprofiled if v.reprofiled else None
         # the same profile, seconds apart: how steady this machine is
         fs = [p["f"] + p["b"] for p in fresh]
@@ -1749,6 +1768,8 @@ def run(a: argparse.Namespace) -> int:
                 again = {"repeats": a.repeats, "warmup": a.warmup, "blocks": (
                     c.layers_per_stage * get_schedule(c.schedule, c.ranks, c.chunks)
                     .stages_per_rank if a.profile_blocks == "rank" else a.profile_blocks)}
+                if not a.each_micro_batch:  # at the example's size, scaled linearly
+                    again["micro_batch"] = p.block.micro_batch
             verified.append(verify(c, a.stage, role, steps=a.verify_steps,
                                    warmup=a.verify_warmup, threads=prof.threads,
                                    overhead=p.block.overhead, profile=again))
