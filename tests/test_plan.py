@@ -424,7 +424,8 @@ def test_cli_verify_runs_the_recommendation_and_a_runner_up(capsys):
         assert v["replay_ratio"] == pytest.approx(v["measured"] / v["replayed"])
     # the re-profile with the run: each of the 2 ranks before and after, at the
     # candidate's micro-batch (per-sample sleeps: F = m x F_ROW per block), and the
-    # schedule priced again with the median of those profiles
+    # schedule priced again with the median of those profiles (the scaling and the
+    # note: test_verify_reprofile_prices_the_median_..., with scripted ranks)
     from tests.plan_stages import B_ROW, F_ROW, W_ROW
     for v in vs:
         prof = v["profiled"]
@@ -432,8 +433,10 @@ def test_cli_verify_runs_the_recommendation_and_a_runner_up(capsys):
         cand = next(c for c in d["candidates"] if (c["schedule"], c["ranks"], c["chunks"])
                     == (v["schedule"], 2, v["chunks"]))
         m, k, mean = v["micro_batch"], cand["layers_per_stage"], prof["median"]
-        assert (mean["f"], mean["b"], mean["w"]) == pytest.approx(
-            (m * F_ROW, m * B_ROW, m * W_ROW), rel=0.25), (m, prof)
+        # loose, like the actions above: in the ranks (2 processes and gloo's threads on
+        # 2 cores) the sleeps wake up late (seen: W 1.6x its nominal in a full-suite run)
+        for key, nominal in (("f", F_ROW), ("b", B_ROW), ("w", W_ROW)):
+            assert 0.7 < mean[key] / (m * nominal) < 2.0, (key, m, prof)
         want = simulate(get_schedule(v["schedule"], 2, v["chunks"]), planmod.charged_costs(
             mean["f"] * k, mean["b"] * k, mean["w"] * k, None, v["overhead"],
             cand["costs"]["latency"])).makespan
