@@ -298,10 +298,12 @@ def all_reduce_grads(pipe: PipelineRuntime, group: dist.ProcessGroup, *,
     for ps in by_dtype.values():
         flat = torch.cat([p.grad.reshape(-1) for p in ps])
         dist.all_reduce(flat, group=group)
-        if average:
-            flat.div_(n)
         off = 0
         for p in ps:
             k = p.numel()
-            p.grad.copy_(flat[off: off + k].view_as(p))
+            part = flat[off: off + k].view_as(p)
+            if average:  # averaged on the way back: one pass over the bytes, not two
+                torch.div(part, n, out=p.grad)
+            else:
+                p.grad.copy_(part)
             off += k
