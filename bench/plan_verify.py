@@ -15,8 +15,10 @@ the MLP block as a stage of as many blocks as one rank of the candidate holds, o
 smallest stage the setting prices),
 measures transfer latency, bandwidth and its own overhead per action on 2 local gloo
 ranks, ranks the candidates, then runs the recommendation and a runner-up through the
-runtime (``--verify``: one data-parallel replica) and reports measured / predicted step
-time.  Target (issue 14): within 5 %.  Where an error comes from: each action kind's
+runtime (``--verify``: a candidate's data-parallel replicas too, when P x DP ranks fit
+``--verify-max-ranks``) and reports measured / predicted step time, and the gradient
+synchronisation after the step (the all-reduce over the replicas, DualPipe's exchange)
+measured / predicted at this host's all-reduce figures.  Target (issue 14): within 5 %.  Where an error comes from: each action kind's
 measured mean over its profiled compute, the runtime's time between actions against the
 overhead the plan charged, and the schedule replayed by the simulator with the measured
 figures (``measured/replayed`` is the model's own error; ``replayed/predicted`` the
@@ -104,7 +106,7 @@ def run_setting(model: str, args: list[str], steps: int, warmup: int,
 HEADERS = ["model", "plan arguments", "verified", "candidate", "predicted ms", "measured ms",
            "measured/predicted", "action measured/profiled", "between actions ms",
            "replayed ms", "measured/replayed", "re-profiled ms", "measured/re-profiled",
-           "re-profile spread", "note"]
+           "re-profile spread", "grad sync ms meas./pred.", "note"]
 
 
 def _actions(v: dict) -> str:
@@ -120,12 +122,25 @@ def _between(v: dict) -> str:
     return f"{v['between'] * 1e3:.2f}" + ("" if o is None else f" (pred. {o * 1e3:.2f})")
 
 
+def _sync(v: dict) -> str:
+    """The gradient synchronisation after the step, measured / predicted ms."""
+    if v.get("sync_measured") is None:
+        return "-"
+    pred = v.get("sync_predicted")
+    text = f"{v['sync_measured'] * 1e3:.2f} / " + ("-" if pred is None else f"{pred * 1e3:.2f}")
+    if v.get("in_all_reduce") is not None:
+        ar = v.get("all_reduce_predicted")
+        text += (f" (DP={v['replicas']}; inside the all-reduces {v['in_all_reduce'] * 1e3:.2f}"
+                 f" / " + ("-" if ar is None else f"{ar * 1e3:.2f}") + ")")
+    return text
+
+
 def rows_of(runs: list[dict]) -> list[list[str]]:
     rows = []
     for r in runs:
         setting = " ".join(r["args"])
         if "error" in r:
-            rows.append([r["model"], setting, "-", "error"] + ["-"] * 10 + [r["error"]])
+            rows.append([r["model"], setting, "-", "error"] + ["-"] * 11 + [r["error"]])
             continue
         for v in r["verify"]:
             rows.append([r["model"], setting, v["role"],
@@ -138,7 +153,7 @@ def rows_of(runs: list[dict]) -> list[list[str]]:
                          "-" if not v.get("reprofiled") else f"{v['reprofiled'] * 1e3:.1f}",
                          "-" if not v.get("reprofile_ratio") else f"{v['reprofile_ratio']:.3f}",
                          "-" if not v.get("profile_spread") else f"{v['profile_spread']:.2f}",
-                         v.get("note") or ""])
+                         _sync(v), v.get("note") or ""])
             setting = ""
     return rows
 
@@ -161,6 +176,17 @@ def summary(runs: list[dict]) -> str:
                  f"{sum(abs(x - 1) <= 0.05 for x in again)} of {len(again)} within 5 % "
                  f"({min(again):.3f}-{max(again):.3f}); those profiles of one block, seconds "
                  f"apart, differed by {min(spreads):.2f}-{max(spreads):.2f}x (F + B, max/min).")
+    syncs = [v for v in vs if v.get("sync_ratio")]
+    if syncs:
+        dp = [v for v in syncs if v.get("replicas", 1) > 1]
+        rs = [v["sync_ratio"] for v in syncs]
+        text += (f" Gradient synchronisation after the step ({len(dp)} run(s) with "
+                 f"data-parallel replicas, {len(syncs) - len(dp)} DualPipe exchange(s) "
+                 f"alone): measured/predicted {min(rs):.2f}-{max(rs):.2f}")
+        ars = [v["all_reduce_ratio"] for v in dp if v.get("all_reduce_ratio")]
+        text += ((f"; the time inside the all-reduces alone {min(ars):.2f}-{max(ars):.2f} "
+                  "(the rest: packing the gradients into one buffer and back).") if ars
+                 else ".")
     return text
 
 
@@ -178,7 +204,14 @@ def report(runs: list[dict], machine: dict) -> str:
              "*replayed/predicted* the profile's; *re-profiled* the same prediction with "
              "the block profiled again by every rank right before and after its run "
              "(`--verify-reprofile`), *re-profile spread* the max/min of F + B over those "
-             "profiles: how much this machine's speed moved within the run.", ""]
+             "profiles: how much this machine's speed moved within the run; *grad sync* "
+             "the gradient synchronisation after each step (median over the steps, from "
+             "the last rank's end of `step()` to the last rank's end of the "
+             "synchronisation) against `grad_sync_time` with the all-reduce at this "
+             "host's latency and bandwidth, fitted to two sizes timed over the replicas "
+             "in the run; *inside the all-reduces* the part of it the last rank to finish "
+             "`step()` spent in `torch.distributed.all_reduce`, against the model's "
+             "all-reduce alone.", ""]
     for r in runs:
         if "error" in r:
             continue

@@ -30,7 +30,8 @@ What is modelled, and what is not:
   after it is modelled only when asked (:class:`GradSync`, ``--grad-sync-bandwidth``):
   then a ring all-reduce over the ``DP`` replicas of the gradients of the distinct stages
   a rank holds (``2 (DP - 1) / DP`` of their bytes over the given bandwidth, plus ``2 (DP
-  - 1)`` latencies) and, for a schedule with duplicated stages (DualPipe), the exchange of
+  - 1)`` latencies, and as many again for the small all-reduce of which parameters have
+  a gradient) and, for a schedule with duplicated stages (DualPipe), the exchange of
   one stage's gradients with the partner rank (``reduce_dualpipe_grads``, at the pipeline's
   transfer latency and bandwidth) are added, **not overlapped** with the pipeline (an
   upper bound).  The optimizer step is never modelled;
@@ -43,15 +44,19 @@ What is modelled, and what is not:
 
 Checking a prediction (``--verify``, :func:`verify`, with ``--stage`` only): the
 recommendation and one runner-up (:func:`verify_candidates`) run through the real runtime
-on this host -- ``P`` local gloo ranks on CPU (:func:`dualpipe.launch.run_ranks`, the
-profile's torch thread count each), **one** data-parallel replica, stage modules of
+on this host -- ``P`` local gloo ranks on CPU per replica (:func:`dualpipe.launch.run_ranks`,
+the profile's torch thread count each), the candidate's ``DP`` replicas when ``P x DP``
+ranks fit ``--verify-max-ranks`` (else one, said in a note), stage modules of
 ``k`` fresh blocks from the factory, ``split_linear_weight_grads=True`` (W deferred as
 the profile measured it), ``transport="group"``; each micro-batch is the example
 micro-batch repeated along dim 0 to the candidate's ``m`` rows.  The measured step time
-is the median makespan (max end - min start across the ranks) of the timed steps; the
-prediction is the same cost model priced for what ran (DP = 1, a global batch of
-``m * N``; a replica's makespan does not depend on DP, so it is the candidate's own step
-time).  The data-parallel part (DP > 1, the all-reduce) is not verified.  Every rank also
+is the median makespan of ``step()`` (max end - min start across the ranks) of the timed
+steps, against the candidate's simulated pipeline makespan.  After each step the ranks
+synchronise the gradients as training does (``reduce_dualpipe_grads``, then
+``all_reduce_grads`` over the replicas), timed apart and checked against
+:func:`grad_sync_time` with this host's all-reduce latency and bandwidth, fitted to two
+sizes timed over the replicas in the run (the ``--grad-sync-*`` figures describe the
+cluster, which this host cannot measure; what is checked is the model).  Every rank also
 re-profiles the block at the candidate's micro-batch around its run, and the schedule is
 priced again with that profile (``--verify-reprofile``): the prediction without the
 machine's drift between the plan and the run; the profiles' spread says whether the
@@ -1101,22 +1106,44 @@ class GradSync:
                              f"got {self.latency!r}")
 
 
-def grad_sync_time(sync: GradSync, block: BlockCosts, s, k: int, dp: int) -> float:
+def grad_sync_time(sync: GradSync | None, block: BlockCosts, s, k: int, dp: int) -> float:
     """Seconds of gradient synchronisation after one step of schedule ``s`` with ``k``
-    blocks per stage on ``dp`` replicas: for a schedule with duplicated stages
-    (DualPipe), one exchange of a stage's gradients with the partner rank at the
-    pipeline's transfer cost (``reduce_dualpipe_grads``); then, for ``dp > 1``, a ring
-    all-reduce of the gradients of the distinct stages the rank holds:
-    ``2 (dp - 1) / dp * bytes / sync.bandwidth + 2 (dp - 1) * sync.latency``."""
+    blocks per stage on ``dp`` replicas, as :mod:`dualpipe.training` runs it: for a
+    schedule with duplicated stages (DualPipe), one exchange of a stage's gradients with
+    the partner rank at the pipeline's transfer cost (``reduce_dualpipe_grads``); then,
+    for ``dp > 1``, ``all_reduce_grads``: a ring all-reduce of the gradients of the
+    distinct stages the rank holds, ``2 (dp - 1) / dp * bytes / sync.bandwidth + 2 (dp -
+    1) * sync.latency``, after a small all-reduce of which parameters have a gradient
+    (``2 (dp - 1) * sync.latency``).  ``sync`` may be ``None`` only for ``dp = 1``."""
     stage_bytes = block.param_bytes * k
     distinct = s.stages_per_rank // 2 if s.duplicated_stages else s.stages_per_rank
     t = 0.0
     if s.duplicated_stages:
         t += block.latency + stage_bytes / block.bandwidth
     if dp > 1:
+        if sync is None:
+            raise ValueError(f"the gradient all-reduce over DP={dp} replicas needs its "
+                             "network's figures (GradSync, --grad-sync-bandwidth)")
         t += (2 * (dp - 1) / dp * stage_bytes * distinct / sync.bandwidth
-              + 2 * (dp - 1) * sync.latency)
+              + 2 * 2 * (dp - 1) * sync.latency)
     return t
+
+
+def fit_all_reduce(dp: int, sizes: tuple[int, int], seconds: tuple[float, float]) -> GradSync:
+    """The ring model of :func:`grad_sync_time` fitted to two measured all-reduces over
+    ``dp`` ranks: ``seconds[i]`` for ``sizes[i]`` bytes (the first small: latency-bound).
+    ``t(n) = 2 (dp - 1) latency + 2 (dp - 1) / dp * n / bandwidth``; a non-positive
+    slope (noise) gives an infinite bandwidth."""
+    if dp < 2:
+        raise ValueError(f"an all-reduce needs dp >= 2 ranks, got {dp}")
+    (n0, n1), (t0, t1) = sizes, seconds
+    if not n1 > n0 >= 0:
+        raise ValueError(f"want two sizes, small first, got {sizes}")
+    hops = 2 * (dp - 1)
+    slope = (t1 - t0) / (n1 - n0)
+    bandwidth = (hops / dp) / slope if slope > 0 else math.inf
+    latency = max(0.0, t0 - (hops / dp) * n0 / bandwidth) / hops
+    return GradSync(bandwidth, latency)
 
 
 def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int | None,
@@ -1199,6 +1226,32 @@ class Verification:
     reprofile_ratio: float | None = None
     #: max / min of F + B over those profiles (1.0: the machine's speed held still)
     profile_spread: float | None = None
+    #: the data-parallel replicas that ran (the candidate's DP, or 1: ``note`` says why)
+    replicas: int = 1
+    #: the gradient synchronisation after each step (DualPipe's exchange, the all-reduce
+    #: over the replicas), when there is one: ``sync_times`` per measured step (the last
+    #: rank's end of it less the last rank's end of ``step()``), their median, the
+    #: prediction (:func:`grad_sync_time`, the all-reduce at this host's figures:
+    #: ``all_reduce``) and ``sync_ratio``; ``with_sync_*``: the whole step, ``step()``
+    #: and the synchronisation, measured against ``predicted + sync_predicted``
+    sync_times: list[float] = field(default_factory=list)
+    sync_measured: float | None = None
+    sync_predicted: float | None = None
+    sync_ratio: float | None = None
+    #: of ``sync_measured``: the seconds the last rank to finish ``step()`` spent inside
+    #: the all-reduces (median over the steps; that rank waits for no other replica),
+    #: against the model's all-reduce alone (``sync_predicted`` less DualPipe's
+    #: exchange); the rest is packing the gradients into one buffer and back
+    #: (``all_reduce_grads``) and the exchange
+    in_all_reduce: float | None = None
+    all_reduce_predicted: float | None = None
+    all_reduce_ratio: float | None = None
+    with_sync_measured: float | None = None
+    with_sync_predicted: float | None = None
+    with_sync_ratio: float | None = None
+    #: this host's all-reduce over the replicas, fitted to two sizes timed in the run
+    #: (:func:`fit_all_reduce`): ``{"latency", "bandwidth", "sizes", "seconds"}``
+    all_reduce: dict | None = None
 
     def to_json(self) -> dict:
         c = self.candidate
@@ -1248,33 +1301,81 @@ def _repeat_rows(t, rows: int):
     return t.repeat(reps, *([1] * (t.dim() - 1)))[:rows]
 
 
+#: the two all-reduce sizes (bytes) a data-parallel verification fits this host's
+#: all-reduce with (:func:`fit_all_reduce`): latency-bound, then bandwidth-bound
+ALL_REDUCE_SIZES = (4, 4 << 20)
+
+
+#: seconds every rank pauses before each timed all-reduce of the calibration: the
+#: synchronisation after a step follows compute, not another collective, and on this
+#: VM a small gloo all-reduce right after another took 80-250 us, after a 50 ms pause
+#: 350-500 us
+ALL_REDUCE_PAUSE = 0.02
+
+
+def _time_all_reduce(group, nbytes: int, repeats: int,
+                     pause: float = ALL_REDUCE_PAUSE) -> float:
+    """Median seconds of one all-reduce of ``nbytes`` (float32) over ``group``, each
+    after a barrier of the group and a pause of ``pause`` seconds."""
+    import torch
+    import torch.distributed as dist
+    buf = torch.zeros(max(1, nbytes // 4))
+    times = []
+    for _ in range(repeats):
+        dist.barrier(group=group)
+        time.sleep(pause)
+        t0 = time.perf_counter()
+        dist.all_reduce(buf, group=group)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
-    """One rank of a :func:`verify` run: its stage modules (``nn.Sequential`` of ``k``
-    fresh blocks from the factory each), its share of the batch (the example micro-batch
-    repeated to ``micro_batch`` rows per micro-batch), then ``warmup + steps`` training
-    steps; returns, from the measured steps, ``{"spans": [(start, end)], "actions":
-    {"F": [s, ...], "I": ..., ...}, "between": [s, gaps]}``: the steps' times, the
-    durations of their compute actions by kind, and the time between consecutive
-    compute actions that was not a wait on a receive (the runtime's own work between
-    actions: posting, bookkeeping) with the number of such gaps (all from the runtime's
-    own timeline), and ``"profiled"``: with ``cfg["profile"]``, the block's per-block F,
-    B, W and F&B from :func:`profile_stage` before the first step and after the last
-    (every rank past its last step first)."""
+    """One rank of a :func:`verify` run: ``world = P * cfg["replicas"]`` ranks, replica
+    ``d`` on ranks ``d*P .. d*P + P-1``, each replica one pipeline group.  The rank's
+    stage modules (``nn.Sequential`` of ``k`` fresh blocks from the factory each), its
+    share of the batch (the example micro-batch repeated to ``micro_batch`` rows per
+    micro-batch), then ``warmup + steps`` training steps, each followed by the gradient
+    synchronisation a training step runs (:func:`dualpipe.training.reduce_dualpipe_grads`,
+    then :func:`~dualpipe.training.all_reduce_grads` over the replicas when there are
+    several; ``cfg["sync"]``).  Returns, from the measured steps, ``{"spans": [(start,
+    end)], "sync_ends": [end], "actions": {"F": [s, ...], "I": ..., ...}, "between": [s,
+    gaps]}``: the steps' times (``step()`` alone), when the synchronisation after each
+    ended and how long of it this rank spent inside all-reduces (``"sync_all_reduce"``),
+    the durations of their compute actions by kind, and the time between
+    consecutive compute actions that was not a wait on a receive (the runtime's own work
+    between actions: posting, bookkeeping) with the number of such gaps (all from the
+    runtime's own timeline); ``"all_reduce"``: with several replicas, this host's
+    all-reduce timed over them before the first step (median seconds at each of
+    :data:`ALL_REDUCE_SIZES`); and ``"profiled"``: with ``cfg["profile"]``, the block's
+    per-block F, B, W and F&B from :func:`profile_stage` before the first step and
+    after the last (every rank past its last step first)."""
+    import torch.distributed as dist
     import torch.nn as nn
 
     from .api import Pipeline
     from .launch import timed
+    from .training import all_reduce_grads, reduce_dualpipe_grads
     factory = cfg["stage"]
     if isinstance(factory, str):
         factory = load_stage_factory(factory)
-    s = get_schedule(cfg["schedule"], world, cfg["chunks"])
+    replicas = cfg.get("replicas", 1)
+    P = world // replicas
+    group, dp_group = None, None
+    if replicas > 1:  # every rank creates every group, in the same order
+        pipes = [dist.new_group([d * P + r for r in range(P)]) for d in range(replicas)]
+        dps = [dist.new_group([d * P + r for d in range(replicas)]) for r in range(P)]
+        group, dp_group = pipes[rank // P], dps[rank % P]
+        rank = rank % P  # the pipeline rank
+    s = get_schedule(cfg["schedule"], P, cfg["chunks"])
     mods = []
     for _ in s.placement[rank]:
         made = [_call_factory(factory) for _ in range(cfg["k"])]
         mods.append(nn.Sequential(*[blk for blk, _x, _c in made]))
     _blk, example, criterion = made[-1]
-    pipe = Pipeline(mods, schedule=cfg["schedule"], split_linear_weight_grads=True,
-                    transport="group", timeout=min(300.0, cfg["timeout"]))
+    pipe = Pipeline(mods, process_group=group, schedule=cfg["schedule"],
+                    split_linear_weight_grads=True, transport="group",
+                    timeout=min(300.0, cfg["timeout"]))
     ins = s.input_microbatches(rank)
     inputs = () if ins is None else tuple(
         _repeat_rows(_repeat_rows(t, cfg["micro_batch"]), cfg["micro_batch"] * len(ins))
@@ -1283,9 +1384,12 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
     def loss(*outs):
         return _loss(outs[0] if len(outs) == 1 else outs, criterion)
     spans: list[tuple[float, float]] = []
+    sync_ends: list[float] = []
+    sync_all_reduce: list[float] = []
     actions: dict[str, list[float]] = {}
     between = [0.0, 0]
     profiled: list[dict] = []
+    all_reduce: list[float] = []
 
     def reprofile():
         # the planner's own profile of the block, at this micro-batch, in this rank, now
@@ -1296,14 +1400,41 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
             args.setdefault("micro_batch", cfg["micro_batch"])
             c = profile_stage(factory, **args).costs
             profiled.append({"f": c.f, "b": c.b, "w": c.w, "fb": c.fb})
+
+    def sync() -> float:
+        # the seconds spent inside the all-reduces: torch.distributed.all_reduce timed
+        # for the call's duration (this spawned rank's own module object)
+        spent = [0.0]
+        real = dist.all_reduce
+
+        def timed_all_reduce(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return real(*args, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t
+        dist.all_reduce = timed_all_reduce
+        try:
+            reduce_dualpipe_grads(pipe)  # a no-op without duplicated stages
+            if dp_group is not None:
+                all_reduce_grads(pipe, dp_group)
+        finally:
+            dist.all_reduce = real
+        return spent[0]
     try:
         reprofile()  # inside: a failing profile still closes the pipeline
+        if dp_group is not None:
+            all_reduce = [_time_all_reduce(dp_group, n, 7) for n in ALL_REDUCE_SIZES]
         for i in range(cfg["warmup"] + cfg["steps"]):
             pipe.zero_grad(set_to_none=True)
             t0, t1, _ = timed(lambda: pipe.step(*inputs, num_chunks=cfg["chunks"],
                                                 criterion=loss))
+            in_all_reduce = sync() if cfg.get("sync") else 0.0
+            t2 = time.perf_counter()
             if i >= cfg["warmup"]:
                 spans.append((t0, t1))
+                sync_ends.append(t2)
+                sync_all_reduce.append(in_all_reduce)
                 compute = []
                 waited = 0.0
                 for iv in pipe.timeline:
@@ -1319,12 +1450,13 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
         if cfg.get("profile") is not None:
             # every rank is done with its last measured step before any profiles again
             # (the barrier has the process group's timeout, run_ranks')
-            import torch.distributed as dist
             dist.barrier()
         reprofile()
     finally:
         pipe.close()
-    return {"spans": spans, "actions": actions, "between": between, "profiled": profiled}
+    return {"spans": spans, "sync_ends": sync_ends, "sync_all_reduce": sync_all_reduce,
+            "actions": actions, "between": between, "profiled": profiled,
+            "all_reduce": all_reduce}
 
 
 def measured_costs(predicted: Costs, actions: dict[str, list[float]],
@@ -1355,15 +1487,27 @@ STEADY = 0.05
 def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidate",
            steps: int = 5, warmup: int = 2, threads: int = 1,
            timeout: float = 600.0, overhead: float | None = None,
-           profile: dict | None = None) -> Verification:
+           profile: dict | None = None, replicas: int | None = None,
+           block: BlockCosts | None = None) -> Verification:
     """Run candidate ``c`` of a plan through the runtime on this machine: ``c.ranks``
-    local gloo ranks (:func:`dualpipe.launch.run_ranks`, ``threads`` torch threads each),
-    one data-parallel replica, the stages built from ``stage`` (a ``module:function``
+    local gloo ranks per replica (:func:`dualpipe.launch.run_ranks`, ``threads`` torch
+    threads each), ``replicas`` data-parallel replicas (default the candidate's DP; 1
+    runs one and says so), the stages built from ``stage`` (a ``module:function``
     reference or a module-level function, importable by the spawned ranks),
-    ``split_linear_weight_grads=True`` and ``transport="group"``.  The prediction is the
-    same cost model priced for what runs: DP = 1 and a global batch of
-    ``micro_batch * N`` (the candidate's own step time: a replica's makespan does not
-    depend on DP).
+    ``split_linear_weight_grads=True`` and ``transport="group"``.  ``measured`` /
+    ``predicted`` is the pipeline: ``step()``'s makespan against the simulated makespan
+    of one replica (the same micro-batch size and count: the candidate's own
+    ``pipeline_time``).
+
+    After every step the ranks synchronise the gradients as a training step does
+    (DualPipe's exchange of its duplicated stages; the all-reduce over the replicas),
+    timed apart from ``step()`` (``Verification.sync_*``) and predicted with
+    :func:`grad_sync_time` from ``block`` (the plan's block: parameter bytes, transfer
+    latency and bandwidth; ``None``: not predicted), the all-reduce at this host's
+    latency and bandwidth fitted to two sizes timed over the replicas before the first
+    step (:func:`fit_all_reduce`, :data:`ALL_REDUCE_SIZES`): the data-parallel part of
+    the model checked against this host's network (the plan's ``--grad-sync-*`` figures
+    are the cluster's, which this host cannot measure).
 
     Where an error comes from (:func:`breakdown`): each action kind's measured mean
     against its predicted cost, the runtime's measured time between actions against
@@ -1383,26 +1527,63 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
     if not c.priced:
         raise ValueError(f"{c.label()} was not priced: {c.reason}")
     _positive_int("--verify-steps", steps)
+    replicas = c.dp if replicas is None else _positive_int("replicas", replicas)
+    if replicas not in (1, c.dp):
+        raise ValueError(f"replicas must be 1 or the candidate's DP={c.dp}, got {replicas}")
     g_run = c.micro_batch * c.chunks
+    s = get_schedule(c.schedule, c.ranks, c.chunks)
     # the same micro-batch size and count: one replica's makespan, the candidate's own
-    v = Verification(role, c, predicted=c.pipeline_time, global_batch_run=g_run,
-                     threads=threads)
+    v = Verification(role, c, predicted=c.pipeline_time, global_batch_run=g_run * replicas,
+                     threads=threads, replicas=replicas)
     said = []
-    if c.dp > 1:
+    if replicas < c.dp:
         said.append(f"ran DP=1 (one replica of the candidate's {c.dp}), global batch {g_run} "
                     f"= {c.micro_batch} x {c.chunks}: the data-parallel part is not verified")
+    world = c.ranks * replicas
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cores and c.ranks * threads > cores:
-        said.append(f"{c.ranks} ranks x {threads} thread(s) on {cores} core(s): the ranks "
+    if cores and world * threads > cores:
+        said.append(f"{world} ranks x {threads} thread(s) on {cores} core(s): the ranks "
                     "compete for cores, which the profile (one process) did not")
     v.note = "; ".join(said) or None
+    sync = replicas > 1 or s.duplicated_stages
     cfg = {"stage": stage, "schedule": c.schedule, "chunks": c.chunks, "k": c.layers_per_stage,
            "micro_batch": c.micro_batch, "warmup": warmup, "steps": steps,
-           "timeout": timeout, "profile": profile}
-    per_rank = run_ranks(_verify_rank, c.ranks, cfg, timeout=timeout, threads=threads)
+           "timeout": timeout, "profile": profile, "replicas": replicas, "sync": sync}
+    per_rank = run_ranks(_verify_rank, world, cfg, timeout=timeout, threads=threads)
     v.step_times = makespans([r["spans"] for r in per_rank])
     v.measured = statistics.median(v.step_times)
     v.ratio = v.measured / v.predicted if v.predicted else None
+    if sync:
+        n = len(v.step_times)
+        v.sync_times = [max(r["sync_ends"][i] for r in per_rank)
+                        - max(r["spans"][i][1] for r in per_rank) for i in range(n)]
+        v.sync_measured = statistics.median(v.sync_times)
+        whole = [max(r["sync_ends"][i] for r in per_rank)
+                 - min(r["spans"][i][0] for r in per_rank) for i in range(n)]
+        v.with_sync_measured = statistics.median(whole)
+        last = [max(range(len(per_rank)), key=lambda j: per_rank[j]["spans"][i][1])
+                for i in range(n)]
+        v.in_all_reduce = (statistics.median(per_rank[j]["sync_all_reduce"][i]
+                                             for i, j in enumerate(last))
+                           if replicas > 1 else None)
+        host = None
+        if replicas > 1:
+            secs = tuple(statistics.median(r["all_reduce"][j] for r in per_rank)
+                         for j in range(len(ALL_REDUCE_SIZES)))
+            host = fit_all_reduce(replicas, ALL_REDUCE_SIZES, secs)
+            v.all_reduce = {"latency": host.latency, "bandwidth": host.bandwidth,
+                            "sizes": list(ALL_REDUCE_SIZES), "seconds": list(secs)}
+        if block is not None:
+            v.sync_predicted = grad_sync_time(host, block, s, c.layers_per_stage, replicas)
+            v.sync_ratio = v.sync_measured / v.sync_predicted if v.sync_predicted else None
+            if replicas > 1:
+                v.all_reduce_predicted = v.sync_predicted - grad_sync_time(
+                    None, block, s, c.layers_per_stage, 1)
+                v.all_reduce_ratio = (v.in_all_reduce / v.all_reduce_predicted
+                                      if v.all_reduce_predicted else None)
+            v.with_sync_predicted = v.predicted + v.sync_predicted
+            v.with_sync_ratio = (v.with_sync_measured / v.with_sync_predicted
+                                 if v.with_sync_predicted else None)
     actions: dict[str, list[float]] = {}
     for r in per_rank:
         for k, durations in r["actions"].items():
@@ -1416,8 +1597,7 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
         v.actions = {k: {"measured": statistics.fmean(d), "median": statistics.median(d),
                          "predicted": want[k],
                          "count": len(d)} for k, d in sorted(actions.items()) if k in want}
-        v.replayed = simulate(get_schedule(c.schedule, c.ranks, c.chunks),
-                              measured_costs(c.costs, actions, v.between)).makespan
+        v.replayed = simulate(s, measured_costs(c.costs, actions, v.between)).makespan
         v.replay_ratio = v.measured / v.replayed if v.replayed else None
     fresh = [p for r in per_rank for p in r.get("profiled", [])]
     if fresh and c.costs is not None:
@@ -1429,7 +1609,7 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
         per = c.layers_per_stage * c.micro_batch / profile.get("micro_batch", c.micro_batch)
         v.profiled = {"median": mid, "each": fresh, "blocks": profile.get("blocks", 1),
                       "micro_batch": profile.get("micro_batch", c.micro_batch)}
-        v.reprofiled = simulate(get_schedule(c.schedule, c.ranks, c.chunks), charged_costs(
+        v.reprofiled = simulate(s, charged_costs(
             mid["f"] * per, mid["b"] * per, mid["w"] * per, None if fb is None else fb * per,
             overhead or 0.0, c.costs.latency)).makespan
         v.reprofile_ratio = v.measured / v.reprofiled if v.reprofiled else None
@@ -1467,6 +1647,40 @@ def breakdown(v: Verification) -> str:
     return text
 
 
+def sync_line(v: Verification) -> str:
+    """A verification's gradient synchronisation in one line: measured against
+    predicted, this host's fitted all-reduce, and the whole step with it."""
+    what = []
+    if get_schedule(v.candidate.schedule, v.candidate.ranks,
+                    v.candidate.chunks).duplicated_stages:
+        what.append("DualPipe's exchange")
+    if v.replicas > 1:
+        what.append(f"the all-reduce over DP={v.replicas} replicas")
+    text = (f"gradient synchronisation after step() ({' + '.join(what)}): measured "
+            f"{v.sync_measured * 1e3:.3f} ms")
+    if v.sync_predicted is not None:
+        text += (f", predicted {v.sync_predicted * 1e3:.3f} ms"
+                 + ("" if v.sync_ratio is None else f" (measured/predicted {v.sync_ratio:.3f})"))
+    if v.in_all_reduce is not None:
+        text += f", of which {v.in_all_reduce * 1e3:.3f} ms inside the all-reduces"
+        if v.all_reduce_predicted is not None:
+            text += (f" (predicted {v.all_reduce_predicted * 1e3:.3f} ms"
+                     + ("" if v.all_reduce_ratio is None else
+                        f", measured/predicted {v.all_reduce_ratio:.3f}") + ")")
+        text += " and the rest packing the gradients" + (
+            " and DualPipe's exchange" if len(what) > 1 else "")
+    if v.all_reduce is not None:
+        a = v.all_reduce
+        text += (f"; this host's all-reduce: {a['latency'] * 1e6:.1f} us per hop, "
+                 f"{a['bandwidth'] / 1e6:.0f} MB/s (fitted at {format_bytes(a['sizes'][0])} "
+                 f"and {format_bytes(a['sizes'][1])})")
+    if v.with_sync_predicted is not None:
+        text += (f"; step() + synchronisation {v.with_sync_measured * 1e3:.3f} ms measured, "
+                 f"{v.with_sync_predicted * 1e3:.3f} ms predicted (measured/predicted "
+                 f"{v.with_sync_ratio:.3f})")
+    return text
+
+
 def verify_table(vs: list[Verification], notes: list[str]) -> str:
     again = any(v.reprofiled for v in vs)
     rows = [("verified", "candidate", "status", "predicted ms", "measured ms",
@@ -1483,6 +1697,7 @@ def verify_table(vs: list[Verification], notes: list[str]) -> str:
                        for i, (x, w) in enumerate(zip(r, widths))) for r in rows]
     lines += [f"  note: {v.role}: {v.note}" for v in vs if v.note]
     lines += [f"  {v.role}: {breakdown(v)}" for v in vs if v.actions]
+    lines += [f"  {v.role}: {sync_line(v)}" for v in vs if v.sync_measured is not None]
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -1507,11 +1722,14 @@ DualPipe's copy exchange) only with --grad-sync-bandwidth (the replicas' network
 host cannot measure it), added after the pipeline, not overlapped.
 
 --verify (with --stage): run the recommendation and one runner-up (another schedule or P)
-through the runtime on this host, P local CPU ranks, one data-parallel replica (DP = 1,
-global batch m x N: the data-parallel part is not verified), and print measured /
-predicted step time, and where the error comes from (each action kind against its
-profile, the run replayed by the simulator, and the prediction again with the block
-re-profiled by the ranks around the run: --no-verify-reprofile skips that).
+through the runtime on this host, P local CPU ranks per replica and the candidate's DP
+replicas when P x DP ranks fit --verify-max-ranks (--no-verify-dp: one replica), and
+print measured / predicted step time, and where the error comes from (each action kind
+against its profile, the run replayed by the simulator, and the prediction again with
+the block re-profiled by the ranks around the run: --no-verify-reprofile skips that);
+the gradient synchronisation after each step (the all-reduce over the replicas,
+DualPipe's exchange) is timed and checked against the model at this host's all-reduce
+latency and bandwidth, measured in the run.
 
 --comm-sms FILE --comm-bytes BYTES: the block moves BYTES per forward + backward (e.g. its
 MoE dispatch + combine) and FILE is bench.overlap_gpu's overlap_gpu.json measured on the
@@ -1626,14 +1844,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "needs matplotlib, the [draw] extra)")
     p.add_argument("--verify", action="store_true",
                    help="with --stage: run the recommendation and a runner-up through the "
-                        "runtime here (P local CPU ranks, one data-parallel replica) and "
-                        "report measured / predicted step time")
+                        "runtime here (P local CPU ranks per replica, DP replicas: "
+                        "--verify-dp) and report measured / predicted step time and "
+                        "gradient synchronisation")
     p.add_argument("--verify-steps", type=int, default=5, metavar="STEPS",
                    help="measured steps per verified candidate (median; default 5)")
     p.add_argument("--verify-warmup", type=int, default=2, metavar="STEPS",
                    help="untimed steps first (default 2)")
     p.add_argument("--verify-max-ranks", type=int, default=4, metavar="P",
-                   help="skip candidates on more pipeline ranks (default 4)")
+                   help="skip candidates on more pipeline ranks (default 4); a "
+                        "candidate's data-parallel replicas run when P x DP ranks fit")
+    p.add_argument("--verify-dp", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --verify: run a candidate's DP replicas too (P x DP local "
+                        "ranks, when at most --verify-max-ranks; else one replica, said in "
+                        "a note) and check the gradient synchronisation after each step "
+                        "(the all-reduce at this host's measured figures; default: on)")
     p.add_argument("--verify-reprofile", action=argparse.BooleanOptionalAction, default=True,
                    help="with --verify: every rank profiles the block again at the "
                         "candidate's micro-batch right before and after its run, and the "
@@ -1760,8 +1985,13 @@ def run(a: argparse.Namespace) -> int:
                              f"factory's example is on {prof.device}")
         picked, notes = verify_candidates(p, a.verify_max_ranks)
         for role, c in picked:
-            say(f"verifying {role} {c.label()}: {c.ranks} local rank(s), "
-                f"{prof.threads} torch thread(s) each, {a.verify_warmup} + "
+            replicas = c.dp if a.verify_dp and c.ranks * c.dp <= a.verify_max_ranks else 1
+            why = "" if replicas == c.dp else (
+                " (one replica: --no-verify-dp)" if not a.verify_dp else
+                f" (one replica: P x DP = {c.ranks * c.dp} ranks is more than "
+                f"--verify-max-ranks {a.verify_max_ranks})")
+            say(f"verifying {role} {c.label()}: {c.ranks * replicas} local rank(s)"
+                f"{why}, {prof.threads} torch thread(s) each, {a.verify_warmup} + "
                 f"{a.verify_steps} steps ...")
             again = None
             if a.verify_reprofile:  # as the plan profiled this candidate's block
@@ -1772,7 +2002,8 @@ def run(a: argparse.Namespace) -> int:
                     again["micro_batch"] = p.block.micro_batch
             verified.append(verify(c, a.stage, role, steps=a.verify_steps,
                                    warmup=a.verify_warmup, threads=prof.threads,
-                                   overhead=p.block.overhead, profile=again))
+                                   overhead=p.block.overhead, profile=again,
+                                   replicas=replicas, block=p.block))
         say(verify_table(verified, notes))
     if a.json:
         d = p.to_json()

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -462,17 +463,21 @@ def test_overhead_rule_and_its_inverse():
                                                             3 * block.w), rel=1e-12)
 
 
-def test_verify_runs_one_replica_of_a_data_parallel_candidate():
-    """P = 1, DP = 2: one replica runs (DP = 1, G' = m x N) and the note says the
-    data-parallel part is not verified (loose sanity band, as above)."""
+def test_verify_runs_the_replicas_of_a_data_parallel_candidate():
+    """P = 1, DP = 2: both replicas run (2 local ranks) and all-reduce their gradients
+    after every step; that synchronisation is timed apart from ``step()`` and priced by
+    ``grad_sync_time`` at this host's all-reduce, fitted in the run (loose sanity bands:
+    a functional check).  ``replicas=1`` runs one replica and says the data-parallel
+    part is not verified."""
     from tests.plan_stages import make_sleep_block
     prof = planmod.profile_stage(make_sleep_block, repeats=3, warmup=1)
     p = plan(prof.costs, devices=2, layers=4, global_batch=8, schedules=["1f1b"])
     c = next(c for c in p.candidates if (c.ranks, c.dp, c.chunks) == (1, 2, 2))
-    v = planmod.verify(c, "tests.plan_stages:make_sleep_block", steps=2, warmup=1)
-    assert v.global_batch_run == c.micro_batch * c.chunks == 4
-    assert v.predicted == pytest.approx(c.step_time, rel=1e-12)
-    assert "data-parallel part is not verified" in v.note
+    v = planmod.verify(c, "tests.plan_stages:make_sleep_block", steps=3, warmup=1,
+                       block=p.block)
+    assert v.replicas == 2 and v.global_batch_run == 2 * c.micro_batch * c.chunks == 8
+    assert v.predicted == pytest.approx(c.pipeline_time, rel=1e-12)
+    assert v.note is None, v.note  # 2 ranks x 1 thread: fits 2 cores
     assert 0.5 < v.ratio < 2.0, v
     assert set(v.actions) == {"F", "B"} and v.overhead is None  # 1F1B; none given
     assert v.reprofiled is None and v.profiled is None  # verify(profile=None)
@@ -480,6 +485,31 @@ def test_verify_runs_one_replica_of_a_data_parallel_candidate():
     assert text.startswith("actions measured/predicted: B ") and ", F " in text, text
     assert "between actions" in text and "predicted)" not in text
     assert f"measured/replayed {v.replay_ratio:.3f}" in text
+    # the all-reduce: fitted to the two sizes timed by both replicas, the larger slower
+    a = v.all_reduce
+    assert a["sizes"] == list(planmod.ALL_REDUCE_SIZES) and a["seconds"][1] > a["seconds"][0]
+    assert 0 < a["latency"] < 0.05 and 1e6 < a["bandwidth"] < math.inf, a
+    host = planmod.GradSync(a["bandwidth"], a["latency"])
+    want = planmod.grad_sync_time(host, p.block, get_schedule("1f1b", 1, 2),
+                                  c.layers_per_stage, 2)
+    assert v.sync_predicted == pytest.approx(want, rel=1e-12) and want > 0
+    assert len(v.sync_times) == 3 and all(t > 0 for t in v.sync_times)
+    # loose: a small gloo all-reduce on this VM takes 0.1-0.5 ms, now and then 5 ms
+    assert 0.2 < v.sync_ratio < 50, v
+    assert v.with_sync_predicted == pytest.approx(v.predicted + v.sync_predicted)
+    assert v.with_sync_measured >= v.measured * 0.99
+    line = planmod.sync_line(v)
+    assert "the all-reduce over DP=2 replicas" in line and "this host's all-reduce" in line
+    assert line in planmod.verify_table([v], [])
+    # the all-reduces alone: the last rank to finish step() waits for no other replica
+    assert 0 < v.in_all_reduce <= v.sync_measured * 1.5 and 0.1 < v.all_reduce_ratio < 50, v
+    one = planmod.verify(c, "tests.plan_stages:make_sleep_block", steps=2, warmup=1,
+                         replicas=1, block=p.block)
+    assert one.replicas == 1 and one.global_batch_run == 4
+    assert "data-parallel part is not verified" in one.note
+    assert one.sync_measured is None and one.all_reduce is None  # 1F1B: nothing to sync
+    with pytest.raises(ValueError, match="replicas must be 1 or the candidate's DP=2"):
+        planmod.verify(c, "tests.plan_stages:make_sleep_block", replicas=3)
 
 
 def test_measured_costs_take_means_plus_the_time_between_actions():
@@ -709,8 +739,9 @@ def test_grad_sync_is_added_after_the_pipeline_when_modelled():
         if c.schedule == "dualpipe":  # two copies of one stage: one exchange with the partner
             want += BLOCK.latency + stage / BLOCK.bandwidth
         distinct = 1 if c.schedule == "dualpipe" else len(s.placement[0])
-        if c.dp > 1:
-            want += 2 * (c.dp - 1) / c.dp * stage * distinct / 1e6 + 2 * (c.dp - 1) * 1e-4
+        if c.dp > 1:  # the ring all-reduce, after the small one of the has-grad flags
+            want += (2 * (c.dp - 1) / c.dp * stage * distinct / 1e6
+                     + 2 * 2 * (c.dp - 1) * 1e-4)
         assert c.grad_sync_time == pytest.approx(want, rel=1e-12), c.label()
         assert c.step_time == pytest.approx(c.pipeline_time + want, rel=1e-12)
     # a slow all-reduce moves the recommendation off the most data-parallel layout
@@ -721,6 +752,32 @@ def test_grad_sync_is_added_after_the_pipeline_when_modelled():
     assert "synchronisation" in p.to_json()["assumptions"][0]
     with pytest.raises(ValueError, match="--grad-sync-bandwidth"):
         planmod.GradSync(bandwidth=0)
+    s = get_schedule("1f1b", 2, 4)
+    assert planmod.grad_sync_time(None, BLOCK, s, 2, 1) == 0.0  # DP = 1: nothing to reduce
+    with pytest.raises(ValueError, match="DP=2 replicas needs its network's figures"):
+        planmod.grad_sync_time(None, BLOCK, s, 2, 2)
+
+
+def test_fit_all_reduce_recovers_the_ring_model():
+    """Two all-reduces priced by the ring model give back its latency and bandwidth, for
+    any DP; noise that makes the large one no slower gives an infinite bandwidth."""
+    for dp, lat, bw in ((2, 1e-4, 1e9), (3, 5e-5, 2e8), (8, 0.0, 1e10)):
+        hops = 2 * (dp - 1)
+        sizes = (4, 4 << 20)
+        secs = tuple(hops * lat + hops / dp * n / bw for n in sizes)
+        g = planmod.fit_all_reduce(dp, sizes, secs)
+        assert (g.latency, g.bandwidth) == (pytest.approx(lat, abs=1e-15), pytest.approx(bw))
+        # and grad_sync_time then prices an all-reduce of n bytes as the model says
+        n = 12345
+        sched = get_schedule("1f1b", 1, 2)
+        block = BlockCosts(**{**BLOCK.to_json(), "param_bytes": n})
+        assert planmod.grad_sync_time(g, block, sched, 1, dp) == pytest.approx(
+            2 * hops * lat + hops / dp * n / bw)
+    g = planmod.fit_all_reduce(2, (4, 4 << 20), (2e-4, 1e-4))
+    assert g.bandwidth == math.inf and g.latency == pytest.approx(1e-4)
+    for bad in ((1, (4, 8)), (2, (8, 4))):
+        with pytest.raises(ValueError):
+            planmod.fit_all_reduce(bad[0], bad[1], (1.0, 2.0))
 
 
 def test_cli_grad_sync_column_and_bad_value(costs_file, capsys):
@@ -806,10 +863,63 @@ def test_cli_profile_blocks_per_rank(capsys):
         assert "want a number of blocks >= 1 or 'rank'" in capsys.readouterr().err
 
 
-def _fake_rank(profiles):
+def _fake_rank(profiles, spans=((0.0, 0.1),), sync_ends=(0.1,), all_reduce=(),
+               in_all_reduce=None):
     """What one :func:`planmod._verify_rank` returns, with the given re-profiles."""
-    return {"spans": [(0.0, 0.1)], "actions": {"F": [0.01], "B": [0.02]},
-            "between": [0.0, 0], "profiled": profiles}
+    return {"spans": list(spans), "sync_ends": list(sync_ends),
+            "sync_all_reduce": list(in_all_reduce or [0.0] * len(spans)),
+            "actions": {"F": [0.01], "B": [0.02]}, "between": [0.0, 0],
+            "profiled": profiles, "all_reduce": list(all_reduce)}
+
+
+def test_verify_times_the_gradient_sync_after_the_last_rank_s_step(monkeypatch):
+    """With the ranks' answers scripted: the synchronisation of a step is the last
+    rank's end of it less the last rank's end of ``step()`` (a replica done early waits
+    inside the all-reduce); the all-reduce is fitted to the median over the ranks of
+    each size; DualPipe at DP = 1 prices its exchange alone, with no all-reduce."""
+    import dualpipe.launch as launch
+    p = plan(BLOCK, **SMALL, schedules=["dualpipe"])
+    c = next(c for c in p.candidates if c.priced and (c.ranks, c.dp) == (2, 2))
+    k = c.layers_per_stage
+    ranks = [_fake_rank([], spans=[(0.0, 0.10), (1.0, 1.12)], sync_ends=[0.13, 1.125],
+                        all_reduce=[1e-4, 3e-3], in_all_reduce=[0.03, 0.004]),
+             _fake_rank([], spans=[(0.01, 0.11), (1.0, 1.10)], sync_ends=[0.12, 1.13],
+                        all_reduce=[3e-4, 5e-3], in_all_reduce=[0.008, 0.03]),
+             _fake_rank([], spans=[(0.0, 0.09), (1.0, 1.11)], sync_ends=[0.115, 1.128],
+                        all_reduce=[2e-4, 4e-3]),
+             _fake_rank([], spans=[(0.0, 0.10), (1.0, 1.11)], sync_ends=[0.12, 1.129],
+                        all_reduce=[2e-4, 4e-3])]
+    monkeypatch.setattr(launch, "run_ranks", lambda fn, world, cfg, **kw: (
+        ranks if (world, cfg["replicas"], cfg["sync"]) == (4, 2, True) else 1 / 0))
+    v = planmod.verify(c, "tests.plan_stages:make_sleep_block", block=p.block)
+    assert v.step_times == pytest.approx([0.11, 0.12])
+    assert v.sync_times == pytest.approx([0.13 - 0.11, 1.13 - 1.12])
+    assert v.with_sync_measured == pytest.approx(statistics.median([0.13, 0.13]))
+    host = planmod.fit_all_reduce(2, planmod.ALL_REDUCE_SIZES, (2e-4, 4e-3))
+    assert v.all_reduce["latency"] == pytest.approx(host.latency)
+    s = get_schedule("dualpipe", 2, c.chunks)
+    want = planmod.grad_sync_time(host, BLOCK, s, k, 2)
+    assert want > planmod.grad_sync_time(None, BLOCK, s, k, 1) > 0  # exchange + all-reduce
+    assert v.sync_predicted == pytest.approx(want, rel=1e-12)
+    assert v.sync_ratio == pytest.approx(statistics.median(v.sync_times) / want)
+    # inside the all-reduces: the last rank to finish step() each time (1, then 0)
+    assert v.in_all_reduce == pytest.approx(statistics.median([0.008, 0.004]))
+    exchange = planmod.grad_sync_time(None, BLOCK, s, k, 1)
+    assert v.all_reduce_predicted == pytest.approx(want - exchange)
+    assert v.all_reduce_ratio == pytest.approx(v.in_all_reduce / (want - exchange))
+    assert "inside the all-reduces" in planmod.sync_line(v)
+    assert "DualPipe's exchange + the all-reduce over DP=2" in planmod.sync_line(v)
+    # DP = 1: the exchange alone, no all-reduce timed; no block: measured, not predicted
+    c1 = next(c for c in p.candidates if c.priced and (c.ranks, c.dp) == (4, 1))
+    monkeypatch.setattr(launch, "run_ranks", lambda fn, world, cfg, **kw: [
+        _fake_rank([]) for _ in range(world)] if cfg["replicas"] == 1 else 1 / 0)
+    v1 = planmod.verify(c1, "tests.plan_stages:make_sleep_block", block=p.block)
+    assert v1.all_reduce is None and v1.sync_predicted == pytest.approx(
+        planmod.grad_sync_time(None, BLOCK, get_schedule("dualpipe", 4, c1.chunks),
+                               c1.layers_per_stage, 1))
+    assert "DualPipe's exchange)" in planmod.sync_line(v1)
+    v0 = planmod.verify(c1, "tests.plan_stages:make_sleep_block")
+    assert v0.sync_measured == 0.0 and v0.sync_predicted is None
 
 
 def test_verify_reprofile_prices_the_median_and_says_when_the_machine_is_unsteady(
@@ -853,7 +963,9 @@ def test_cli_verify_hands_the_plan_s_profile_settings_to_verify(monkeypatch, cap
 
     def fake_verify(c, stage, role, **kw):
         seen.append((c, kw["profile"]))
+        replicas.append((c.dp, kw["replicas"], kw["block"]))
         return planmod.Verification(role, c, predicted=1.0, measured=1.0, ratio=1.0)
+    replicas = []
     monkeypatch.setattr(planmod, "verify", fake_verify)
     base = [*SLEEP, "--no-measure-runtime", "--repeats", "1", "--warmup", "0", "--verify"]
     _plan_json(capsys, *base, "--profile-blocks", "rank")
@@ -866,6 +978,21 @@ def test_cli_verify_hands_the_plan_s_profile_settings_to_verify(monkeypatch, cap
     seen.clear()
     _plan_json(capsys, *base, "--no-verify-reprofile")
     assert seen and all(prof is None for _c, prof in seen)
+    # the candidate's replicas run when P x DP ranks fit --verify-max-ranks, with the
+    # plan's block to price their synchronisation; else, or --no-verify-dp, one
+    assert any(dp == 2 for dp, _r, _b in replicas), replicas
+    assert all(r == dp and b is not None for dp, r, b in replicas), replicas
+    for flags, why in ((["--no-verify-dp"], "(one replica: --no-verify-dp)"),
+                       (["--verify-max-ranks", "1"], "(one replica: P x DP = 2 ranks is more "
+                                                     "than --verify-max-ranks 1)")):
+        replicas.clear()
+        threads = torch.get_num_threads()
+        try:
+            assert main(["plan", *base, *flags]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        assert replicas and all(r == 1 for _dp, r, _b in replicas), (flags, replicas)
+        assert why in capsys.readouterr().out
 
 
 def test_per_rank_profiles_without_each_micro_batch_say_they_scale_linearly():
