@@ -24,7 +24,7 @@ overhead the plan charged, and the schedule replayed by the simulator with the m
 figures (``measured/replayed`` is the model's own error; ``replayed/predicted`` the
 profile's).
 
-    python -m bench.plan_verify                 # every setting (~10 min on 2 cores)
+    python -m bench.plan_verify                 # every setting (2-10 min on 2 cores)
     python -m bench.plan_verify --cases sleep --verify-steps 3
 
 Writes ``plan_verify.json`` and ``plan_verify.md`` under ``bench/results/`` (or ``--out``).
@@ -62,6 +62,9 @@ SETTINGS = {
          "--memory-cap", "16MiB", "--profile-blocks", "2"],
         ["--devices", "2", "--layers", "8", "--global-batch", "128", "--min-micro-batch", "16",
          "--memory-cap", "48MiB", "--profile-blocks", "2"],
+        # P = 1 x DP = 2 against DualPipe on P = 2 (the exchange of its two stage copies)
+        ["--devices", "2", "--layers", "8", "--global-batch", "32", "--min-micro-batch", "4",
+         "--memory-cap", "32MiB", "--profile-blocks", "2", "--schedules", "dualpipe", "1f1b"],
     ],
 }
 STAGES = {"sleep": "bench.plan_verify:make_sleep_block",
@@ -128,11 +131,14 @@ def _sync(v: dict) -> str:
         return "-"
     pred = v.get("sync_predicted")
     text = f"{v['sync_measured'] * 1e3:.2f} / " + ("-" if pred is None else f"{pred * 1e3:.2f}")
-    if v.get("in_all_reduce") is not None:
-        ar = v.get("all_reduce_predicted")
-        text += (f" (DP={v['replicas']}; inside the all-reduces {v['in_all_reduce'] * 1e3:.2f}"
-                 f" / " + ("-" if ar is None else f"{ar * 1e3:.2f}") + ")")
-    return text
+    parts = []
+    for name, got, want in (("all-reduces", "in_all_reduce", "all_reduce_predicted"),
+                            ("exchange", "in_exchange", "exchange_predicted")):
+        if v.get(got) is not None:
+            parts.append(f"{name} {v[got] * 1e3:.2f} / "
+                         + ("-" if v.get(want) is None else f"{v[want] * 1e3:.2f}"))
+    head = [f"DP={v['replicas']}"] if v.get("replicas", 1) > 1 else []
+    return text + (f" ({'; '.join(head + parts)})" if head or parts else "")
 
 
 def rows_of(runs: list[dict]) -> list[list[str]]:
@@ -184,9 +190,13 @@ def summary(runs: list[dict]) -> str:
                  f"data-parallel replicas, {len(syncs) - len(dp)} DualPipe exchange(s) "
                  f"alone): measured/predicted {min(rs):.2f}-{max(rs):.2f}")
         ars = [v["all_reduce_ratio"] for v in dp if v.get("all_reduce_ratio")]
-        text += ((f"; the time inside the all-reduces alone {min(ars):.2f}-{max(ars):.2f} "
-                  "(the rest: packing the gradients into one buffer and back).") if ars
-                 else ".")
+        exs = [v["exchange_ratio"] for v in syncs if v.get("exchange_ratio")]
+        for name, xs in (("inside the all-reduces alone", ars),
+                         ("in DualPipe's exchange alone", exs)):
+            if xs:
+                text += f"; {name} {min(xs):.2f}-{max(xs):.2f}"
+        text += (" (the rest: `all_reduce_grads` packing the gradients into one buffer and "
+                 "back)." if ars else ".")
     return text
 
 
@@ -209,9 +219,10 @@ def report(runs: list[dict], machine: dict) -> str:
              "the last rank's end of `step()` to the last rank's end of the "
              "synchronisation) against `grad_sync_time` with the all-reduce at this "
              "host's latency and bandwidth, fitted to two sizes timed over the replicas "
-             "in the run; *inside the all-reduces* the part of it the last rank to finish "
-             "`step()` spent in `torch.distributed.all_reduce`, against the model's "
-             "all-reduce alone.", ""]
+             "in the run (DualPipe's exchange at this host's transfer between partner "
+             "ranks, fitted the same way); *all-reduces* and *exchange* the parts of it "
+             "the last rank to finish `step()` spent in `torch.distributed.all_reduce` "
+             "and in `reduce_dualpipe_grads`, against the model's parts.", ""]
     for r in runs:
         if "error" in r:
             continue

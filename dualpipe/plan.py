@@ -28,13 +28,15 @@ What is modelled, and what is not:
   (:func:`measure_runtime`; the command line's default with a stage factory) or given;
 * the step time is the simulated makespan of one replica; the gradient synchronisation
   after it is modelled only when asked (:class:`GradSync`, ``--grad-sync-bandwidth``):
-  then a ring all-reduce over the ``DP`` replicas of the gradients of the distinct stages
-  a rank holds (``2 (DP - 1) / DP`` of their bytes over the given bandwidth, plus ``2 (DP
-  - 1)`` latencies, and as many again for the small all-reduce of which parameters have
-  a gradient) and, for a schedule with duplicated stages (DualPipe), the exchange of
-  one stage's gradients with the partner rank (``reduce_dualpipe_grads``, at the pipeline's
-  transfer latency and bandwidth) are added, **not overlapped** with the pipeline (an
-  upper bound).  The optimizer step is never modelled;
+  then, as :mod:`dualpipe.training` runs it, for a schedule with duplicated stages
+  (DualPipe) the swap of every stage module's gradients with the partner rank holding
+  its other copy (``reduce_dualpipe_grads``, at the pipeline's transfer latency and
+  bandwidth) and a ring all-reduce over the ``DP`` replicas of the gradients of every
+  stage module a rank holds, both DualPipe copies included (``all_reduce_grads``: ``2 (DP
+  - 1) / DP`` of their bytes over the given bandwidth, plus ``2 (DP - 1)`` latencies, and
+  as many again for the small all-reduce of which parameters have a gradient) are added,
+  **not overlapped** with the pipeline (an upper bound).  The optimizer step is never
+  modelled;
 * memory per device is the peak of live activations on the worst rank (the simulator's
   ``peak_activations``, in stage-chunk units, times ``k`` blocks' saved bytes) plus the
   parameters of every stage module the rank holds (``Schedule.stages_per_rank``: DualPipe
@@ -834,11 +836,11 @@ class Plan:
         out = list(ASSUMPTIONS)
         if self.grad_sync is not None:
             out[0] = ("step time = simulated makespan of one data-parallel replica + the "
-                      "gradient synchronisation after it, not overlapped: ring all-reduce of "
-                      "the distinct stages' gradients over DP replicas at "
+                      "gradient synchronisation after it, not overlapped: DualPipe's swap "
+                      "of its stage copies' gradients at the transfer cost, then a ring "
+                      "all-reduce of every stage module's gradients over DP replicas at "
                       f"{self.grad_sync.bandwidth:g} B/s and {self.grad_sync.latency:g} s "
-                      "per hop, and DualPipe's copy exchange at the transfer cost; the "
-                      "optimizer step is not modelled")
+                      "per hop; the optimizer step is not modelled")
         if self.comm is not None:
             out.append(f"communication SM budget: each candidate priced at each of the "
                        f"{len(self.comm.points)} budgets measured in {self.comm.source} "
@@ -1109,41 +1111,53 @@ class GradSync:
 def grad_sync_time(sync: GradSync | None, block: BlockCosts, s, k: int, dp: int) -> float:
     """Seconds of gradient synchronisation after one step of schedule ``s`` with ``k``
     blocks per stage on ``dp`` replicas, as :mod:`dualpipe.training` runs it: for a
-    schedule with duplicated stages (DualPipe), one exchange of a stage's gradients with
-    the partner rank at the pipeline's transfer cost (``reduce_dualpipe_grads``); then,
-    for ``dp > 1``, ``all_reduce_grads``: a ring all-reduce of the gradients of the
-    distinct stages the rank holds, ``2 (dp - 1) / dp * bytes / sync.bandwidth + 2 (dp -
-    1) * sync.latency``, after a small all-reduce of which parameters have a gradient
-    (``2 (dp - 1) * sync.latency``).  ``sync`` may be ``None`` only for ``dp = 1``."""
-    stage_bytes = block.param_bytes * k
-    distinct = s.stages_per_rank // 2 if s.duplicated_stages else s.stages_per_rank
+    schedule with duplicated stages (DualPipe), ``reduce_dualpipe_grads``: every stage
+    module of the rank has its other copy on the partner rank, and the two swap those
+    gradients at once (``latency + bytes / bandwidth``, the pipeline's transfer figures);
+    then, for ``dp > 1``, ``all_reduce_grads``: a ring all-reduce of the gradients of
+    every stage module the rank holds (DualPipe's two copies included), ``2 (dp - 1) /
+    dp * bytes / sync.bandwidth + 2 (dp - 1) * sync.latency``, after a small all-reduce
+    of which parameters have a gradient (``2 (dp - 1) * sync.latency``).  ``sync`` may
+    be ``None`` only for ``dp = 1``."""
+    rank_bytes = block.param_bytes * k * s.stages_per_rank
     t = 0.0
     if s.duplicated_stages:
-        t += block.latency + stage_bytes / block.bandwidth
+        t += block.latency + rank_bytes / block.bandwidth
     if dp > 1:
         if sync is None:
             raise ValueError(f"the gradient all-reduce over DP={dp} replicas needs its "
                              "network's figures (GradSync, --grad-sync-bandwidth)")
-        t += (2 * (dp - 1) / dp * stage_bytes * distinct / sync.bandwidth
-              + 2 * 2 * (dp - 1) * sync.latency)
+        t += 2 * (dp - 1) / dp * rank_bytes / sync.bandwidth + 2 * 2 * (dp - 1) * sync.latency
     return t
+
+
+def _line(sizes: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, float]:
+    """Intercept and slope (seconds per byte, ``>= 0``) of the line through two timed
+    transfers, ``seconds[i]`` for ``sizes[i]`` bytes, the small one first."""
+    (n0, n1), (t0, t1) = sizes, seconds
+    if not n1 > n0 >= 0:
+        raise ValueError(f"want two sizes, small first, got {sizes}")
+    slope = max(0.0, (t1 - t0) / (n1 - n0))
+    return max(0.0, t0 - slope * n0), slope
 
 
 def fit_all_reduce(dp: int, sizes: tuple[int, int], seconds: tuple[float, float]) -> GradSync:
     """The ring model of :func:`grad_sync_time` fitted to two measured all-reduces over
     ``dp`` ranks: ``seconds[i]`` for ``sizes[i]`` bytes (the first small: latency-bound).
-    ``t(n) = 2 (dp - 1) latency + 2 (dp - 1) / dp * n / bandwidth``; a non-positive
-    slope (noise) gives an infinite bandwidth."""
+    ``t(n) = 2 (dp - 1) latency + 2 (dp - 1) / dp * n / bandwidth``; a large one no
+    slower (noise) gives an infinite bandwidth."""
     if dp < 2:
         raise ValueError(f"an all-reduce needs dp >= 2 ranks, got {dp}")
-    (n0, n1), (t0, t1) = sizes, seconds
-    if not n1 > n0 >= 0:
-        raise ValueError(f"want two sizes, small first, got {sizes}")
+    intercept, slope = _line(sizes, seconds)
     hops = 2 * (dp - 1)
-    slope = (t1 - t0) / (n1 - n0)
-    bandwidth = (hops / dp) / slope if slope > 0 else math.inf
-    latency = max(0.0, t0 - (hops / dp) * n0 / bandwidth) / hops
-    return GradSync(bandwidth, latency)
+    return GradSync((hops / dp) / slope if slope > 0 else math.inf, intercept / hops)
+
+
+def fit_transfer(sizes: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, float]:
+    """``(latency, bandwidth)`` of a point-to-point transfer, ``t(n) = latency + n /
+    bandwidth``, fitted to two measured times (as :func:`fit_all_reduce`)."""
+    intercept, slope = _line(sizes, seconds)
+    return intercept, 1 / slope if slope > 0 else math.inf
 
 
 def _price(c: Candidate, s, block: BlockCosts, k: int, m: int, memory_cap: int | None,
@@ -1238,20 +1252,27 @@ class Verification:
     sync_measured: float | None = None
     sync_predicted: float | None = None
     sync_ratio: float | None = None
-    #: of ``sync_measured``: the seconds the last rank to finish ``step()`` spent inside
-    #: the all-reduces (median over the steps; that rank waits for no other replica),
-    #: against the model's all-reduce alone (``sync_predicted`` less DualPipe's
-    #: exchange); the rest is packing the gradients into one buffer and back
-    #: (``all_reduce_grads``) and the exchange
+    #: of ``sync_measured``, the seconds the last rank to finish ``step()`` (it waits for
+    #: no other) spent inside the all-reduces and in DualPipe's exchange (median over the
+    #: steps), each against the model's part (the exchange at this host's point-to-point
+    #: figures: ``p2p``); the rest is ``all_reduce_grads`` packing the gradients into
+    #: one buffer and back
     in_all_reduce: float | None = None
     all_reduce_predicted: float | None = None
     all_reduce_ratio: float | None = None
+    in_exchange: float | None = None
+    exchange_predicted: float | None = None
+    exchange_ratio: float | None = None
     with_sync_measured: float | None = None
     with_sync_predicted: float | None = None
     with_sync_ratio: float | None = None
     #: this host's all-reduce over the replicas, fitted to two sizes timed in the run
     #: (:func:`fit_all_reduce`): ``{"latency", "bandwidth", "sizes", "seconds"}``
     all_reduce: dict | None = None
+    #: with duplicated stages, this host's swap between partner ranks (both sending at
+    #: once), fitted the same way (:func:`fit_transfer`): ``{"latency", "bandwidth",
+    #: "sizes", "seconds"}``
+    p2p: dict | None = None
 
     def to_json(self) -> dict:
         c = self.candidate
@@ -1330,6 +1351,26 @@ def _time_all_reduce(group, nbytes: int, repeats: int,
     return statistics.median(times)
 
 
+def _time_exchange(partner: int, nbytes: int, repeats: int,
+                   pause: float = ALL_REDUCE_PAUSE) -> float:
+    """Median seconds of a swap of ``nbytes`` (float32) between this rank and global
+    rank ``partner``, both sending at once (as ``reduce_dualpipe_grads`` does), each
+    after a barrier of every rank and a pause of ``pause`` seconds."""
+    import torch
+    import torch.distributed as dist
+    mine, theirs = torch.zeros(max(1, nbytes // 4)), torch.empty(max(1, nbytes // 4))
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        time.sleep(pause)
+        t0 = time.perf_counter()
+        handles = [dist.irecv(theirs, partner), dist.isend(mine, partner)]
+        for h in handles:
+            h.wait()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
     """One rank of a :func:`verify` run: ``world = P * cfg["replicas"]`` ranks, replica
     ``d`` on ranks ``d*P .. d*P + P-1``, each replica one pipeline group.  The rank's
@@ -1341,13 +1382,14 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
     several; ``cfg["sync"]``).  Returns, from the measured steps, ``{"spans": [(start,
     end)], "sync_ends": [end], "actions": {"F": [s, ...], "I": ..., ...}, "between": [s,
     gaps]}``: the steps' times (``step()`` alone), when the synchronisation after each
-    ended and how long of it this rank spent inside all-reduces (``"sync_all_reduce"``),
-    the durations of their compute actions by kind, and the time between
+    ended and how long of it this rank spent in DualPipe's exchange and inside the
+    all-reduces (``"sync_parts"``: ``(exchange, all-reduce)`` per step), the durations of their compute actions by kind, and the time between
     consecutive compute actions that was not a wait on a receive (the runtime's own work
     between actions: posting, bookkeeping) with the number of such gaps (all from the
     runtime's own timeline); ``"all_reduce"``: with several replicas, this host's
     all-reduce timed over them before the first step (median seconds at each of
-    :data:`ALL_REDUCE_SIZES`); and ``"profiled"``: with ``cfg["profile"]``, the block's
+    :data:`ALL_REDUCE_SIZES`); ``"p2p"``: with duplicated stages, a swap with the
+    partner rank timed the same way; and ``"profiled"``: with ``cfg["profile"]``, the block's
     per-block F, B, W and F&B from :func:`profile_stage` before the first step and
     after the last (every rank past its last step first)."""
     import torch.distributed as dist
@@ -1366,7 +1408,7 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
         pipes = [dist.new_group([d * P + r for r in range(P)]) for d in range(replicas)]
         dps = [dist.new_group([d * P + r for d in range(replicas)]) for r in range(P)]
         group, dp_group = pipes[rank // P], dps[rank % P]
-        rank = rank % P  # the pipeline rank
+    world_rank, rank = rank, rank % P  # the pipeline rank
     s = get_schedule(cfg["schedule"], P, cfg["chunks"])
     mods = []
     for _ in s.placement[rank]:
@@ -1385,11 +1427,12 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
         return _loss(outs[0] if len(outs) == 1 else outs, criterion)
     spans: list[tuple[float, float]] = []
     sync_ends: list[float] = []
-    sync_all_reduce: list[float] = []
+    sync_parts: list[tuple[float, float]] = []
     actions: dict[str, list[float]] = {}
     between = [0.0, 0]
     profiled: list[dict] = []
     all_reduce: list[float] = []
+    p2p: list[float] = []
 
     def reprofile():
         # the planner's own profile of the block, at this micro-batch, in this rank, now
@@ -1401,9 +1444,10 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
             c = profile_stage(factory, **args).costs
             profiled.append({"f": c.f, "b": c.b, "w": c.w, "fb": c.fb})
 
-    def sync() -> float:
-        # the seconds spent inside the all-reduces: torch.distributed.all_reduce timed
-        # for the call's duration (this spawned rank's own module object)
+    def sync() -> tuple[float, float]:
+        # seconds in DualPipe's exchange and inside the all-reduces (of all_reduce_grads:
+        # torch.distributed.all_reduce timed for the call's duration, in this spawned
+        # rank's own module object)
         spent = [0.0]
         real = dist.all_reduce
 
@@ -1413,28 +1457,33 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
                 return real(*args, **kw)
             finally:
                 spent[0] += time.perf_counter() - t
-        dist.all_reduce = timed_all_reduce
-        try:
-            reduce_dualpipe_grads(pipe)  # a no-op without duplicated stages
-            if dp_group is not None:
+        t = time.perf_counter()
+        reduce_dualpipe_grads(pipe)  # a no-op without duplicated stages
+        exchange = time.perf_counter() - t
+        if dp_group is not None:
+            dist.all_reduce = timed_all_reduce
+            try:
                 all_reduce_grads(pipe, dp_group)
-        finally:
-            dist.all_reduce = real
-        return spent[0]
+            finally:
+                dist.all_reduce = real
+        return exchange, spent[0]
     try:
         reprofile()  # inside: a failing profile still closes the pipeline
         if dp_group is not None:
             all_reduce = [_time_all_reduce(dp_group, n, 7) for n in ALL_REDUCE_SIZES]
+        if cfg.get("sync") and s.duplicated_stages:  # with the partner: ranks r, P-1-r
+            partner = world_rank - rank + P - 1 - rank
+            p2p = [_time_exchange(partner, n, 7) for n in ALL_REDUCE_SIZES]
         for i in range(cfg["warmup"] + cfg["steps"]):
             pipe.zero_grad(set_to_none=True)
             t0, t1, _ = timed(lambda: pipe.step(*inputs, num_chunks=cfg["chunks"],
                                                 criterion=loss))
-            in_all_reduce = sync() if cfg.get("sync") else 0.0
+            parts = sync() if cfg.get("sync") else (0.0, 0.0)
             t2 = time.perf_counter()
             if i >= cfg["warmup"]:
                 spans.append((t0, t1))
                 sync_ends.append(t2)
-                sync_all_reduce.append(in_all_reduce)
+                sync_parts.append(parts)
                 compute = []
                 waited = 0.0
                 for iv in pipe.timeline:
@@ -1454,9 +1503,9 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
         reprofile()
     finally:
         pipe.close()
-    return {"spans": spans, "sync_ends": sync_ends, "sync_all_reduce": sync_all_reduce,
+    return {"spans": spans, "sync_ends": sync_ends, "sync_parts": sync_parts,
             "actions": actions, "between": between, "profiled": profiled,
-            "all_reduce": all_reduce}
+            "all_reduce": all_reduce, "p2p": p2p}
 
 
 def measured_costs(predicted: Costs, actions: dict[str, list[float]],
@@ -1561,29 +1610,46 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
         whole = [max(r["sync_ends"][i] for r in per_rank)
                  - min(r["spans"][i][0] for r in per_rank) for i in range(n)]
         v.with_sync_measured = statistics.median(whole)
+        # the last rank to finish step() waits for no other rank in the synchronisation
         last = [max(range(len(per_rank)), key=lambda j: per_rank[j]["spans"][i][1])
                 for i in range(n)]
-        v.in_all_reduce = (statistics.median(per_rank[j]["sync_all_reduce"][i]
-                                             for i, j in enumerate(last))
-                           if replicas > 1 else None)
-        host = None
-        if replicas > 1:
-            secs = tuple(statistics.median(r["all_reduce"][j] for r in per_rank)
+
+        def part(x: int) -> float:  # 0: the exchange, 1: inside the all-reduces
+            return statistics.median(per_rank[j]["sync_parts"][i][x]
+                                     for i, j in enumerate(last))
+
+        def fitted(key: str) -> tuple[float, ...]:  # each size's median over the ranks
+            return tuple(statistics.median(r[key][j] for r in per_rank)
                          for j in range(len(ALL_REDUCE_SIZES)))
+        host, via = None, block
+        if replicas > 1:
+            v.in_all_reduce = part(1)
+            secs = fitted("all_reduce")
             host = fit_all_reduce(replicas, ALL_REDUCE_SIZES, secs)
             v.all_reduce = {"latency": host.latency, "bandwidth": host.bandwidth,
                             "sizes": list(ALL_REDUCE_SIZES), "seconds": list(secs)}
+        if s.duplicated_stages:
+            v.in_exchange = part(0)
+            secs = fitted("p2p")
+            lat, bw = fit_transfer(ALL_REDUCE_SIZES, secs)
+            v.p2p = {"latency": lat, "bandwidth": bw, "sizes": list(ALL_REDUCE_SIZES),
+                     "seconds": list(secs)}
+            via = None if block is None else block.with_transport(lat, bw)
         if block is not None:
-            v.sync_predicted = grad_sync_time(host, block, s, c.layers_per_stage, replicas)
+            k = c.layers_per_stage
+            v.sync_predicted = grad_sync_time(host, via, s, k, replicas)
             v.sync_ratio = v.sync_measured / v.sync_predicted if v.sync_predicted else None
-            if replicas > 1:
-                v.all_reduce_predicted = v.sync_predicted - grad_sync_time(
-                    None, block, s, c.layers_per_stage, 1)
-                v.all_reduce_ratio = (v.in_all_reduce / v.all_reduce_predicted
-                                      if v.all_reduce_predicted else None)
             v.with_sync_predicted = v.predicted + v.sync_predicted
             v.with_sync_ratio = (v.with_sync_measured / v.with_sync_predicted
                                  if v.with_sync_predicted else None)
+            exchange = grad_sync_time(None, via, s, k, 1)
+            if s.duplicated_stages:
+                v.exchange_predicted = exchange
+                v.exchange_ratio = v.in_exchange / exchange if exchange else None
+            if replicas > 1:
+                v.all_reduce_predicted = v.sync_predicted - exchange
+                v.all_reduce_ratio = (v.in_all_reduce / v.all_reduce_predicted
+                                      if v.all_reduce_predicted else None)
     actions: dict[str, list[float]] = {}
     for r in per_rank:
         for k, durations in r["actions"].items():
@@ -1649,31 +1715,35 @@ def breakdown(v: Verification) -> str:
 
 def sync_line(v: Verification) -> str:
     """A verification's gradient synchronisation in one line: measured against
-    predicted, this host's fitted all-reduce, and the whole step with it."""
-    what = []
-    if get_schedule(v.candidate.schedule, v.candidate.ranks,
-                    v.candidate.chunks).duplicated_stages:
-        what.append("DualPipe's exchange")
-    if v.replicas > 1:
-        what.append(f"the all-reduce over DP={v.replicas} replicas")
-    text = (f"gradient synchronisation after step() ({' + '.join(what)}): measured "
-            f"{v.sync_measured * 1e3:.3f} ms")
-    if v.sync_predicted is not None:
-        text += (f", predicted {v.sync_predicted * 1e3:.3f} ms"
-                 + ("" if v.sync_ratio is None else f" (measured/predicted {v.sync_ratio:.3f})"))
+    predicted, its parts (inside the all-reduces, DualPipe's exchange) against theirs,
+    this host's fitted figures, and the whole step with it."""
+    def vs(measured: float, predicted: float | None, ratio: float | None) -> str:
+        return (f"{measured * 1e3:.3f} ms" + ("" if predicted is None else
+                f" (predicted {predicted * 1e3:.3f} ms" + ("" if ratio is None else
+                f", measured/predicted {ratio:.3f}") + ")"))
+
+    def link(name: str, d: dict) -> str:
+        bw = "infinite" if math.isinf(d["bandwidth"]) else f"{d['bandwidth'] / 1e6:.0f} MB/s"
+        return (f"{name} {d['latency'] * 1e6:.1f} us, {bw} (fitted at "
+                f"{format_bytes(d['sizes'][0])} and {format_bytes(d['sizes'][1])})")
+    what = (["DualPipe's exchange"] if v.in_exchange is not None else []) + (
+        [f"the all-reduce over DP={v.replicas} replicas"] if v.replicas > 1 else [])
+    text = (f"gradient synchronisation after step() ({' + '.join(what)}): "
+            + vs(v.sync_measured, v.sync_predicted, v.sync_ratio))
+    parts = []
     if v.in_all_reduce is not None:
-        text += f", of which {v.in_all_reduce * 1e3:.3f} ms inside the all-reduces"
-        if v.all_reduce_predicted is not None:
-            text += (f" (predicted {v.all_reduce_predicted * 1e3:.3f} ms"
-                     + ("" if v.all_reduce_ratio is None else
-                        f", measured/predicted {v.all_reduce_ratio:.3f}") + ")")
-        text += " and the rest packing the gradients" + (
-            " and DualPipe's exchange" if len(what) > 1 else "")
-    if v.all_reduce is not None:
-        a = v.all_reduce
-        text += (f"; this host's all-reduce: {a['latency'] * 1e6:.1f} us per hop, "
-                 f"{a['bandwidth'] / 1e6:.0f} MB/s (fitted at {format_bytes(a['sizes'][0])} "
-                 f"and {format_bytes(a['sizes'][1])})")
+        parts.append("inside the all-reduces " + vs(v.in_all_reduce, v.all_reduce_predicted,
+                                                    v.all_reduce_ratio))
+    if v.in_exchange is not None:
+        parts.append("in the exchange " + vs(v.in_exchange, v.exchange_predicted,
+                                             v.exchange_ratio))
+    if parts:
+        text += "; of it " + ", ".join(parts) + (
+            ", the rest packing the gradients" if v.in_all_reduce is not None else "")
+    links = ([link("this host's all-reduce: per hop", v.all_reduce)] if v.all_reduce else []) \
+        + ([link("swap with the partner rank:", v.p2p)] if v.p2p else [])
+    if links:
+        text += "; " + "; ".join(links)
     if v.with_sync_predicted is not None:
         text += (f"; step() + synchronisation {v.with_sync_measured * 1e3:.3f} ms measured, "
                  f"{v.with_sync_predicted * 1e3:.3f} ms predicted (measured/predicted "

@@ -734,14 +734,13 @@ def test_grad_sync_is_added_after_the_pipeline_when_modelled():
         assert b.grad_sync_time is None and b.step_time == b.pipeline_time
         assert c.pipeline_time == b.pipeline_time
         s = get_schedule(c.schedule, c.ranks, c.chunks)
-        stage = BLOCK.param_bytes * c.layers_per_stage
+        # the gradients of every stage module the rank holds (DualPipe, DualPipeV: two)
+        held = BLOCK.param_bytes * c.layers_per_stage * len(s.placement[0])
         want = 0.0
-        if c.schedule == "dualpipe":  # two copies of one stage: one exchange with the partner
-            want += BLOCK.latency + stage / BLOCK.bandwidth
-        distinct = 1 if c.schedule == "dualpipe" else len(s.placement[0])
+        if c.schedule == "dualpipe":  # both modules' other copies are on the partner: a swap
+            want += BLOCK.latency + held / BLOCK.bandwidth
         if c.dp > 1:  # the ring all-reduce, after the small one of the has-grad flags
-            want += (2 * (c.dp - 1) / c.dp * stage * distinct / 1e6
-                     + 2 * 2 * (c.dp - 1) * 1e-4)
+            want += 2 * (c.dp - 1) / c.dp * held / 1e6 + 2 * 2 * (c.dp - 1) * 1e-4
         assert c.grad_sync_time == pytest.approx(want, rel=1e-12), c.label()
         assert c.step_time == pytest.approx(c.pipeline_time + want, rel=1e-12)
     # a slow all-reduce moves the recommendation off the most data-parallel layout
@@ -863,11 +862,11 @@ def test_cli_profile_blocks_per_rank(capsys):
         assert "want a number of blocks >= 1 or 'rank'" in capsys.readouterr().err
 
 
-def _fake_rank(profiles, spans=((0.0, 0.1),), sync_ends=(0.1,), all_reduce=(),
-               in_all_reduce=None):
+def _fake_rank(profiles, spans=((0.0, 0.1),), sync_ends=(0.1,), all_reduce=(), p2p=(),
+               parts=None):
     """What one :func:`planmod._verify_rank` returns, with the given re-profiles."""
-    return {"spans": list(spans), "sync_ends": list(sync_ends),
-            "sync_all_reduce": list(in_all_reduce or [0.0] * len(spans)),
+    return {"spans": list(spans), "sync_ends": list(sync_ends), "p2p": list(p2p),
+            "sync_parts": list(parts or [(0.0, 0.0)] * len(spans)),
             "actions": {"F": [0.01], "B": [0.02]}, "between": [0.0, 0],
             "profiled": profiles, "all_reduce": list(all_reduce)}
 
@@ -875,51 +874,74 @@ def _fake_rank(profiles, spans=((0.0, 0.1),), sync_ends=(0.1,), all_reduce=(),
 def test_verify_times_the_gradient_sync_after_the_last_rank_s_step(monkeypatch):
     """With the ranks' answers scripted: the synchronisation of a step is the last
     rank's end of it less the last rank's end of ``step()`` (a replica done early waits
-    inside the all-reduce); the all-reduce is fitted to the median over the ranks of
-    each size; DualPipe at DP = 1 prices its exchange alone, with no all-reduce."""
+    inside the all-reduce), and its parts are the last rank's; the all-reduce and the
+    swap with the partner are fitted to the median over the ranks of each size, and the
+    prediction is ``grad_sync_time`` at those figures; DualPipe at DP = 1 prices its
+    exchange alone, with no all-reduce."""
     import dualpipe.launch as launch
     p = plan(BLOCK, **SMALL, schedules=["dualpipe"])
     c = next(c for c in p.candidates if c.priced and (c.ranks, c.dp) == (2, 2))
     k = c.layers_per_stage
     ranks = [_fake_rank([], spans=[(0.0, 0.10), (1.0, 1.12)], sync_ends=[0.13, 1.125],
-                        all_reduce=[1e-4, 3e-3], in_all_reduce=[0.03, 0.004]),
+                        all_reduce=[1e-4, 3e-3], p2p=[1e-5, 1e-3],
+                        parts=[(0.9, 0.03), (0.002, 0.004)]),
              _fake_rank([], spans=[(0.01, 0.11), (1.0, 1.10)], sync_ends=[0.12, 1.13],
-                        all_reduce=[3e-4, 5e-3], in_all_reduce=[0.008, 0.03]),
+                        all_reduce=[3e-4, 5e-3], p2p=[3e-5, 3e-3],
+                        parts=[(0.001, 0.008), (0.9, 0.03)]),
              _fake_rank([], spans=[(0.0, 0.09), (1.0, 1.11)], sync_ends=[0.115, 1.128],
-                        all_reduce=[2e-4, 4e-3]),
+                        all_reduce=[2e-4, 4e-3], p2p=[2e-5, 2e-3]),
              _fake_rank([], spans=[(0.0, 0.10), (1.0, 1.11)], sync_ends=[0.12, 1.129],
-                        all_reduce=[2e-4, 4e-3])]
+                        all_reduce=[2e-4, 4e-3], p2p=[2e-5, 2e-3])]
     monkeypatch.setattr(launch, "run_ranks", lambda fn, world, cfg, **kw: (
         ranks if (world, cfg["replicas"], cfg["sync"]) == (4, 2, True) else 1 / 0))
     v = planmod.verify(c, "tests.plan_stages:make_sleep_block", block=p.block)
     assert v.step_times == pytest.approx([0.11, 0.12])
     assert v.sync_times == pytest.approx([0.13 - 0.11, 1.13 - 1.12])
     assert v.with_sync_measured == pytest.approx(statistics.median([0.13, 0.13]))
-    host = planmod.fit_all_reduce(2, planmod.ALL_REDUCE_SIZES, (2e-4, 4e-3))
-    assert v.all_reduce["latency"] == pytest.approx(host.latency)
+    sizes = planmod.ALL_REDUCE_SIZES
+    host = planmod.fit_all_reduce(2, sizes, (2e-4, 4e-3))
+    lat, bw = planmod.fit_transfer(sizes, (2e-5, 2e-3))
+    assert (v.all_reduce["latency"], v.all_reduce["bandwidth"]) == pytest.approx(
+        (host.latency, host.bandwidth))
+    assert (v.p2p["latency"], v.p2p["bandwidth"]) == pytest.approx((lat, bw))
     s = get_schedule("dualpipe", 2, c.chunks)
-    want = planmod.grad_sync_time(host, BLOCK, s, k, 2)
-    assert want > planmod.grad_sync_time(None, BLOCK, s, k, 1) > 0  # exchange + all-reduce
+    via = BLOCK.with_transport(lat, bw)
+    want = planmod.grad_sync_time(host, via, s, k, 2)
+    exchange = planmod.grad_sync_time(None, via, s, k, 1)
+    assert want > exchange > 0  # the exchange, then the all-reduce
     assert v.sync_predicted == pytest.approx(want, rel=1e-12)
     assert v.sync_ratio == pytest.approx(statistics.median(v.sync_times) / want)
-    # inside the all-reduces: the last rank to finish step() each time (1, then 0)
+    # the parts: the last rank to finish step() each time (rank 1, then rank 0)
     assert v.in_all_reduce == pytest.approx(statistics.median([0.008, 0.004]))
-    exchange = planmod.grad_sync_time(None, BLOCK, s, k, 1)
+    assert v.in_exchange == pytest.approx(statistics.median([0.001, 0.002]))
     assert v.all_reduce_predicted == pytest.approx(want - exchange)
     assert v.all_reduce_ratio == pytest.approx(v.in_all_reduce / (want - exchange))
-    assert "inside the all-reduces" in planmod.sync_line(v)
-    assert "DualPipe's exchange + the all-reduce over DP=2" in planmod.sync_line(v)
+    assert v.exchange_predicted == pytest.approx(exchange)
+    assert v.exchange_ratio == pytest.approx(v.in_exchange / exchange)
+    line = planmod.sync_line(v)
+    assert "DualPipe's exchange + the all-reduce over DP=2" in line
+    assert "inside the all-reduces" in line and "in the exchange" in line
+    assert "swap with the partner rank" in line and "this host's all-reduce" in line
     # DP = 1: the exchange alone, no all-reduce timed; no block: measured, not predicted
     c1 = next(c for c in p.candidates if c.priced and (c.ranks, c.dp) == (4, 1))
     monkeypatch.setattr(launch, "run_ranks", lambda fn, world, cfg, **kw: [
-        _fake_rank([]) for _ in range(world)] if cfg["replicas"] == 1 else 1 / 0)
+        _fake_rank([], p2p=[1e-5, 1e-3]) for _ in range(world)]
+        if cfg["replicas"] == 1 else 1 / 0)
     v1 = planmod.verify(c1, "tests.plan_stages:make_sleep_block", block=p.block)
-    assert v1.all_reduce is None and v1.sync_predicted == pytest.approx(
-        planmod.grad_sync_time(None, BLOCK, get_schedule("dualpipe", 4, c1.chunks),
-                               c1.layers_per_stage, 1))
-    assert "DualPipe's exchange)" in planmod.sync_line(v1)
+    lat1, bw1 = planmod.fit_transfer(sizes, (1e-5, 1e-3))
+    assert v1.all_reduce is None and v1.in_all_reduce is None
+    assert v1.sync_predicted == pytest.approx(planmod.grad_sync_time(
+        None, BLOCK.with_transport(lat1, bw1), get_schedule("dualpipe", 4, c1.chunks),
+        c1.layers_per_stage, 1)) == v1.exchange_predicted
+    assert "(DualPipe's exchange)" in planmod.sync_line(v1)
     v0 = planmod.verify(c1, "tests.plan_stages:make_sleep_block")
-    assert v0.sync_measured == 0.0 and v0.sync_predicted is None
+    assert v0.sync_measured == 0.0 and v0.sync_predicted is None and v0.p2p is not None
+
+
+def test_fit_transfer_is_the_line_through_two_transfers():
+    lat, bw = planmod.fit_transfer((4, 4 << 20), (1e-5 + 4 / 1e9, 1e-5 + (4 << 20) / 1e9))
+    assert (lat, bw) == (pytest.approx(1e-5), pytest.approx(1e9))
+    assert planmod.fit_transfer((4, 8), (2e-5, 1e-5)) == (2e-5, math.inf)
 
 
 def test_verify_reprofile_prices_the_median_and_says_when_the_machine_is_unsteady(
