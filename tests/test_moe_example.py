@@ -143,9 +143,15 @@ def test_no_pipeline_mode_overlaps_and_matches_the_reference(tmp_path):
                       and w["start_s"] <= a <= w["end_s"]]
             assert labels == list(COMBINE_EARLY_ORDER), (r["ep_rank"], w["action"], labels)
     by = {(s["order"], s["delay_ms"]): s for s in summary["runs"]}
-    # hidden <= compute per pair, a few ms here against >= 30 ms of delayed all-to-alls
-    # (10-20 % measured on 2 cores); the sequential order hides nothing
-    assert by[("combine-early", DELAY)]["hidden_fraction"] > 0.05, by
+    # a pair hides at most its compute, a few ms here against >= 30 ms of delayed
+    # all-to-alls: so the share of the communication hidden scales with this machine's
+    # speed (10-20 % on an earlier, slower hour of this VM; 4.8-6.1 % on a faster one,
+    # which failed a 5 % bound); what combine-early must hide is a good part of what it
+    # can, the pairs' compute (60-75 % of it, measured on the faster hour); the
+    # sequential order hides nothing
+    ce = by[("combine-early", DELAY)]
+    hideable = min(ce["comm_s"], ce["pairs"] * ce["mean_pair_compute_s"])
+    assert ce["hidden_s"] > 0.3 * hideable, by
     seq = by[("sequential", DELAY)]
     assert seq["hidden_s"] < 0.1 * seq["comm_s"], seq
     with pytest.raises(SystemExit):
