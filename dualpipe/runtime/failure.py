@@ -84,8 +84,7 @@ class FailureProtocol:
         """The abort callback of host-side waits: the store-backed record (gloo, NCCL).
         Shared memory needs none: a failing rank's stop flag ends every wait itself."""
         board = self._board
-        return (self.failure_record
-                if board is not None and getattr(board, "waits_poll_record", False) else None)
+        return self.failure_record if board is not None and board.waits_poll_record else None
 
     def _step_failed(self, e: Exception, action: str, agreed: bool) -> None:
         """A step failed at ``action`` with ``e`` (the executor has dropped its own
