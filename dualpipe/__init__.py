@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DualPipe": "api", "DualPipeV": "api", "Pipeline": "api",
     "reduce_dualpipe_grads": "training", "clip_grad_norm_": "training",
-    "all_reduce_grads": "training", "local_stages": "training",
+    "all_reduce_grads": "training", "local_stages": "training", "sync_grads": "training",
     "PipelineError": "runtime", "PipelineTimeout": "runtime", "StepStats": "runtime",
     "set_p2p_tensor_shapes": "runtime", "set_p2p_tensor_dtype": "runtime",
     "WeightGradStore": "weight_grad", "split_linear_weight_grads": "weight_grad",

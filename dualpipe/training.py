@@ -3,10 +3,14 @@
 Per step, on every rank of the pipeline::
 
     loss, _ = pipe.step(*inputs, num_chunks=N, criterion=crit, labels=labels)
-    dualpipe.reduce_dualpipe_grads(pipe)              # DualPipe: add the two copies of a stage
-    dualpipe.all_reduce_grads(pipe, dp_group)         # data parallel: average over replicas
+    dualpipe.sync_grads(pipe, dp_group)               # DualPipe's copies + data parallel
     norm = dualpipe.clip_grad_norm_(pipe, max_norm)   # the whole model's norm, every rank
     optimizer.step(); optimizer.zero_grad()
+
+:func:`sync_grads` is :func:`reduce_dualpipe_grads` (add the two copies of a DualPipe
+stage) and :func:`all_reduce_grads` (average over the data-parallel replicas) in one
+call, moving fewer bytes than the two in a row when both have work (DualPipe with data
+parallelism); either may also be called alone.
 
 Every function here is collective over the pipeline (and, where one is passed, the data
 parallel group): call it on every rank, in the same order.  Waits on other pipeline ranks
@@ -29,7 +33,7 @@ from .runtime import PipelineRuntime
 from .schedules import placement_schedule
 
 __all__ = ["LocalStage", "local_stages", "clip_grad_norm_", "all_reduce_grads",
-           "reduce_dualpipe_grads"]
+           "reduce_dualpipe_grads", "sync_grads"]
 
 
 class LocalStage(NamedTuple):
@@ -123,16 +127,9 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
     pairs.sort()
     mine, theirs, have, have_theirs = {}, {}, {}, {}
     for _stage, c, _peer in pairs:
-        params = list(pipe.module[c].parameters())
         # FSDP2-sharded stages: the other copy holds the same shard of the same stage
-        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))
-                 for p in params]
-        mine[c] = torch.cat([g.reshape(-1) for g in grads]) if params else \
-            torch.zeros(0, device=pipe.device)
-        theirs[c] = torch.empty_like(mine[c])
-        have[c] = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
-                               device=pipe.device)
-        have_theirs[c] = torch.empty_like(have[c])
+        mine[c], have[c] = _flat_grads(list(pipe.module[c].parameters()), pipe.device)
+        theirs[c], have_theirs[c] = torch.empty_like(mine[c]), torch.empty_like(have[c])
 
     def swap(p2p):
         what = "gradients of the duplicated stages"
@@ -149,18 +146,9 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
 
     pipe.exchange("reduce_dualpipe_grads", swap)
     for _stage, c, _peer in pairs:
-        params = list(pipe.module[c].parameters())
-        total = mine[c] + theirs[c]
-        off = 0
-        for i, p in enumerate(params):
-            if p.grad is None and not have_theirs[c][i]:
-                off += _local(p).numel()
-                continue  # no copy has a gradient: None, as in a single process
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            g = _local(p.grad)
-            g.copy_(total[off: off + g.numel()].view_as(g))
-            off += g.numel()
+        # no copy has a gradient: None, as in a single process
+        _set_grads(list(pipe.module[c].parameters()), mine[c] + theirs[c],
+                   (have[c] | have_theirs[c]).tolist())
     pipe._reduced_at_step = pipe.steps_done
 
 
@@ -274,15 +262,36 @@ def all_reduce_grads(pipe: PipelineRuntime, group: dist.ProcessGroup, *,
     construction: DDP reduces inside every backward, which the pipeline runs once per
     micro-batch (and splits into input- and weight-gradient parts).
     """
-    _check_pipe(pipe, "all_reduce_grads")
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"all_reduce_grads needs the data-parallel ProcessGroup, got "
-                        f"{type(group).__name__}")
+    _check_dp_group(pipe, group, "all_reduce_grads")
     _check_stepped(pipe, "all_reduce_grads")
-    params = [p for p in pipe.parameters()]
+    _all_reduce_params(pipe, _params_by_stage(pipe, primary_only=False), group, average,
+                       "all_reduce_grads")
+
+
+def _check_dp_group(pipe: PipelineRuntime, group, what: str) -> None:
+    _check_pipe(pipe, what)
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{what} needs the data-parallel ProcessGroup, got "
+                        f"{type(group).__name__}")
+
+
+def _params_by_stage(pipe: PipelineRuntime, primary_only: bool) -> list[torch.nn.Parameter]:
+    """This rank's parameters in stage order (not chunk order): the two ranks holding
+    DualPipe's copies of a pair of stages lay them out alike, so the same element meets
+    the same reduction order in both ranks' all-reduce and the copies stay bitwise equal
+    (a ring all-reduce's order depends on where an element sits in the buffer)."""
+    return [p for st in sorted(local_stages(pipe), key=lambda st: st.stage)
+            if st.primary or not primary_only for p in pipe.module[st.chunk].parameters()]
+
+
+def _all_reduce_params(pipe: PipelineRuntime, params: list, group: dist.ProcessGroup,
+                       average: bool, what: str) -> None:
+    """All-reduce the gradients of ``params`` over ``group``: which exist first (a
+    parameter with a gradient on some replica gets zeros on the others; with none it
+    keeps ``None``), then one flat buffer per dtype; averaged on the way back."""
     cls = _dtensor_cls()
     if cls is not None and any(isinstance(p, cls) for p in params):
-        raise ValueError("all_reduce_grads: these stages are sharded (DTensor parameters, e.g. "
+        raise ValueError(f"{what}: these stages are sharded (DTensor parameters, e.g. "
                          "FSDP2's fully_shard), whose backward already reduce-scatters the "
                          "gradients over the data-parallel ranks; do not all-reduce them again")
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
@@ -307,3 +316,114 @@ def all_reduce_grads(pipe: PipelineRuntime, group: dist.ProcessGroup, *,
             else:
                 p.grad.copy_(part)
             off += k
+
+
+def _flat_grads(params: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``params``' gradients in one buffer (zeros where ``None``) and which of them exist
+    (uint8); FSDP2-sharded parameters by their local shard."""
+    grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))
+             for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]) if grads else \
+        torch.zeros(0, device=device)
+    have = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
+                        device=device)
+    return flat, have
+
+
+def _set_grads(params: list, flat: torch.Tensor, have) -> None:
+    """``params``' gradients from ``flat`` where ``have`` says one exists, else ``None``."""
+    off = 0
+    for p, h in zip(params, have):
+        n = _local(p).numel()
+        if not h:
+            p.grad = None
+        else:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            g = _local(p.grad)
+            g.copy_(flat[off: off + n].view_as(g))
+        off += n
+
+
+def sync_grads(pipe: PipelineRuntime, dp_group: dist.ProcessGroup | None = None, *,
+               average: bool = True) -> None:
+    """Everything the gradients need after ``step()``, before clipping and the optimizer:
+    :func:`reduce_dualpipe_grads` (DualPipe: both copies of a stage get the sum of the
+    two) and, with ``dp_group``, :func:`all_reduce_grads` (averaged, or summed with
+    ``average=False``, over the data-parallel replicas) -- the same result as those two
+    in a row, in fewer bytes where both have work.
+
+    DualPipe with data parallelism: the two in a row swap both of a rank's stage modules
+    with the partner rank holding their other copies, then all-reduce both copies of
+    every stage.  Here each rank sends its second copy to the rank holding that stage's
+    primary copy and takes the partner's second copy of its own primary stage (one
+    module each way), all-reduces its primary stage alone over ``dp_group``, and sends
+    the result back into the partner's second copy (one module each way): per rank, two
+    modules cross the pipeline's link instead of two, and **one** module the
+    data-parallel all-reduce instead of two.  Both copies end bitwise equal (the second
+    is a copy of the first); with ``DP = 2`` the gradients equal the two calls' bit for
+    bit.  Every other case (no duplicated stages, or no ``dp_group``) runs the two
+    functions, which it is (as does a ``dp_group`` of one rank).  Call it on every rank of
+    every replica; after it,
+    :func:`reduce_dualpipe_grads` for the same step raises (the copies are summed).
+    FSDP2-sharded stages: pass no ``dp_group`` (their backward reduce-scatters over the
+    replicas; :func:`all_reduce_grads` refuses them).
+    """
+    what = "sync_grads"
+    _check_pipe(pipe, what)
+    if dp_group is not None:
+        _check_dp_group(pipe, dp_group, what)
+    sched = placement_schedule(pipe.schedule_name, pipe.num_ranks)
+    if dp_group is None or dp_group.size() == 1 or not sched.duplicated_stages:
+        reduce_dualpipe_grads(pipe)  # a no-op without duplicated stages
+        if dp_group is not None:
+            all_reduce_grads(pipe, dp_group, average=average)
+        return
+    _check_stepped(pipe, what)
+    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe.stopped is None:
+        raise RuntimeError("sync_grads: the copies were already summed after this step "
+                           "(reduce_dualpipe_grads or sync_grads); summing again would add "
+                           "the partner rank's gradients twice")
+    stages = local_stages(pipe)
+    prim = [st for st in stages if st.primary]
+    sec = [st for st in stages if not st.primary]
+    if len(prim) != 1 or len(sec) != 1:
+        raise ValueError(f"sync_grads expects one primary and one second copy per rank "
+                         f"(DualPipe), got {stages}")
+    prim, sec = prim[0], sec[0]
+    partner = next(r for r, chunks in enumerate(sched.placement)
+                   for c, (_s, stage) in enumerate(chunks)
+                   if stage == sec.stage and sched.primary[r][c])
+    mine_p = list(pipe.module[prim.chunk].parameters())
+    mine_s = list(pipe.module[sec.chunk].parameters())
+    cls = _dtensor_cls()
+    if cls is not None and any(isinstance(p, cls) for p in mine_p + mine_s):
+        raise ValueError("sync_grads: these stages are sharded (DTensor parameters, e.g. "
+                         "FSDP2's fully_shard), whose backward already reduce-scatters the "
+                         "gradients over the data-parallel ranks: call sync_grads(pipe) "
+                         "without dp_group (or reduce_dualpipe_grads)")
+    peer = pipe.to_group[partner]
+    label = "gradients of the duplicated stages"
+
+    def swap(send: list, recv: list):
+        def run(p2p):
+            handles = [p2p.irecv(recv, peer, label, tag=4), p2p.isend(send, peer, label, tag=4)]
+            for h in handles:
+                h.wait(pipe.timeout)
+        pipe.exchange(what, run)
+
+    # 1. my second copy goes to the stage's primary; the partner's second copy of my
+    #    primary stage comes here and is added (as reduce_dualpipe_grads adds)
+    flat_s, have_s = _flat_grads(mine_s, pipe.device)
+    flat_p, have_p = _flat_grads(mine_p, pipe.device)
+    theirs, theirs_have = torch.empty_like(flat_p), torch.empty_like(have_p)
+    swap([flat_s, have_s], [theirs, theirs_have])
+    _set_grads(mine_p, flat_p + theirs, (have_p | theirs_have).tolist())
+    # 2. the primary stage alone over the replicas
+    _all_reduce_params(pipe, mine_p, dp_group, average, what)
+    # 3. the result back into the partner's second copy (mine from the partner)
+    flat_p, have_p = _flat_grads(mine_p, pipe.device)
+    back, back_have = torch.empty_like(flat_s), torch.empty_like(have_s)
+    swap([flat_p, have_p], [back, back_have])
+    _set_grads(mine_s, back, back_have.tolist())
+    pipe._reduced_at_step = pipe.steps_done

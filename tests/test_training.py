@@ -84,11 +84,15 @@ def test_clip_grad_norm_equals_torch_on_the_single_process_model(name, ranks, N)
             assert "already called" in e["reduce twice"], e
 
 
-@pytest.mark.parametrize("name,dp,pp,N", [("dualpipe", 2, 2, 4), ("dualpipev", 2, 4, 8)])
+@pytest.mark.parametrize("name,dp,pp,N", [("dualpipe", 2, 2, 4), ("dualpipev", 2, 4, 8),
+                                          ("dualpipe", 3, 2, 4)])
 def test_data_parallel_times_pipeline_equals_the_full_batch(name, dp, pp, N):
-    """Each replica trains on its own batch; after all_reduce_grads (average) every
-    stage's gradient is the single-process gradient of the full batch / dp, and the
-    clipped norm is torch's on that model."""
+    """Each replica trains on its own batch; after reduce_dualpipe_grads +
+    all_reduce_grads (average), and after sync_grads on the same step, every stage's
+    gradient is the single-process gradient of the full batch / dp, both DualPipe
+    copies of a stage are bitwise equal (also with DP = 3, where a ring all-reduce's
+    order depends on where an element sits in the buffer), sync_grads equals the two
+    calls bit for bit at DP = 2, and the clipped norm is torch's on that model."""
     results = run_ranks(dp_pp, dp * pp, name, dp, N, timeout=300)
     stages, ref_losses = _reference(_num_stages(name, pp), N, list(range(dp)))
     norm = torch.nn.utils.clip_grad_norm_([q for st in stages for q in st.parameters()], 0.05)
@@ -99,10 +103,29 @@ def test_data_parallel_times_pipeline_equals_the_full_batch(name, dp, pp, N):
             assert torch.equal(res["loss"], ref_losses[res["replica"]][a:b])
             seen += b - a
         torch.testing.assert_close(res["norm"], norm, rtol=1e-6, atol=0)
-        assert "before any step" in res["errors"]["all_reduce before step"]
+        errors = res["errors"]
+        assert "before any step" in errors["all_reduce before step"]
+        assert "before any step" in errors["sync before step"]
+        assert errors["sync with a bad group"].startswith("TypeError") and \
+            "ProcessGroup" in errors["sync with a bad group"]
+        if name == "dualpipe":
+            assert "already summed" in errors["reduce after sync"] or \
+                "already called" in errors["reduce after sync"], errors
+        else:  # nothing to sum: a no-op
+            assert errors["reduce after sync"] == "ok"
     assert seen == dp * N
     for d in range(dp):  # every replica ends with the same (averaged, clipped) gradients
-        _compare_grads(_summed([r for r in results if r["replica"] == d]), stages)
+        mine = [r for r in results if r["replica"] == d]
+        _compare_grads(_summed(mine), stages)
+        # unclipped (the cosine distance does not see the clip's scale); _summed checks
+        # that both DualPipe copies of every stage are bitwise equal
+        two, synced = _summed(mine, "grads_two_calls"), _summed(mine, "grads_sync")
+        for i, st in enumerate(stages):
+            for n, q in st.named_parameters():
+                assert cosine_distance(two[i][n], q.grad) < 1e-13, (i, n)
+                assert cosine_distance(synced[i][n], q.grad) < 1e-13, (i, n)
+                if dp == 2:  # a + b in either order: the two ways agree bit for bit
+                    assert torch.equal(synced[i][n], two[i][n]), (i, n)
 
 
 @pytest.mark.parametrize("name,pp,N", [("dualpipev", 2, 4), ("dualpipe", 2, 4)])

@@ -48,24 +48,36 @@ def clip_norms(rank: int, world: int, name: str, N: int):
 
 def dp_pp(rank: int, world: int, name: str, dp: int, N: int):
     """dp replicas of a pipeline of world/dp ranks; replica d trains on its own
-    batch (step d of tests.models.make_batch); gradients averaged over the replicas,
-    then clipped."""
-    from dualpipe import all_reduce_grads, clip_grad_norm_, reduce_dualpipe_grads
+    batch (step d of tests.models.make_batch); gradients averaged over the replicas
+    twice from the same step: ``reduce_dualpipe_grads`` + ``all_reduce_grads``
+    (``"grads_two_calls"``), then ``sync_grads`` (``"grads_sync"``; ``"grads"``: clipped)."""
+    from dualpipe import all_reduce_grads, clip_grad_norm_, reduce_dualpipe_grads, sync_grads
     pp = world // dp
     d, r = divmod(rank, pp)
     pp_groups = [dist.new_group(list(range(k * pp, (k + 1) * pp))) for k in range(dp)]
     dp_groups = [dist.new_group(list(range(j, world, pp))) for j in range(pp)]
     p, s = build(name, r, pp, N, timeout=60, process_group=pp_groups[d])
-    errors = {"all_reduce before step": _outcome(lambda: all_reduce_grads(p, dp_groups[r]))}
+    errors = {"all_reduce before step": _outcome(lambda: all_reduce_grads(p, dp_groups[r])),
+              "sync before step": _outcome(lambda: sync_grads(p, dp_groups[r])),
+              "sync with a bad group": _outcome(lambda: sync_grads(p, "dp"))}
     xs, ys = make_batch(d, N, False)
     inputs, labels, loss_slice = rank_io(s, r, xs, ys)
-    loss, _ = p.step(*inputs, num_chunks=N, criterion=criterion if labels else None,
-                     labels=labels)
-    reduce_dualpipe_grads(p)
-    all_reduce_grads(p, dp_groups[r])
+    out = {}
+    for how in ("two calls", "sync_grads"):  # the same step twice: deterministic on CPU
+        p.zero_grad(set_to_none=True)
+        loss, _ = p.step(*inputs, num_chunks=N, criterion=criterion if labels else None,
+                         labels=labels)
+        if how == "two calls":
+            reduce_dualpipe_grads(p)
+            all_reduce_grads(p, dp_groups[r])
+            out["grads_two_calls"] = _stage_grads(p, s, r)
+        else:
+            sync_grads(p, dp_groups[r])
+            out["grads_sync"] = _stage_grads(p, s, r)
+            errors["reduce after sync"] = _outcome(lambda: reduce_dualpipe_grads(p))
     norm = clip_grad_norm_(p, 0.05)
     return {"replica": d, "pp_rank": r, "loss": loss, "loss_slice": loss_slice, "norm": norm,
-            "errors": errors, "grads": _stage_grads(p, s, r)}
+            "errors": errors, "grads": _stage_grads(p, s, r), **out}
 
 
 def _train_steps(p, s, rank, opt, N, steps):
