@@ -65,6 +65,10 @@ SETTINGS = {
         # P = 1 x DP = 2 against DualPipe on P = 2 (the exchange of its two stage copies)
         ["--devices", "2", "--layers", "8", "--global-batch", "32", "--min-micro-batch", "4",
          "--memory-cap", "32MiB", "--profile-blocks", "2", "--schedules", "dualpipe", "1f1b"],
+        # DualPipe on P = 2 x DP = 2 and on P = 4 (4 ranks on 2 cores: for the
+        # synchronisation, sync_grads' exchange around the all-reduce of the primaries)
+        ["--devices", "4", "--layers", "8", "--global-batch", "32", "--min-micro-batch", "4",
+         "--profile-blocks", "2", "--schedules", "dualpipe"],
     ],
 }
 STAGES = {"sleep": "bench.plan_verify:make_sleep_block",
@@ -195,7 +199,7 @@ def summary(runs: list[dict]) -> str:
                          ("in DualPipe's exchange alone", exs)):
             if xs:
                 text += f"; {name} {min(xs):.2f}-{max(xs):.2f}"
-        text += (" (the rest: `all_reduce_grads` packing the gradients into one buffer and "
+        text += (" (the rest: `sync_grads` packing the gradients into buffers and "
                  "back)." if ars else ".")
     return text
 
@@ -222,7 +226,8 @@ def report(runs: list[dict], machine: dict) -> str:
              "in the run (DualPipe's exchange at this host's transfer between partner "
              "ranks, fitted the same way); *all-reduces* and *exchange* the parts of it "
              "the last rank to finish `step()` spent in `torch.distributed.all_reduce` "
-             "and in `reduce_dualpipe_grads`, against the model's parts.", ""]
+             "and in the pipeline's exchanges of `sync_grads`, against the model's parts.",
+             ""]
     for r in runs:
         if "error" in r:
             continue

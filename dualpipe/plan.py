@@ -28,15 +28,15 @@ What is modelled, and what is not:
   (:func:`measure_runtime`; the command line's default with a stage factory) or given;
 * the step time is the simulated makespan of one replica; the gradient synchronisation
   after it is modelled only when asked (:class:`GradSync`, ``--grad-sync-bandwidth``):
-  then, as :mod:`dualpipe.training` runs it, for a schedule with duplicated stages
-  (DualPipe) the swap of every stage module's gradients with the partner rank holding
-  its other copy (``reduce_dualpipe_grads``, at the pipeline's transfer latency and
-  bandwidth) and a ring all-reduce over the ``DP`` replicas of the gradients of every
-  stage module a rank holds, both DualPipe copies included (``all_reduce_grads``: ``2 (DP
-  - 1) / DP`` of their bytes over the given bandwidth, plus ``2 (DP - 1)`` latencies, and
-  as many again for the small all-reduce of which parameters have a gradient) are added,
-  **not overlapped** with the pipeline (an upper bound).  The optimizer step is never
-  modelled;
+  then what :func:`dualpipe.training.sync_grads` runs is added, **not overlapped** with
+  the pipeline (an upper bound): a ring all-reduce over the ``DP`` replicas of the
+  gradients of every stage module a rank holds (``2 (DP - 1) / DP`` of their bytes over
+  the given bandwidth, plus ``2 (DP - 1)`` latencies, and as many again for the small
+  all-reduce of which parameters have a gradient) and, for a schedule with duplicated
+  stages (DualPipe), the exchange with the partner rank holding the other copies, at the
+  pipeline's transfer latency and bandwidth (DP = 1: one swap of both modules; DP > 1:
+  one module there and one back around an all-reduce of the primary copies alone, see
+  :func:`grad_sync_time`).  The optimizer step is never modelled;
 * memory per device is the peak of live activations on the worst rank (the simulator's
   ``peak_activations``, in stage-chunk units, times ``k`` blocks' saved bytes) plus the
   parameters of every stage module the rank holds (``Schedule.stages_per_rank``: DualPipe
@@ -54,8 +54,8 @@ the profile measured it), ``transport="group"``; each micro-batch is the example
 micro-batch repeated along dim 0 to the candidate's ``m`` rows.  The measured step time
 is the median makespan of ``step()`` (max end - min start across the ranks) of the timed
 steps, against the candidate's simulated pipeline makespan.  After each step the ranks
-synchronise the gradients as training does (``reduce_dualpipe_grads``, then
-``all_reduce_grads`` over the replicas), timed apart and checked against
+synchronise the gradients as training does (``sync_grads``), timed apart and checked
+against
 :func:`grad_sync_time` with this host's all-reduce latency and bandwidth, fitted to two
 sizes timed over the replicas in the run (the ``--grad-sync-*`` figures describe the
 cluster, which this host cannot measure; what is checked is the model).  Every rank also
@@ -836,9 +836,10 @@ class Plan:
         out = list(ASSUMPTIONS)
         if self.grad_sync is not None:
             out[0] = ("step time = simulated makespan of one data-parallel replica + the "
-                      "gradient synchronisation after it, not overlapped: DualPipe's swap "
-                      "of its stage copies' gradients at the transfer cost, then a ring "
-                      "all-reduce of every stage module's gradients over DP replicas at "
+                      "gradient synchronisation after it, not overlapped (sync_grads): "
+                      "DualPipe's exchange of its stage copies' gradients at the transfer "
+                      "cost and a ring all-reduce of the stage modules' gradients over DP "
+                      "replicas at "
                       f"{self.grad_sync.bandwidth:g} B/s and {self.grad_sync.latency:g} s "
                       "per hop; the optimizer step is not modelled")
         if self.comm is not None:
@@ -1110,25 +1111,43 @@ class GradSync:
 
 def grad_sync_time(sync: GradSync | None, block: BlockCosts, s, k: int, dp: int) -> float:
     """Seconds of gradient synchronisation after one step of schedule ``s`` with ``k``
-    blocks per stage on ``dp`` replicas, as :mod:`dualpipe.training` runs it: for a
-    schedule with duplicated stages (DualPipe), ``reduce_dualpipe_grads``: every stage
-    module of the rank has its other copy on the partner rank, and the two swap those
-    gradients at once (``latency + bytes / bandwidth``, the pipeline's transfer figures);
-    then, for ``dp > 1``, ``all_reduce_grads``: a ring all-reduce of the gradients of
-    every stage module the rank holds (DualPipe's two copies included), ``2 (dp - 1) /
-    dp * bytes / sync.bandwidth + 2 (dp - 1) * sync.latency``, after a small all-reduce
-    of which parameters have a gradient (``2 (dp - 1) * sync.latency``).  ``sync`` may
-    be ``None`` only for ``dp = 1``."""
-    rank_bytes = block.param_bytes * k * s.stages_per_rank
-    t = 0.0
+    blocks per stage on ``dp`` replicas, as :func:`dualpipe.training.sync_grads` runs it.
+
+    * No duplicated stages: for ``dp > 1`` a ring all-reduce of the gradients of every
+      stage module the rank holds, ``2 (dp - 1) / dp * bytes / sync.bandwidth + 2 (dp -
+      1) * sync.latency``, after a small all-reduce of which parameters have a gradient
+      (``2 (dp - 1) * sync.latency``): ``all_reduce_grads``.
+    * DualPipe, ``dp = 1``: one swap of both stage modules' gradients with the partner
+      rank holding their other copies (``reduce_dualpipe_grads``), ``latency + bytes /
+      bandwidth`` at the pipeline's transfer figures.
+    * DualPipe, ``dp > 1``: the second copy to the stage's primary (one module), the
+      all-reduce of the primary copies alone (half the rank's gradients, priced as
+      above), the result back into the second copies (one module).
+
+    ``sync`` may be ``None`` only for ``dp = 1``."""
+    return sum(sync_parts(sync, block, s, k, dp))
+
+
+def sync_parts(sync: GradSync | None, block: BlockCosts, s, k: int,
+               dp: int) -> tuple[float, float]:
+    """:func:`grad_sync_time` in its two parts: ``(exchange, all_reduce)`` seconds."""
+    stage_bytes = block.param_bytes * k
+    reduced = stage_bytes * s.stages_per_rank  # what the all-reduce moves
+    exchange = all_reduce = 0.0
     if s.duplicated_stages:
-        t += block.latency + rank_bytes / block.bandwidth
+        half = stage_bytes * (s.stages_per_rank // 2)
+        if dp == 1:
+            exchange = block.latency + 2 * half / block.bandwidth
+        else:
+            exchange = 2 * (block.latency + half / block.bandwidth)
+            reduced = half
     if dp > 1:
         if sync is None:
             raise ValueError(f"the gradient all-reduce over DP={dp} replicas needs its "
                              "network's figures (GradSync, --grad-sync-bandwidth)")
-        t += 2 * (dp - 1) / dp * rank_bytes / sync.bandwidth + 2 * 2 * (dp - 1) * sync.latency
-    return t
+        all_reduce = (2 * (dp - 1) / dp * reduced / sync.bandwidth
+                      + 2 * 2 * (dp - 1) * sync.latency)
+    return exchange, all_reduce
 
 
 def _line(sizes: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, float]:
@@ -1255,8 +1274,8 @@ class Verification:
     #: of ``sync_measured``, the seconds the last rank to finish ``step()`` (it waits for
     #: no other) spent inside the all-reduces and in DualPipe's exchange (median over the
     #: steps), each against the model's part (the exchange at this host's point-to-point
-    #: figures: ``p2p``); the rest is ``all_reduce_grads`` packing the gradients into
-    #: one buffer and back
+    #: figures: ``p2p``); the rest is ``sync_grads`` packing the gradients into buffers
+    #: and back
     in_all_reduce: float | None = None
     all_reduce_predicted: float | None = None
     all_reduce_ratio: float | None = None
@@ -1354,7 +1373,7 @@ def _time_all_reduce(group, nbytes: int, repeats: int,
 def _time_exchange(partner: int, nbytes: int, repeats: int,
                    pause: float = ALL_REDUCE_PAUSE) -> float:
     """Median seconds of a swap of ``nbytes`` (float32) between this rank and global
-    rank ``partner``, both sending at once (as ``reduce_dualpipe_grads`` does), each
+    rank ``partner``, both sending at once (as ``sync_grads`` does), each
     after a barrier of every rank and a pause of ``pause`` seconds."""
     import torch
     import torch.distributed as dist
@@ -1377,9 +1396,8 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
     stage modules (``nn.Sequential`` of ``k`` fresh blocks from the factory each), its
     share of the batch (the example micro-batch repeated to ``micro_batch`` rows per
     micro-batch), then ``warmup + steps`` training steps, each followed by the gradient
-    synchronisation a training step runs (:func:`dualpipe.training.reduce_dualpipe_grads`,
-    then :func:`~dualpipe.training.all_reduce_grads` over the replicas when there are
-    several; ``cfg["sync"]``).  Returns, from the measured steps, ``{"spans": [(start,
+    synchronisation a training step runs (:func:`dualpipe.training.sync_grads`, over the
+    replicas when there are several; ``cfg["sync"]``).  Returns, from the measured steps, ``{"spans": [(start,
     end)], "sync_ends": [end], "actions": {"F": [s, ...], "I": ..., ...}, "between": [s,
     gaps]}``: the steps' times (``step()`` alone), when the synchronisation after each
     ended and how long of it this rank spent in DualPipe's exchange and inside the
@@ -1397,7 +1415,7 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
 
     from .api import Pipeline
     from .launch import timed
-    from .training import all_reduce_grads, reduce_dualpipe_grads
+    from .training import sync_grads
     factory = cfg["stage"]
     if isinstance(factory, str):
         factory = load_stage_factory(factory)
@@ -1445,28 +1463,28 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
             profiled.append({"f": c.f, "b": c.b, "w": c.w, "fb": c.fb})
 
     def sync() -> tuple[float, float]:
-        # seconds in DualPipe's exchange and inside the all-reduces (of all_reduce_grads:
-        # torch.distributed.all_reduce timed for the call's duration, in this spawned
-        # rank's own module object)
-        spent = [0.0]
-        real = dist.all_reduce
+        # sync_grads, and the seconds of it spent in DualPipe's exchanges (the pipeline's
+        # exchange() calls) and inside the all-reduces (torch.distributed.all_reduce),
+        # each timed for its calls' duration (this spawned rank's own objects)
+        spent = {"exchange": 0.0, "all_reduce": 0.0}
 
-        def timed_all_reduce(*args, **kw):
-            t = time.perf_counter()
-            try:
-                return real(*args, **kw)
-            finally:
-                spent[0] += time.perf_counter() - t
-        t = time.perf_counter()
-        reduce_dualpipe_grads(pipe)  # a no-op without duplicated stages
-        exchange = time.perf_counter() - t
-        if dp_group is not None:
-            dist.all_reduce = timed_all_reduce
-            try:
-                all_reduce_grads(pipe, dp_group)
-            finally:
-                dist.all_reduce = real
-        return exchange, spent[0]
+        def timing(fn, key):
+            def timed_fn(*args, **kw):
+                t = time.perf_counter()
+                try:
+                    return fn(*args, **kw)
+                finally:
+                    spent[key] += time.perf_counter() - t
+            return timed_fn
+        real = dist.all_reduce
+        dist.all_reduce = timing(real, "all_reduce")
+        pipe.exchange = timing(pipe.exchange, "exchange")
+        try:
+            sync_grads(pipe, dp_group)
+        finally:
+            dist.all_reduce = real
+            del pipe.exchange  # the class's own again
+        return spent["exchange"], spent["all_reduce"]
     try:
         reprofile()  # inside: a failing profile still closes the pipeline
         if dp_group is not None:
@@ -1549,7 +1567,8 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
     ``pipeline_time``).
 
     After every step the ranks synchronise the gradients as a training step does
-    (DualPipe's exchange of its duplicated stages; the all-reduce over the replicas),
+    (``sync_grads``: DualPipe's exchange of its duplicated stages, the all-reduce over
+    the replicas),
     timed apart from ``step()`` (``Verification.sync_*``) and predicted with
     :func:`grad_sync_time` from ``block`` (the plan's block: parameter bytes, transfer
     latency and bandwidth; ``None``: not predicted), the all-reduce at this host's
@@ -1637,17 +1656,17 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
             via = None if block is None else block.with_transport(lat, bw)
         if block is not None:
             k = c.layers_per_stage
-            v.sync_predicted = grad_sync_time(host, via, s, k, replicas)
+            exchange, reduce = sync_parts(host, via, s, k, replicas)
+            v.sync_predicted = exchange + reduce
             v.sync_ratio = v.sync_measured / v.sync_predicted if v.sync_predicted else None
             v.with_sync_predicted = v.predicted + v.sync_predicted
             v.with_sync_ratio = (v.with_sync_measured / v.with_sync_predicted
                                  if v.with_sync_predicted else None)
-            exchange = grad_sync_time(None, via, s, k, 1)
             if s.duplicated_stages:
                 v.exchange_predicted = exchange
                 v.exchange_ratio = v.in_exchange / exchange if exchange else None
             if replicas > 1:
-                v.all_reduce_predicted = v.sync_predicted - exchange
+                v.all_reduce_predicted = reduce
                 v.all_reduce_ratio = (v.in_all_reduce / v.all_reduce_predicted
                                       if v.all_reduce_predicted else None)
     actions: dict[str, list[float]] = {}

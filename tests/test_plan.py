@@ -734,13 +734,18 @@ def test_grad_sync_is_added_after_the_pipeline_when_modelled():
         assert b.grad_sync_time is None and b.step_time == b.pipeline_time
         assert c.pipeline_time == b.pipeline_time
         s = get_schedule(c.schedule, c.ranks, c.chunks)
-        # the gradients of every stage module the rank holds (DualPipe, DualPipeV: two)
-        held = BLOCK.param_bytes * c.layers_per_stage * len(s.placement[0])
+        # sync_grads: the gradients of every stage module the rank holds (DualPipe,
+        # DualPipeV: two) all-reduced; DualPipe's two copies summed with the partner
+        module = BLOCK.param_bytes * c.layers_per_stage
+        reduced = module * len(s.placement[0])
         want = 0.0
-        if c.schedule == "dualpipe":  # both modules' other copies are on the partner: a swap
-            want += BLOCK.latency + held / BLOCK.bandwidth
+        if c.schedule == "dualpipe" and c.dp == 1:  # one swap of both modules
+            want += BLOCK.latency + 2 * module / BLOCK.bandwidth
+        elif c.schedule == "dualpipe":  # one module there, one back; the primaries reduced
+            want += 2 * (BLOCK.latency + module / BLOCK.bandwidth)
+            reduced = module
         if c.dp > 1:  # the ring all-reduce, after the small one of the has-grad flags
-            want += 2 * (c.dp - 1) / c.dp * held / 1e6 + 2 * 2 * (c.dp - 1) * 1e-4
+            want += 2 * (c.dp - 1) / c.dp * reduced / 1e6 + 2 * 2 * (c.dp - 1) * 1e-4
         assert c.grad_sync_time == pytest.approx(want, rel=1e-12), c.label()
         assert c.step_time == pytest.approx(c.pipeline_time + want, rel=1e-12)
     # a slow all-reduce moves the recommendation off the most data-parallel layout
@@ -907,15 +912,15 @@ def test_verify_times_the_gradient_sync_after_the_last_rank_s_step(monkeypatch):
     s = get_schedule("dualpipe", 2, c.chunks)
     via = BLOCK.with_transport(lat, bw)
     want = planmod.grad_sync_time(host, via, s, k, 2)
-    exchange = planmod.grad_sync_time(None, via, s, k, 1)
-    assert want > exchange > 0  # the exchange, then the all-reduce
+    exchange, reduce = planmod.sync_parts(host, via, s, k, 2)
+    assert want == exchange + reduce and exchange > 0 and reduce > 0
     assert v.sync_predicted == pytest.approx(want, rel=1e-12)
     assert v.sync_ratio == pytest.approx(statistics.median(v.sync_times) / want)
     # the parts: the last rank to finish step() each time (rank 1, then rank 0)
     assert v.in_all_reduce == pytest.approx(statistics.median([0.008, 0.004]))
     assert v.in_exchange == pytest.approx(statistics.median([0.001, 0.002]))
-    assert v.all_reduce_predicted == pytest.approx(want - exchange)
-    assert v.all_reduce_ratio == pytest.approx(v.in_all_reduce / (want - exchange))
+    assert v.all_reduce_predicted == pytest.approx(reduce)
+    assert v.all_reduce_ratio == pytest.approx(v.in_all_reduce / reduce)
     assert v.exchange_predicted == pytest.approx(exchange)
     assert v.exchange_ratio == pytest.approx(v.in_exchange / exchange)
     line = planmod.sync_line(v)
