@@ -11,7 +11,7 @@ the pipeline dimension (4 stages: rank r holds stages r and 3-r), replica d trai
 its own batches. Per step::
 
     loss, _ = pipe.step(x, num_chunks=N, criterion=F.mse_loss, labels=(y,))
-    all_reduce_grads(pipe, dp_group)     # (FSDP2 does this itself in the backward)
+    sync_grads(pipe, dp_group)           # (FSDP2: sync_grads(pipe); it reduces in the backward)
     norm = clip_grad_norm_(pipe, 1.0)
     opt.step(); opt.zero_grad()
 
@@ -64,7 +64,7 @@ def train(rank: int, world: int, cfg: dict):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dualpipe import DualPipeV, all_reduce_grads, checkpoint, clip_grad_norm_
+    from dualpipe import DualPipeV, checkpoint, clip_grad_norm_, sync_grads
     dev_type = "cuda" if cfg["backend"] == "nccl" else "cpu"
     mesh = init_device_mesh(dev_type, (2, world // 2), mesh_dim_names=("dp", "pp"))
     replica, r = mesh.get_local_rank("dp"), mesh.get_local_rank("pp")
@@ -91,8 +91,8 @@ def train(rank: int, world: int, cfg: dict):
             loss, _ = pipe.step(*((x,) if r == 0 else ()), num_chunks=N,
                                 criterion=F.mse_loss if r == 0 else None,
                                 labels=(y,) if r == 0 else ())
-        if not cfg["fsdp"]:
-            all_reduce_grads(pipe, mesh.get_group("dp"))
+        # DualPipe's copies (none in DualPipeV) and the replicas; FSDP2 reduced them
+        sync_grads(pipe, None if cfg["fsdp"] else mesh.get_group("dp"))
         norm = clip_grad_norm_(pipe, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
