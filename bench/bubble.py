@@ -166,7 +166,11 @@ def pipeline_latency(s, timelines, starts) -> tuple[float | None, int]:
     if not samples:
         return None, 0
     samples.sort()
-    return samples[len(samples) // 2], len(samples)
+    # a wait can end before the producing action's recorded end (the runtime posts the
+    # send inside the action, and its interval closes after that): with few samples the
+    # median can come out below 0, which no transfer takes and Costs refuses (a smoke
+    # run failed once with a ValueError "c..." from here, by all appearances this one)
+    return max(0.0, samples[len(samples) // 2]), len(samples)
 
 
 def _measured_costs(timelines, f, b, w):
