@@ -1271,8 +1271,9 @@ class Verification:
     sync_measured: float | None = None
     sync_predicted: float | None = None
     sync_ratio: float | None = None
-    #: of ``sync_measured``, the seconds the last rank to finish ``step()`` (it waits for
-    #: no other) spent inside the all-reduces and in DualPipe's exchange (median over the
+    #: of ``sync_measured``, the seconds the last rank to finish ``step()`` (no other
+    #: rank is still to arrive; with DualPipe x DP its second swap may wait for the
+    #: partner's all-reduce) spent inside the all-reduces and in DualPipe's exchange (median over the
     #: steps), each against the model's part (the exchange at this host's point-to-point
     #: figures: ``p2p``); the rest is ``sync_grads`` packing the gradients into buffers
     #: and back
@@ -1298,6 +1299,9 @@ class Verification:
         d = {"role": self.role, "schedule": c.schedule, "ranks": c.ranks, "dp": c.dp,
              "chunks": c.chunks, "micro_batch": c.micro_batch, "status": c.status}
         d.update({k: v for k, v in asdict(self).items() if k not in ("role", "candidate")})
+        for key in ("all_reduce", "p2p"):  # a fitted infinite bandwidth: null, as in
+            if d.get(key) and math.isinf(d[key]["bandwidth"]):  # BlockCosts.to_json
+                d[key] = {**d[key], "bandwidth": None}
         return d
 
 
@@ -1346,10 +1350,11 @@ def _repeat_rows(t, rows: int):
 ALL_REDUCE_SIZES = (4, 4 << 20)
 
 
-#: seconds every rank pauses before each timed all-reduce of the calibration: the
-#: synchronisation after a step follows compute, not another collective, and on this
-#: VM a small gloo all-reduce right after another took 80-250 us, after a 50 ms pause
-#: 350-500 us
+#: seconds every rank pauses before each timed all-reduce (and swap) of the
+#: calibration: the synchronisation after a step follows compute, not another
+#: collective, and on this VM a small gloo all-reduce right after another took 80-250
+#: us, after a 50 ms pause 350-500 us (after this 20 ms pause: ~400 us, in the verify
+#: runs of docs/performance.md)
 ALL_REDUCE_PAUSE = 0.02
 
 
@@ -1374,7 +1379,9 @@ def _time_exchange(partner: int, nbytes: int, repeats: int,
                    pause: float = ALL_REDUCE_PAUSE) -> float:
     """Median seconds of a swap of ``nbytes`` (float32) between this rank and global
     rank ``partner``, both sending at once (as ``sync_grads`` does), each
-    after a barrier of every rank and a pause of ``pause`` seconds."""
+    after a barrier of every rank and a pause of ``pause`` seconds.  One tensor on the
+    default group: ``sync_grads``' swaps send two (the gradients and their has-gradient
+    flags) on the pipeline's own group, one small message more than this times."""
     import torch
     import torch.distributed as dist
     mine, theirs = torch.zeros(max(1, nbytes // 4)), torch.empty(max(1, nbytes // 4))
@@ -1618,7 +1625,10 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
            "micro_batch": c.micro_batch, "warmup": warmup, "steps": steps,
            "timeout": timeout, "profile": profile, "replicas": replicas, "sync": sync}
     per_rank = run_ranks(_verify_rank, world, cfg, timeout=timeout, threads=threads)
-    v.step_times = makespans([r["spans"] for r in per_rank])
+    # each replica's makespan (its own P ranks), the slowest replica's per step
+    by_replica = [makespans([r["spans"] for r in per_rank[d * c.ranks:(d + 1) * c.ranks]])
+                  for d in range(replicas)]
+    v.step_times = [max(ts) for ts in zip(*by_replica)]
     v.measured = statistics.median(v.step_times)
     v.ratio = v.measured / v.predicted if v.predicted else None
     if sync:
@@ -1629,7 +1639,8 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
         whole = [max(r["sync_ends"][i] for r in per_rank)
                  - min(r["spans"][i][0] for r in per_rank) for i in range(n)]
         v.with_sync_measured = statistics.median(whole)
-        # the last rank to finish step() waits for no other rank in the synchronisation
+        # the last rank to finish step() waits for no other rank to arrive (with DualPipe
+        # x DP it may still wait in the second swap for its partner's all-reduce)
         last = [max(range(len(per_rank)), key=lambda j: per_rank[j]["spans"][i][1])
                 for i in range(n)]
 
@@ -1765,8 +1776,9 @@ def sync_line(v: Verification) -> str:
         text += "; " + "; ".join(links)
     if v.with_sync_predicted is not None:
         text += (f"; step() + synchronisation {v.with_sync_measured * 1e3:.3f} ms measured, "
-                 f"{v.with_sync_predicted * 1e3:.3f} ms predicted (measured/predicted "
-                 f"{v.with_sync_ratio:.3f})")
+                 f"{v.with_sync_predicted * 1e3:.3f} ms predicted" + (
+                     "" if v.with_sync_ratio is None else
+                     f" (measured/predicted {v.with_sync_ratio:.3f})"))
     return text
 
 

@@ -82,6 +82,14 @@ def _check_pipe(pipe, what: str) -> None:
                         f"{type(pipe).__name__}")
 
 
+def _check_not_summed(pipe: PipelineRuntime, what: str) -> None:
+    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe.stopped is None:
+        raise RuntimeError(f"{what}: DualPipe's copies were already summed after this step "
+                           "(reduce_dualpipe_grads or sync_grads was called); summing again "
+                           "would add the partner rank's gradients twice: call one of them "
+                           "once per step")
+
+
 def _check_stepped(pipe: PipelineRuntime, what: str) -> None:
     if pipe.steps_done == 0:
         raise RuntimeError(f"{what} before any step(): there are no gradients yet; call it "
@@ -107,9 +115,7 @@ def reduce_dualpipe_grads(pipe: PipelineRuntime) -> None:
     if not sched.duplicated_stages:
         return
     _check_stepped(pipe, "reduce_dualpipe_grads")
-    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe.stopped is None:
-        raise RuntimeError("reduce_dualpipe_grads was already called after this step; calling "
-                           "it again would add the partner rank's gradients twice")
+    _check_not_summed(pipe, "reduce_dualpipe_grads")
     copies: dict[int, list[tuple[int, int]]] = {}
     for r, chunks in enumerate(sched.placement):
         for c, (_stream, stage) in enumerate(chunks):
@@ -197,9 +203,10 @@ def clip_grad_norm_(pipe: PipelineRuntime, max_norm: float, norm_type: float = 2
     if placement_schedule(pipe.schedule_name, pipe.num_ranks).duplicated_stages and \
             getattr(pipe, "_reduced_at_step", None) != \
             pipe.steps_done:
-        raise RuntimeError("DualPipe: call dualpipe.reduce_dualpipe_grads(pipe) before "
-                           "clip_grad_norm_, so each stage's gradient is whole (its two "
-                           "copies each hold part of it after step())")
+        raise RuntimeError("DualPipe: call dualpipe.sync_grads(pipe, dp_group) (or "
+                           "dualpipe.reduce_dualpipe_grads(pipe)) before clip_grad_norm_, so "
+                           "each stage's gradient is whole (its two copies each hold part "
+                           "of it after step())")
     inf = math.isinf(norm_type)
 
     def part(gs) -> torch.Tensor:
@@ -264,8 +271,7 @@ def all_reduce_grads(pipe: PipelineRuntime, group: dist.ProcessGroup, *,
     """
     _check_dp_group(pipe, group, "all_reduce_grads")
     _check_stepped(pipe, "all_reduce_grads")
-    _all_reduce_params(pipe, _params_by_stage(pipe, primary_only=False), group, average,
-                       "all_reduce_grads")
+    _all_reduce_params(pipe, _params_by_stage(pipe), group, average, "all_reduce_grads")
 
 
 def _check_dp_group(pipe: PipelineRuntime, group, what: str) -> None:
@@ -275,13 +281,15 @@ def _check_dp_group(pipe: PipelineRuntime, group, what: str) -> None:
                         f"{type(group).__name__}")
 
 
-def _params_by_stage(pipe: PipelineRuntime, primary_only: bool) -> list[torch.nn.Parameter]:
+def _params_by_stage(pipe: PipelineRuntime) -> list[torch.nn.Parameter]:
     """This rank's parameters in stage order (not chunk order): the two ranks holding
-    DualPipe's copies of a pair of stages lay them out alike, so the same element meets
-    the same reduction order in both ranks' all-reduce and the copies stay bitwise equal
-    (a ring all-reduce's order depends on where an element sits in the buffer)."""
+    DualPipe's copies of a pair of stages lay them out alike, so where the backend
+    reduces alike for alike buffers (gloo's ring: its order depends on where an element
+    sits in the buffer) both ranks' all-reduces give the copies the same bits.  Two NCCL
+    communicators over different GPUs may still pick different algorithms; only
+    :func:`sync_grads` copies one copy into the other."""
     return [p for st in sorted(local_stages(pipe), key=lambda st: st.stage)
-            if st.primary or not primary_only for p in pipe.module[st.chunk].parameters()]
+            for p in pipe.module[st.chunk].parameters()]
 
 
 def _all_reduce_params(pipe: PipelineRuntime, params: list, group: dist.ProcessGroup,
@@ -350,40 +358,40 @@ def sync_grads(pipe: PipelineRuntime, dp_group: dist.ProcessGroup | None = None,
     """Everything the gradients need after ``step()``, before clipping and the optimizer:
     :func:`reduce_dualpipe_grads` (DualPipe: both copies of a stage get the sum of the
     two) and, with ``dp_group``, :func:`all_reduce_grads` (averaged, or summed with
-    ``average=False``, over the data-parallel replicas) -- the same result as those two
-    in a row, in fewer bytes where both have work.
+    ``average=False``, over the data-parallel replicas), in fewer bytes than those two
+    in a row where both have work.
 
     DualPipe with data parallelism: the two in a row swap both of a rank's stage modules
     with the partner rank holding their other copies, then all-reduce both copies of
-    every stage.  Here each rank sends its second copy to the rank holding that stage's
-    primary copy and takes the partner's second copy of its own primary stage (one
-    module each way), all-reduces its primary stage alone over ``dp_group``, and sends
-    the result back into the partner's second copy (one module each way): per rank, two
-    modules cross the pipeline's link instead of two, and **one** module the
-    data-parallel all-reduce instead of two.  Both copies end bitwise equal (the second
-    is a copy of the first); with ``DP = 2`` the gradients equal the two calls' bit for
-    bit.  Every other case (no duplicated stages, or no ``dp_group``) runs the two
-    functions, which it is (as does a ``dp_group`` of one rank).  Call it on every rank of
-    every replica; after it,
-    :func:`reduce_dualpipe_grads` for the same step raises (the copies are summed).
-    FSDP2-sharded stages: pass no ``dp_group`` (their backward reduce-scatters over the
-    replicas; :func:`all_reduce_grads` refuses them).
+    every stage over the replicas.  Here each rank sends its second copy to the rank
+    holding that stage's primary copy and takes the partner's second copy of its own
+    primary stage (one module each way), all-reduces its primary stage alone over
+    ``dp_group``, and sends the result back into the partner's second copy (one module
+    each way): the same bytes over the pipeline's link (in two exchanges, so one more
+    latency), **half** the bytes over the data-parallel all-reduce.  Both copies end
+    bitwise equal on any backend (the second is a copy of the first); the values are
+    those of the two calls in a row, bit for bit with ``DP = 2`` (with more replicas an
+    all-reduce of another buffer may sum in another order: equal within rounding).
+
+    Without duplicated stages, without ``dp_group``, or with a ``dp_group`` of one rank
+    it runs the two functions.  Call it on every rank of every replica, once per step;
+    after it, :func:`reduce_dualpipe_grads` for the same step raises (the copies are
+    summed).  FSDP2-sharded stages: pass no ``dp_group`` (their backward reduce-scatters
+    over the replicas; :func:`all_reduce_grads` refuses them).
     """
     what = "sync_grads"
     _check_pipe(pipe, what)
     if dp_group is not None:
         _check_dp_group(pipe, dp_group, what)
+    _check_stepped(pipe, what)
     sched = placement_schedule(pipe.schedule_name, pipe.num_ranks)
+    if sched.duplicated_stages:
+        _check_not_summed(pipe, what)
     if dp_group is None or dp_group.size() == 1 or not sched.duplicated_stages:
         reduce_dualpipe_grads(pipe)  # a no-op without duplicated stages
         if dp_group is not None:
             all_reduce_grads(pipe, dp_group, average=average)
         return
-    _check_stepped(pipe, what)
-    if getattr(pipe, "_reduced_at_step", None) == pipe.steps_done and pipe.stopped is None:
-        raise RuntimeError("sync_grads: the copies were already summed after this step "
-                           "(reduce_dualpipe_grads or sync_grads); summing again would add "
-                           "the partner rank's gradients twice")
     stages = local_stages(pipe)
     prim = [st for st in stages if st.primary]
     sec = [st for st in stages if not st.primary]
@@ -419,6 +427,7 @@ def sync_grads(pipe: PipelineRuntime, dp_group: dist.ProcessGroup | None = None,
     theirs, theirs_have = torch.empty_like(flat_p), torch.empty_like(have_p)
     swap([flat_s, have_s], [theirs, theirs_have])
     _set_grads(mine_p, flat_p + theirs, (have_p | theirs_have).tolist())
+    pipe._reduced_at_step = pipe.steps_done  # summed: a retry must not add them again
     # 2. the primary stage alone over the replicas
     _all_reduce_params(pipe, mine_p, dp_group, average, what)
     # 3. the result back into the partner's second copy (mine from the partner)
@@ -426,4 +435,3 @@ def sync_grads(pipe: PipelineRuntime, dp_group: dist.ProcessGroup | None = None,
     back, back_have = torch.empty_like(flat_s), torch.empty_like(have_s)
     swap([flat_p, have_p], [back, back_have])
     _set_grads(mine_s, back, back_have.tolist())
-    pipe._reduced_at_step = pipe.steps_done

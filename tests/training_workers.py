@@ -5,8 +5,9 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
-from tests.models import MB, criterion, make_batch
+from tests.models import MB, D, criterion, make_batch
 from tests.workers import build, rank_io
 
 
@@ -254,3 +255,50 @@ def fsdp_checkpoint(rank: int, world: int, path: str, mode: str):
         checkpoint.load(p, path, opt, process_group=dist.group.WORLD)
     out["losses"] = steps([2, 3])
     return out
+
+
+class SometimesStage(nn.Module):
+    """A stage whose parameter ``extra`` only micro-batches whose first entry is positive
+    use and whose ``never`` none does: gradients on some copies or replicas only."""
+
+    def __init__(self, stage: int):
+        super().__init__()
+        from tests.models import Stage
+        self.body = Stage(stage)
+        self.extra = nn.Parameter(torch.full((D,), 0.5))
+        self.never = nn.Parameter(torch.zeros(D))
+
+    def forward(self, x):
+        y = self.body(x)
+        return y + x * self.extra if float(x[0, 0]) > 0 else y
+
+
+def sync_none_grads(rank: int, world: int, dp: int, N: int):
+    """DualPipe on world/dp ranks x dp replicas with SometimesStage stages; the same
+    step synchronised twice: reduce_dualpipe_grads + all_reduce_grads, then sync_grads;
+    returns both ways' gradients ({stage: [{name: grad}]}, None left out) and which
+    copies had an ``extra`` gradient before synchronising."""
+    from dualpipe import DualPipe, all_reduce_grads, reduce_dualpipe_grads, sync_grads
+    from dualpipe.schedules import get_schedule
+    pp = world // dp
+    d, r = divmod(rank, pp)
+    pp_groups = [dist.new_group(list(range(k * pp, (k + 1) * pp))) for k in range(dp)]
+    dp_groups = [dist.new_group(list(range(j, world, pp))) for j in range(pp)]
+    s = get_schedule("dualpipe", pp, N)
+    p = DualPipe([SometimesStage(stage) for _st, stage in s.placement[r]], timeout=60,
+                 process_group=pp_groups[d])
+    xs, ys = make_batch(d, N, False)
+    inputs, labels, _ = rank_io(s, r, xs, ys)
+    out = {}
+    for how in ("two calls", "sync_grads"):
+        p.zero_grad(set_to_none=True)
+        p.step(*inputs, num_chunks=N, criterion=criterion if labels else None, labels=labels)
+        out["extra_before"] = [m.extra.grad is not None for m in p.module]
+        if how == "two calls":
+            reduce_dualpipe_grads(p)
+            all_reduce_grads(p, dp_groups[r])
+        else:
+            sync_grads(p, dp_groups[r])
+        out[how] = _stage_grads(p, s, r)
+    p.close()
+    return {"replica": d, **out}
