@@ -132,16 +132,21 @@ def test_sync_grads_keeps_none_where_the_two_calls_do():
     """DualPipe 2 x 2 with a parameter only some micro-batches use (so some copies and
     replicas have its gradient and others not) and one none uses: sync_grads gives every
     parameter a gradient exactly where reduce_dualpipe_grads + all_reduce_grads do, with
-    the same bits (DP = 2), on both copies of every stage."""
+    the same bits (DP = 2), on both copies of every stage, averaged and summed."""
     from tests.training_workers import sync_none_grads
     results = run_ranks(sync_none_grads, 4, 2, 4, timeout=300)
     had = [h for r in results for h in r["extra_before"]]
     assert any(had) and not all(had), had  # the case is there: some copies, not all
     for res in results:
-        for stage, copies in res["sync_grads"].items():
-            for g, g2 in zip(copies, res["two calls"][stage]):
-                assert g.keys() == g2.keys() and "never" not in g, (stage, g.keys())
-                assert all(torch.equal(g[n], g2[n]) for n in g), stage
+        for summed in ("", " summed"):  # average=True, average=False
+            for stage, copies in res["sync_grads" + summed].items():
+                for g, g2 in zip(copies, res["two calls" + summed][stage]):
+                    assert g.keys() == g2.keys() and "never" not in g, (stage, g.keys())
+                    assert all(torch.equal(g[n], g2[n]) for n in g), (stage, summed)
+        # summed over the 2 replicas: twice the average (exactly: a power of two)
+        for stage, copies in res["sync_grads summed"].items():
+            for g, g2 in zip(copies, res["sync_grads"][stage]):
+                assert all(torch.equal(g[n], 2 * g2[n]) for n in g), stage
     for d in range(2):  # _summed: both copies of every stage bitwise equal
         got = _summed([r for r in results if r["replica"] == d], "sync_grads")
         assert any("extra" in g for g in got.values()), got.keys()

@@ -275,8 +275,8 @@ class SometimesStage(nn.Module):
 
 def sync_none_grads(rank: int, world: int, dp: int, N: int):
     """DualPipe on world/dp ranks x dp replicas with SometimesStage stages; the same
-    step synchronised twice: reduce_dualpipe_grads + all_reduce_grads, then sync_grads;
-    returns both ways' gradients ({stage: [{name: grad}]}, None left out) and which
+    step synchronised four times: reduce_dualpipe_grads + all_reduce_grads, then
+    sync_grads, averaged and summed (``average=False``); returns each way's gradients ({stage: [{name: grad}]}, None left out) and which
     copies had an ``extra`` gradient before synchronising."""
     from dualpipe import DualPipe, all_reduce_grads, reduce_dualpipe_grads, sync_grads
     from dualpipe.schedules import get_schedule
@@ -290,15 +290,16 @@ def sync_none_grads(rank: int, world: int, dp: int, N: int):
     xs, ys = make_batch(d, N, False)
     inputs, labels, _ = rank_io(s, r, xs, ys)
     out = {}
-    for how in ("two calls", "sync_grads"):
+    for how in ("two calls", "sync_grads", "two calls summed", "sync_grads summed"):
+        average = not how.endswith("summed")
         p.zero_grad(set_to_none=True)
         p.step(*inputs, num_chunks=N, criterion=criterion if labels else None, labels=labels)
         out["extra_before"] = [m.extra.grad is not None for m in p.module]
-        if how == "two calls":
+        if how.startswith("two calls"):
             reduce_dualpipe_grads(p)
-            all_reduce_grads(p, dp_groups[r])
+            all_reduce_grads(p, dp_groups[r], average=average)
         else:
-            sync_grads(p, dp_groups[r])
+            sync_grads(p, dp_groups[r], average=average)
         out[how] = _stage_grads(p, s, r)
     p.close()
     return {"replica": d, **out}
