@@ -1358,43 +1358,44 @@ ALL_REDUCE_SIZES = (4, 4 << 20)
 ALL_REDUCE_PAUSE = 0.02
 
 
-def _time_all_reduce(group, nbytes: int, repeats: int,
-                     pause: float = ALL_REDUCE_PAUSE) -> float:
-    """Median seconds of one all-reduce of ``nbytes`` (float32) over ``group``, each
-    after a barrier of the group and a pause of ``pause`` seconds."""
+def _time_op(op: Callable[[], Any], barrier: Callable[[], Any], repeats: int,
+             pause: float = ALL_REDUCE_PAUSE) -> float:
+    """Median seconds of ``op()``, each time after ``barrier()`` and a pause of ``pause``
+    seconds (the calibration of a verify run's all-reduce and partner swap)."""
+    times = []
+    for _ in range(repeats):
+        barrier()
+        time.sleep(pause)
+        t0 = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_all_reduce(group, nbytes: int, repeats: int) -> float:
+    """One all-reduce of ``nbytes`` (float32) over ``group`` (:func:`_time_op`, the
+    group's barrier)."""
     import torch
     import torch.distributed as dist
     buf = torch.zeros(max(1, nbytes // 4))
-    times = []
-    for _ in range(repeats):
-        dist.barrier(group=group)
-        time.sleep(pause)
-        t0 = time.perf_counter()
-        dist.all_reduce(buf, group=group)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _time_op(lambda: dist.all_reduce(buf, group=group),
+                    lambda: dist.barrier(group=group), repeats)
 
 
-def _time_exchange(partner: int, nbytes: int, repeats: int,
-                   pause: float = ALL_REDUCE_PAUSE) -> float:
-    """Median seconds of a swap of ``nbytes`` (float32) between this rank and global
-    rank ``partner``, both sending at once (as ``sync_grads`` does), each
-    after a barrier of every rank and a pause of ``pause`` seconds.  One tensor on the
-    default group: ``sync_grads``' swaps send two (the gradients and their has-gradient
-    flags) on the pipeline's own group, one small message more than this times."""
+def _time_exchange(partner: int, nbytes: int, repeats: int) -> float:
+    """A swap of ``nbytes`` (float32) between this rank and global rank ``partner``,
+    both sending at once (as ``sync_grads`` does; :func:`_time_op`, every rank's
+    barrier).  One tensor on the default group: ``sync_grads``' swaps send two (the
+    gradients and their has-gradient flags) on the pipeline's own group, one small
+    message more than this times."""
     import torch
     import torch.distributed as dist
     mine, theirs = torch.zeros(max(1, nbytes // 4)), torch.empty(max(1, nbytes // 4))
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        time.sleep(pause)
-        t0 = time.perf_counter()
-        handles = [dist.irecv(theirs, partner), dist.isend(mine, partner)]
-        for h in handles:
+
+    def swap():
+        for h in [dist.irecv(theirs, partner), dist.isend(mine, partner)]:
             h.wait()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _time_op(swap, dist.barrier, repeats)
 
 
 def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
@@ -1422,7 +1423,7 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
 
     from .api import Pipeline
     from .launch import timed
-    from .training import sync_grads
+    from .training import partner_rank, sync_grads
     factory = cfg["stage"]
     if isinstance(factory, str):
         factory = load_stage_factory(factory)
@@ -1496,8 +1497,8 @@ def _verify_rank(rank: int, world: int, cfg: dict) -> dict:
         reprofile()  # inside: a failing profile still closes the pipeline
         if dp_group is not None:
             all_reduce = [_time_all_reduce(dp_group, n, 7) for n in ALL_REDUCE_SIZES]
-        if cfg.get("sync") and s.duplicated_stages:  # with the partner: ranks r, P-1-r
-            partner = world_rank - rank + P - 1 - rank
+        if cfg.get("sync") and s.duplicated_stages:  # the partner in this replica
+            partner = world_rank - rank + partner_rank(s, rank)
             p2p = [_time_exchange(partner, n, 7) for n in ALL_REDUCE_SIZES]
         for i in range(cfg["warmup"] + cfg["steps"]):
             pipe.zero_grad(set_to_none=True)
@@ -1552,6 +1553,11 @@ def measured_costs(predicted: Costs, actions: dict[str, list[float]],
         b = predicted.b
     fb = mean.get(FB, predicted.fb)
     return Costs(f=f, b=max(b, w), w=w, fb=fb, latency=predicted.latency)
+
+
+def _ratio(measured: float, predicted: float | None) -> float | None:
+    """``measured / predicted``; ``None`` for a prediction of 0 (or none)."""
+    return measured / predicted if predicted else None
 
 
 #: a verification notes an unsteady machine when the block's re-profiles differ by more
@@ -1630,7 +1636,7 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
                   for d in range(replicas)]
     v.step_times = [max(ts) for ts in zip(*by_replica)]
     v.measured = statistics.median(v.step_times)
-    v.ratio = v.measured / v.predicted if v.predicted else None
+    v.ratio = _ratio(v.measured, v.predicted)
     if sync:
         n = len(v.step_times)
         v.sync_times = [max(r["sync_ends"][i] for r in per_rank)
@@ -1648,38 +1654,35 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
             return statistics.median(per_rank[j]["sync_parts"][i][x]
                                      for i, j in enumerate(last))
 
-        def fitted(key: str) -> tuple[float, ...]:  # each size's median over the ranks
-            return tuple(statistics.median(r[key][j] for r in per_rank)
+        def fitted(key: str) -> tuple[tuple[float, ...], dict]:
+            # each size's median over the ranks, and the record of a fit to them
+            secs = tuple(statistics.median(r[key][j] for r in per_rank)
                          for j in range(len(ALL_REDUCE_SIZES)))
+            return secs, {"sizes": list(ALL_REDUCE_SIZES), "seconds": list(secs)}
         host, via = None, block
         if replicas > 1:
             v.in_all_reduce = part(1)
-            secs = fitted("all_reduce")
+            secs, v.all_reduce = fitted("all_reduce")
             host = fit_all_reduce(replicas, ALL_REDUCE_SIZES, secs)
-            v.all_reduce = {"latency": host.latency, "bandwidth": host.bandwidth,
-                            "sizes": list(ALL_REDUCE_SIZES), "seconds": list(secs)}
+            v.all_reduce.update(latency=host.latency, bandwidth=host.bandwidth)
         if s.duplicated_stages:
             v.in_exchange = part(0)
-            secs = fitted("p2p")
+            secs, v.p2p = fitted("p2p")
             lat, bw = fit_transfer(ALL_REDUCE_SIZES, secs)
-            v.p2p = {"latency": lat, "bandwidth": bw, "sizes": list(ALL_REDUCE_SIZES),
-                     "seconds": list(secs)}
+            v.p2p.update(latency=lat, bandwidth=bw)
             via = None if block is None else block.with_transport(lat, bw)
         if block is not None:
-            k = c.layers_per_stage
-            exchange, reduce = sync_parts(host, via, s, k, replicas)
+            exchange, reduce = sync_parts(host, via, s, c.layers_per_stage, replicas)
             v.sync_predicted = exchange + reduce
-            v.sync_ratio = v.sync_measured / v.sync_predicted if v.sync_predicted else None
+            v.sync_ratio = _ratio(v.sync_measured, v.sync_predicted)
             v.with_sync_predicted = v.predicted + v.sync_predicted
-            v.with_sync_ratio = (v.with_sync_measured / v.with_sync_predicted
-                                 if v.with_sync_predicted else None)
+            v.with_sync_ratio = _ratio(v.with_sync_measured, v.with_sync_predicted)
             if s.duplicated_stages:
                 v.exchange_predicted = exchange
-                v.exchange_ratio = v.in_exchange / exchange if exchange else None
+                v.exchange_ratio = _ratio(v.in_exchange, exchange)
             if replicas > 1:
                 v.all_reduce_predicted = reduce
-                v.all_reduce_ratio = (v.in_all_reduce / v.all_reduce_predicted
-                                      if v.all_reduce_predicted else None)
+                v.all_reduce_ratio = _ratio(v.in_all_reduce, reduce)
     actions: dict[str, list[float]] = {}
     for r in per_rank:
         for k, durations in r["actions"].items():
@@ -1694,7 +1697,7 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
                          "predicted": want[k],
                          "count": len(d)} for k, d in sorted(actions.items()) if k in want}
         v.replayed = simulate(s, measured_costs(c.costs, actions, v.between)).makespan
-        v.replay_ratio = v.measured / v.replayed if v.replayed else None
+        v.replay_ratio = _ratio(v.measured, v.replayed)
     fresh = [p for r in per_rank for p in r.get("profiled", [])]
     if fresh and c.costs is not None:
         # the median: one profile caught by a hiccup does not move it
@@ -1708,7 +1711,7 @@ def verify(c: Candidate, stage: str | Callable[[], tuple], role: str = "candidat
         v.reprofiled = simulate(s, charged_costs(
             mid["f"] * per, mid["b"] * per, mid["w"] * per, None if fb is None else fb * per,
             overhead or 0.0, c.costs.latency)).makespan
-        v.reprofile_ratio = v.measured / v.reprofiled if v.reprofiled else None
+        v.reprofile_ratio = _ratio(v.measured, v.reprofiled)
         # the same profile, seconds apart: how steady this machine is
         fs = [p["f"] + p["b"] for p in fresh]
         v.profile_spread = max(fs) / min(fs) if min(fs) > 0 else None

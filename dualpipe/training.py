@@ -297,11 +297,7 @@ def _all_reduce_params(pipe: PipelineRuntime, params: list, group: dist.ProcessG
     """All-reduce the gradients of ``params`` over ``group``: which exist first (a
     parameter with a gradient on some replica gets zeros on the others; with none it
     keeps ``None``), then one flat buffer per dtype; averaged on the way back."""
-    cls = _dtensor_cls()
-    if cls is not None and any(isinstance(p, cls) for p in params):
-        raise ValueError(f"{what}: these stages are sharded (DTensor parameters, e.g. "
-                         "FSDP2's fully_shard), whose backward already reduce-scatters the "
-                         "gradients over the data-parallel ranks; do not all-reduce them again")
+    _refuse_sharded(params, what, "; do not all-reduce them again")
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
                        device=pipe.device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
@@ -324,6 +320,15 @@ def _all_reduce_params(pipe: PipelineRuntime, params: list, group: dist.ProcessG
             else:
                 p.grad.copy_(part)
             off += k
+
+
+def _refuse_sharded(params: list, what: str, advice: str) -> None:
+    """FSDP2-sharded stages (DTensor parameters) need no all-reduce: refuse them."""
+    cls = _dtensor_cls()
+    if cls is not None and any(isinstance(p, cls) for p in params):
+        raise ValueError(f"{what}: these stages are sharded (DTensor parameters, e.g. "
+                         "FSDP2's fully_shard), whose backward already reduce-scatters the "
+                         f"gradients over the data-parallel ranks{advice}")
 
 
 def _flat_grads(params: list, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,6 +358,18 @@ def _set_grads(params: list, flat: torch.Tensor, have) -> None:
         off += n
 
 
+def partner_rank(sched, rank: int) -> int:
+    """The pipeline rank holding the primary copy of the stage whose second copy
+    ``rank`` holds (DualPipe: ``P - 1 - rank``), from the schedule's placement: where
+    :func:`sync_grads` exchanges that stage's gradients (every rank of a DualPipe
+    pipeline holds one primary and one second copy)."""
+    second = next(stage for (_s, stage), prim in zip(sched.placement[rank],
+                                                     sched.primary[rank]) if not prim)
+    return next(r for r, chunks in enumerate(sched.placement)
+                for c, (_s, stage) in enumerate(chunks)
+                if stage == second and sched.primary[r][c])
+
+
 def sync_grads(pipe: PipelineRuntime, dp_group: dist.ProcessGroup | None = None, *,
                average: bool = True) -> None:
     """Everything the gradients need after ``step()``, before clipping and the optimizer:
@@ -380,8 +397,9 @@ def sync_grads(pipe: PipelineRuntime, dp_group: dist.ProcessGroup | None = None,
     over the replicas; :func:`all_reduce_grads` refuses them).
     """
     what = "sync_grads"
-    _check_pipe(pipe, what)
-    if dp_group is not None:
+    if dp_group is None:
+        _check_pipe(pipe, what)
+    else:
         _check_dp_group(pipe, dp_group, what)
     _check_stepped(pipe, what)
     sched = placement_schedule(pipe.schedule_name, pipe.num_ranks)
@@ -399,17 +417,11 @@ def sync_grads(pipe: PipelineRuntime, dp_group: dist.ProcessGroup | None = None,
         raise ValueError(f"sync_grads expects one primary and one second copy per rank "
                          f"(DualPipe), got {stages}")
     prim, sec = prim[0], sec[0]
-    partner = next(r for r, chunks in enumerate(sched.placement)
-                   for c, (_s, stage) in enumerate(chunks)
-                   if stage == sec.stage and sched.primary[r][c])
+    partner = partner_rank(sched, pipe.rank)
     mine_p = list(pipe.module[prim.chunk].parameters())
     mine_s = list(pipe.module[sec.chunk].parameters())
-    cls = _dtensor_cls()
-    if cls is not None and any(isinstance(p, cls) for p in mine_p + mine_s):
-        raise ValueError("sync_grads: these stages are sharded (DTensor parameters, e.g. "
-                         "FSDP2's fully_shard), whose backward already reduce-scatters the "
-                         "gradients over the data-parallel ranks: call sync_grads(pipe) "
-                         "without dp_group (or reduce_dualpipe_grads)")
+    _refuse_sharded(mine_p + mine_s, what, ": call sync_grads(pipe) without dp_group (or "
+                    "reduce_dualpipe_grads)")
     peer = pipe.to_group[partner]
     label = "gradients of the duplicated stages"
 
